@@ -1,0 +1,105 @@
+"""Promotion: clusters whose SLM matched the baseline go to the router; the rest stay on the LLM.
+
+Each run writes a new numbered version of the model registry:
+
+    registry/v0003/
+        routes/cluster-2/adapter/   LoRA adapter and tokenizer
+        eval_report.json            shadow-evaluation figures of every cluster
+        router.yaml                 what the router serves, per route, and the fallback
+        summary.json                counts per stage, clusters, decisions and paths
+    registry/LATEST                 the name of the newest version
+
+A version folder is written under a temporary name and renamed when complete, so the router
+never reads half a version.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from pipeline.cluster import cluster_key
+from pipeline.store import write_json
+
+PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
+
+
+def promotion_decision(evaluation: dict | None, quality_floor: float, min_holdout: int) -> tuple[str, str]:
+    """(decision, reason) for one cluster from its shadow-evaluation summary."""
+    if evaluation is None:
+        return NOT_PROMOTED, "not fine-tuned"
+    if evaluation["holdout_calls"] < min_holdout:
+        return NOT_PROMOTED, f"only {evaluation['holdout_calls']} held-out calls (< {min_holdout})"
+    score = evaluation["score_vs_baseline"]
+    if score < quality_floor:
+        return NOT_PROMOTED, f"shadow score {score:.3f} is below the floor {quality_floor:.3f}"
+    if evaluation["confidence_threshold"] is None:
+        return NOT_PROMOTED, "no confidence threshold keeps the answered calls at the floor"
+    return PROMOTED, f"shadow score {score:.3f} meets the floor {quality_floor:.3f}"
+
+
+def next_version(registry: Path) -> str:
+    existing = [int(p.name[1:]) for p in registry.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit()]
+    return f"v{max(existing, default=0) + 1:04d}"
+
+
+def write_registry_version(
+    registry: Path,
+    routes: list[dict],
+    eval_report: dict,
+    fallback: dict,
+    summary: dict,
+) -> Path:
+    """Write one complete registry version and point LATEST at it. Returns its folder.
+
+    `routes` are the promoted clusters: cluster_id, label, base_model, adapter_dir, threshold,
+    centroid.
+    """
+    registry.mkdir(parents=True, exist_ok=True)
+    version = next_version(registry)
+    staging = registry / f".{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    router_routes = []
+    for route in routes:
+        key = cluster_key(route["cluster_id"])
+        target = staging / "routes" / key / "adapter"
+        shutil.copytree(route["adapter_dir"], target)
+        router_routes.append(
+            {
+                "name": key,
+                "label": route["label"],
+                "base_model": route["base_model"],
+                "adapter": str(Path("routes") / key / "adapter"),
+                "confidence_threshold": route["threshold"],
+                "centroid": route["centroid"],
+            }
+        )
+    router = {
+        "version": version,
+        "fallback": fallback,
+        # The router matches a request to the route whose centroid is nearest, then answers with
+        # the SLM only if its confidence meets the route's threshold; otherwise it escalates.
+        "routes": router_routes,
+    }
+    staging.mkdir(parents=True, exist_ok=True)
+    with open(staging / "router.yaml", "w") as f:
+        yaml.safe_dump(router, f, sort_keys=False, width=120)
+    write_json(staging / "eval_report.json", eval_report)
+    final = registry / version
+    summary = {
+        **summary,
+        "registry_version": version,
+        "paths": {
+            **summary.get("paths", {}),
+            "router_config": str(final / "router.yaml"),
+            "eval_report": str(final / "eval_report.json"),
+            "summary": str(final / "summary.json"),
+        },
+    }
+    write_json(staging / "summary.json", summary)
+    staging.rename(final)
+    (registry / "LATEST.tmp").write_text(version + "\n")
+    (registry / "LATEST.tmp").replace(registry / "LATEST")
+    return final
