@@ -42,18 +42,23 @@ def load_candidates(path: Path) -> list[Candidate]:
         raise FileNotFoundError(f"Candidate list {path} does not exist (see configs/candidates.yaml)")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
-    entries = data.get("candidates")
+    entries = data.get("candidates") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty list under the key `candidates`")
+    return load_candidates_from_dicts(entries, source=str(path))
+
+
+def load_candidates_from_dicts(entries: list[dict], source: str = "candidates") -> list[Candidate]:
+    """Candidates from their dict form, with the entry at fault named on bad input."""
     candidates = []
     for i, entry in enumerate(entries):
         try:
             candidate = Candidate(**entry)
         except TypeError as err:
-            raise ValueError(f"{path}: candidates[{i}] is not a valid candidate: {err}") from err
+            raise ValueError(f"{source}: candidates[{i}] is not a valid candidate: {err}") from err
         if candidate.source not in ("bundled-gguf", "hub", "local"):
             raise ValueError(
-                f"{path}: candidates[{i}].source is {candidate.source!r}; "
+                f"{source}: candidates[{i}].source is {candidate.source!r}; "
                 "expected bundled-gguf, hub or local"
             )
         candidates.append(candidate)

@@ -103,3 +103,35 @@ def write_registry_version(
     (registry / "LATEST.tmp").write_text(version + "\n")
     (registry / "LATEST.tmp").replace(registry / "LATEST")
     return final
+
+
+def format_summary(summary: dict) -> str:
+    """The run's outcome for a person: what was found, chosen, scored and promoted."""
+    counts = summary["counts"]
+    raw, curated = counts["raw_traces"], counts["curated_traces"]
+    lines = [
+        f"Calls read: {raw['calls']} from {raw['files']} files ({raw['quarantined']} lines quarantined)",
+        f"Curated: {curated['curated']} calls ({curated['exact_duplicates']} exact duplicates and "
+        f"{curated['unusable']} unusable removed; {sum(curated['pii_findings'].values())} personal-data spans replaced)",
+        f"Task clusters: {counts['task_clusters']['clusters']} "
+        f"({counts['task_clusters']['unclustered_calls']} calls unclustered, kept on the LLM)",
+        "",
+        f"{'cluster':<11} {'calls':>6}  {'label':<34} {'model':<24} {'score':>6} {'floor':>6}  decision",
+    ]
+    for c in summary["clusters"]:
+        evaluation = c["shadow_eval"]
+        score = f"{evaluation['score_vs_baseline']:.3f}" if evaluation else "-"
+        lines.append(
+            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {(c['selection']['candidate'] or 'LLM'):<24} "
+            f"{score:>6} {summary['quality_floor']:>6.2f}  {c['promotion']['decision']}: {c['promotion']['reason']}"
+        )
+        if c["selection"]["decision"] != "fine-tune":
+            lines.append(f"{'':<11} {'':>6}  selection: {c['selection']['reason']}")
+    lines += [
+        "",
+        f"Promoted routes: {counts['promoted_routes']} of {len(summary['clusters'])} clusters "
+        f"(registry {summary['registry_version']})",
+        f"Router config: {summary['paths']['router_config']}",
+        f"Summary:       {summary['paths']['summary']}",
+    ]
+    return "\n".join(lines)

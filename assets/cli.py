@@ -1,0 +1,106 @@
+"""`slm-convert`: prepare the offline models, run the whole asset graph, print its summary.
+
+    slm-convert prepare-models      convert the bundled base model into the model cache
+    slm-convert run [--config F]    materialize every asset (run config from a YAML file)
+    slm-convert summary             print the summary of the newest registry version
+
+The landing and output folders come from SLM_LANDING_DIR and SLM_OUTPUT_DIR (defaults:
+data/landing and output/ in the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from assets.resources import REPO_ROOT, pipeline_store_from_env
+from pipeline import models
+from pipeline.promote import format_summary
+from pipeline.store import read_json
+
+
+def prepare_models(cache: Path, candidates_file: Path) -> None:
+    for candidate in models.load_candidates(candidates_file):
+        if candidate.source != "bundled-gguf":
+            continue
+        started = time.monotonic()
+        path = models.resolve_model_dir(candidate, cache)
+        print(f"{candidate.name}: ready in {path} ({time.monotonic() - started:.0f}s)")
+
+
+def latest_summary(output_dir: Path) -> dict:
+    registry = output_dir / "registry"
+    latest = registry / "LATEST"
+    if not latest.exists():
+        raise FileNotFoundError(f"No registry version under {registry}: run `slm-convert run` first")
+    return read_json(registry / latest.read_text().strip() / "summary.json")
+
+
+def run(config_file: Path | None) -> int:
+    import dagster as dg
+
+    from assets.definitions import all_assets, all_checks
+
+    run_config = {}
+    if config_file:
+        run_config = yaml.safe_load(config_file.read_text()) or {}
+    resource = pipeline_store_from_env(resolve=True)
+    print(f"landing folder: {resource.landing_dir}\noutput folder:  {resource.output_dir}", flush=True)
+    started = time.monotonic()
+    # A persistent instance (DAGSTER_HOME) makes the run visible in `dagster dev` afterwards.
+    instance = dg.DagsterInstance.get() if _has_dagster_home() else dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [*all_assets, *all_checks],
+        resources={"pipeline_store": resource},
+        run_config=run_config,
+        instance=instance,
+        raise_on_error=False,
+    )
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_failure), None)
+        message = failure.message if failure is not None else "see the Dagster logs above"
+        print(f"\nThe run failed: {message}", file=sys.stderr)
+        return 1
+    print(f"\nFinished in {time.monotonic() - started:.0f}s\n")
+    print(format_summary(latest_summary(Path(resource.output_dir))))
+    return 0
+
+
+def _has_dagster_home() -> bool:
+    import os
+
+    return bool(os.environ.get("DAGSTER_HOME"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slm-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare-models", help="convert the bundled base model into the model cache")
+    prepare.add_argument("--candidates", type=Path, default=REPO_ROOT / "configs" / "candidates.yaml")
+    run_parser = commands.add_parser("run", help="materialize the whole asset graph and print the summary")
+    run_parser.add_argument("--config", type=Path, help="Dagster run config (YAML), e.g. configs/gpu.yaml")
+    commands.add_parser("summary", help="print the summary of the newest registry version")
+    args = parser.parse_args(argv)
+
+    resource = pipeline_store_from_env(resolve=True)
+    try:
+        if args.command == "prepare-models":
+            prepare_models(Path(resource.model_cache_dir), args.candidates)
+            return 0
+        if args.command == "run":
+            if args.config and not args.config.is_file():
+                raise FileNotFoundError(f"run config {args.config} does not exist")
+            return run(args.config)
+        print(format_summary(latest_summary(Path(resource.output_dir))))
+        return 0
+    except (FileNotFoundError, ValueError, models.ModelUnavailable, RuntimeError) as err:
+        print(f"slm-convert: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

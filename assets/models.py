@@ -1,0 +1,165 @@
+"""Steps 4-5 as assets: slm_candidates -> finetuned_adapters."""
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import dagster as dg
+
+from assets.data import curated_traces, task_clusters
+from assets.resources import REPO_ROOT, PipelineStore
+from pipeline import finetune, models, select
+from pipeline.cluster import cluster_key
+from pipeline.store import read_json, read_table, write_json
+
+GROUP = "models"
+
+
+class SelectionConfig(dg.Config):
+    candidates_file: str = str(REPO_ROOT / "configs" / "candidates.yaml")
+    min_calls: int = 40  # fewer calls than this cannot train and judge an SLM
+    max_mean_completion_tokens: int = 60  # longer reasoning or free text stays on the LLM
+
+
+@dg.asset(group_name=GROUP, deps=[curated_traces, task_clusters], kinds={"python"})
+def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+    """Per cluster: the SLM to fine-tune (or "keep on LLM"), with the reason and the features of
+    the cluster's work behind it. Unavailable candidates are listed with why."""
+    store = pipeline_store.store()
+    candidates = models.load_candidates(Path(config.candidates_file))
+    choices, unavailable = select.select_models(
+        read_table(store.table("curated_traces")),
+        read_table(store.table("task_clusters")),
+        read_json(store.stats("task_clusters")),
+        candidates,
+        pipeline_store.model_cache(),
+        min_calls=config.min_calls,
+        max_mean_completion_tokens=config.max_mean_completion_tokens,
+    )
+    write_json(
+        store.stats("slm_candidates"),
+        {"choices": choices, "unavailable": unavailable, "candidates": [asdict(c) for c in candidates]},
+    )
+    for name, reason in unavailable.items():
+        context.log.info(f"candidate {name} unavailable: {reason}")
+    return dg.MaterializeResult(
+        metadata={
+            "clusters_to_fine_tune": sum(c["decision"] == select.FINE_TUNE for c in choices),
+            "decisions": dg.MetadataValue.md(
+                "| cluster | label | decision | model | reason |\n|---|---|---|---|---|\n"
+                + "\n".join(
+                    f"| {c['cluster_id']} | {c['label']} | {c['decision']} | {c['candidate'] or '-'} | {c['reason']} |"
+                    for c in choices
+                )
+            ),
+            "unavailable_candidates": dg.MetadataValue.json(unavailable),
+        }
+    )
+
+
+@dg.asset_check(asset=slm_candidates, description="Every chosen candidate is available on this machine.")
+def chosen_candidates_available(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
+    selection = read_json(pipeline_store.store().stats("slm_candidates"))
+    chosen = {c["candidate"] for c in selection["choices"] if c["candidate"]}
+    missing = sorted(chosen & set(selection["unavailable"]))
+    return dg.AssetCheckResult(passed=not missing, metadata={"chosen": sorted(chosen), "missing": missing})
+
+
+class FinetuneConfig(dg.Config):
+    """LoRA settings; the defaults are a short CPU run (see configs/gpu.yaml for a GPU)."""
+
+    max_steps: int = 6
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    max_length: int = 768
+    quantization: str = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
+    holdout_fraction: float = 0.2  # latest share of each cluster's calls, kept for shadow eval
+    min_holdout: int = 10
+    max_holdout: int = 200
+
+    def train_settings(self) -> finetune.TrainSettings:
+        fields = finetune.TrainSettings.__dataclass_fields__
+        return finetune.TrainSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+    def split_settings(self) -> finetune.SplitSettings:
+        return finetune.SplitSettings(self.holdout_fraction, self.min_holdout, self.max_holdout)
+
+
+def _fingerprint(base: str, train_ids: list[str], settings: finetune.TrainSettings) -> str:
+    """Changes whenever the data or the settings of a cluster's training change."""
+    payload = json.dumps([base, sorted(train_ids), asdict(settings)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dg.asset(group_name=GROUP, deps=[slm_candidates], kinds={"pytorch"})
+def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+    """One LoRA adapter per cluster chosen for fine-tuning, trained with TRL on the cluster's
+    earlier calls; the latest calls are held out for shadow evaluation."""
+    store = pipeline_store.store()
+    curated = read_table(store.table("curated_traces"))
+    calls = curated.merge(read_table(store.table("task_clusters"))[["trace_id", "cluster_id"]], on="trace_id")
+    selection = read_json(store.stats("slm_candidates"))
+    candidates = {c.name: c for c in models.load_candidates_from_dicts(selection["candidates"])}
+    settings = config.train_settings()
+
+    trained = []
+    for choice in selection["choices"]:
+        if choice["decision"] != select.FINE_TUNE:
+            continue
+        key = cluster_key(choice["cluster_id"])
+        members = calls[calls["cluster_id"] == choice["cluster_id"]]
+        train, holdout = finetune.split_by_time(members, config.split_settings())
+        base_dir = models.resolve_model_dir(candidates[choice["candidate"]], pipeline_store.model_cache())
+        fingerprint = _fingerprint(choice["candidate"], list(train["trace_id"]), settings)
+        adapter_dir = store.adapters / key / "adapter"
+        record_path = store.adapters / key / "training.json"
+        if record_path.exists() and adapter_dir.exists() and read_json(record_path).get("fingerprint") == fingerprint:
+            context.log.info(f"{key}: data and settings unchanged, keeping its adapter")
+            trained.append(read_json(record_path))
+            continue
+        context.log.info(f"{key}: training {choice['candidate']} on {len(train)} calls, {len(holdout)} held out")
+        metrics = finetune.train_adapter(base_dir, train, adapter_dir, settings, progress=lambda m, k=key: context.log.info(f"{k}: {m}"))
+        record = {
+            "cluster_id": choice["cluster_id"],
+            "label": choice["label"],
+            "candidate": choice["candidate"],
+            "base_dir": str(base_dir),
+            "adapter_dir": str(adapter_dir),
+            "fingerprint": fingerprint,
+            "train_ids": list(train["trace_id"]),
+            "holdout_ids": list(holdout["trace_id"]),
+            "metrics": metrics,
+        }
+        write_json(record_path, record)
+        trained.append(record)
+
+    write_json(store.stats("finetuned_adapters"), [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in trained])
+    return dg.MaterializeResult(
+        metadata={
+            "adapters": len(trained),
+            "training": dg.MetadataValue.md(
+                "| cluster | model | train calls | steps | loss first → last | tokens/s |\n|---|---|---|---|---|---|\n"
+                + "\n".join(
+                    f"| {r['cluster_id']} | {r['candidate']} | {r['metrics']['train_calls']} | {r['metrics']['steps']} | "
+                    f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']} | {r['metrics']['tokens_per_second']} |"
+                    for r in trained
+                )
+            ),
+        }
+    )
+
+
+@dg.asset_check(asset=finetuned_adapters, description="Every adapter folder holds a loadable PEFT adapter.")
+def adapters_are_complete(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
+    records = read_json(pipeline_store.store().stats("finetuned_adapters"))
+    incomplete = [
+        r["adapter_dir"] for r in records
+        if not (Path(r["adapter_dir"]) / "adapter_config.json").is_file()
+        or not (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    ]
+    return dg.AssetCheckResult(passed=not incomplete, metadata={"adapters": len(records), "incomplete": incomplete})

@@ -1,0 +1,49 @@
+"""Where the pipeline reads and writes: the one resource every asset uses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class PipelineStore(dg.ConfigurableResource):
+    """The landing folder of the agent's logs, the output folder, and the model cache."""
+
+    landing_dir: str
+    output_dir: str
+    model_cache_dir: str
+
+    def store(self) -> Store:
+        return Store(Path(self.output_dir))
+
+    def landing(self) -> Path:
+        return Path(self.landing_dir)
+
+    def model_cache(self) -> Path:
+        return Path(self.model_cache_dir)
+
+
+# Each location is one environment variable, with a default inside the repository.
+LOCATIONS = {
+    "landing_dir": ("SLM_LANDING_DIR", REPO_ROOT / "data" / "landing"),
+    "output_dir": ("SLM_OUTPUT_DIR", REPO_ROOT / "output"),
+    "model_cache_dir": ("SLM_MODEL_CACHE", REPO_ROOT / ".cache" / "models"),
+}
+
+
+def pipeline_store_from_env(resolve: bool = False) -> PipelineStore:
+    """The resource from the environment. Set variables stay `EnvVar`s (read at run time, shown
+    as such in the Dagster UI) unless `resolve` asks for their current values."""
+    settings = {}
+    for field_name, (env_var, default) in LOCATIONS.items():
+        if not os.environ.get(env_var):
+            settings[field_name] = str(default)
+        else:
+            settings[field_name] = os.environ[env_var] if resolve else dg.EnvVar(env_var)
+    return PipelineStore(**settings)
