@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled sample, its truth labels, and stage outputs computed once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import cluster, curate, ingest
+
+REPO = Path(__file__).resolve().parents[1]
+LANDING = REPO / "data" / "landing"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def labels() -> dict:
+    """The truth the pipeline never reads: steps, canaries, duplicate pairs, malformed count."""
+    return json.loads((FIXTURES / "labels.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ingested() -> ingest.IngestResult:
+    return ingest.ingest(ingest.find_log_files(LANDING))
+
+
+@pytest.fixture(scope="session")
+def curation(ingested) -> curate.CurationResult:
+    return curate.curate(ingested.traces)
+
+
+@pytest.fixture(scope="session")
+def clustering(curation) -> cluster.ClusteringResult:
+    return cluster.cluster_calls(curation.curated)
+
+
+@pytest.fixture
+def one_day_landing(tmp_path) -> Path:
+    """A landing folder holding the first day of the sample (about 430 lines)."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    shutil.copy(LANDING / "traces-2026-10-01.jsonl", landing)
+    return landing
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct as a plain checkpoint (converted once per cache)."""
+    from assets.resources import pipeline_store_from_env
+    from pipeline import models
+
+    candidates = models.load_candidates(REPO / "configs" / "candidates.yaml")
+    bundled = next(c for c in candidates if c.source == "bundled-gguf")
+    cache = Path(pipeline_store_from_env(resolve=True).model_cache_dir)
+    return models.resolve_model_dir(bundled, cache)

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from pipeline import ingest
+from tests.conftest import LANDING
+
+
+def test_every_line_is_either_a_trace_or_quarantined(ingested):
+    lines = sum(1 for f in LANDING.glob("*.jsonl") for _ in open(f, "rb"))
+    assert len(ingested.traces) + len(ingested.quarantine) == lines
+    assert len(ingested.traces) == 3016
+
+
+def test_quarantine_holds_exactly_the_malformed_lines(ingested, labels):
+    non_empty = ingested.quarantine[ingested.quarantine["reason"] != "empty line"]
+    assert len(non_empty) == labels["malformed_lines"]
+    assert set(ingested.traces["trace_id"]) == set(labels["records"])
+    assert (ingested.quarantine["source_line"] > 0).all()
+    reasons = ingest.quarantine_reasons(ingested.quarantine)
+    assert reasons == {
+        "invalid JSON": 14,
+        "empty line": 7,
+        "request.messages is empty": 7,
+        "id is missing or not a string": 7,
+    }
+
+
+def test_canonical_schema_keeps_tool_calls_usage_and_feedback(ingested):
+    traces = ingested.traces.set_index("trace_id")
+    tool_calls = traces[traces["finish_reason"] == "tool_calls"]
+    assert len(tool_calls) > 0
+    message = json.loads(tool_calls["response_message"].iloc[0])
+    assert message["tool_calls"][0]["function"]["name"]
+    assert tool_calls["tools"].notna().all()
+    assert traces["prompt_tokens"].notna().all() and traces["latency_ms"].notna().all()
+    assert set(traces["feedback"].dropna()) == {"correct", "incorrect"}
+    assert traces["called_at"].is_monotonic_increasing
+    assert list(ingested.traces.columns) == ingest.TRACE_SCHEMA.names
+
+
+def test_bad_input_of_each_kind_is_quarantined_with_its_reason(tmp_path):
+    good = (LANDING / "traces-2026-10-01.jsonl").read_bytes().splitlines()[0]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b"\n".join(
+            [
+                good,
+                good,  # the same call logged twice
+                b'{"id": "x", "created_at": "yesterday", "request": {"messages": [{"role": "user"}]}}',
+                b"\xff\xfe not utf-8",
+                b"[1, 2, 3]",
+                good[: len(good) // 2],
+                b'{"id": "y", "created_at": "2026-10-01T00:00:00Z", "request": {"messages": [{"role": "user", "content": "hi"}]}, "response": {"choices": []}}',
+            ]
+        )
+    )
+    result = ingest.ingest([path])
+    assert len(result.traces) == 1
+    assert list(result.quarantine["source_line"]) == [3, 4, 5, 6, 7, 2]
+    reasons = list(result.quarantine["reason"])
+    assert reasons[0].startswith("created_at is not an ISO-8601 time")
+    assert reasons[1].startswith("invalid UTF-8")
+    assert reasons[2] == "line is a JSON list, not an object"
+    assert reasons[3].startswith("invalid JSON")
+    assert reasons[4] == "response has no choices"
+    assert "already ingested" in reasons[5]
+
+
+def test_missing_or_empty_landing_folder_gives_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="SLM_LANDING_DIR"):
+        ingest.find_log_files(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no \\*.jsonl files"):
+        ingest.find_log_files(tmp_path)
