@@ -59,7 +59,7 @@ def test_lora_adapter_trains_loads_and_answers_held_out_calls(intent_calls, base
 
 
 def test_threshold_is_the_lowest_confidence_that_keeps_the_floor():
-    scored = pd.DataFrame({"confidence": [0.9, 0.8, 0.7, 0.6], "score": [1.0, 1.0, 0.4, 0.0]})
+    scored = pd.DataFrame({"confidence": [0.9, 0.8, 0.7, 0.6], "score": [1.0, 1.0, 0.5, 0.0]})
     threshold, coverage = evaluate.calibrate_threshold(scored, quality_floor=0.8)
-    assert threshold == 0.7 and coverage == 0.75  # (1 + 1 + 0.4) / 3 = 0.8
+    assert threshold == 0.7 and coverage == 0.75  # (1 + 1 + 0.5) / 3 >= 0.8 > 2.5 / 4
     assert evaluate.calibrate_threshold(scored.assign(score=0.0), 0.8) == (None, 0.0)
