@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.metadata import markdown_table
 from assets.resources import PipelineStore
 from pipeline import cluster, curate, ingest
 from pipeline.store import read_json, read_table, write_json, write_table
@@ -111,14 +112,14 @@ def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, p
     )
     write_table(store.table("task_clusters"), result.assignments)
     write_json(store.stats("task_clusters"), result.clusters)
-    table = "\n".join(
-        f"| {c['cluster_id']} | {c['label']} | {c['size']} | {c['share']:.1%} |" for c in result.clusters
-    )
     return dg.MaterializeResult(
         metadata={
             "clusters": len(result.clusters),
             "unclustered_share": round(result.unclustered_share, 4),
-            "cluster_table": dg.MetadataValue.md("| id | label | calls | share |\n|---|---|---|---|\n" + table),
+            "cluster_table": markdown_table(
+                ["id", "label", "calls", "share"],
+                [[c["cluster_id"], c["label"], c["size"], f"{c['share']:.1%}"] for c in result.clusters],
+            ),
             "examples": dg.MetadataValue.json({c["cluster_id"]: c["examples"] for c in result.clusters}),
         }
     )

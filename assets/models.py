@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.data import curated_traces, task_clusters
+from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
 from pipeline import finetune, models, select
 from pipeline.cluster import cluster_key
@@ -46,12 +47,9 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
     return dg.MaterializeResult(
         metadata={
             "clusters_to_fine_tune": sum(c["decision"] == select.FINE_TUNE for c in choices),
-            "decisions": dg.MetadataValue.md(
-                "| cluster | label | decision | model | reason |\n|---|---|---|---|---|\n"
-                + "\n".join(
-                    f"| {c['cluster_id']} | {c['label']} | {c['decision']} | {c['candidate'] or '-'} | {c['reason']} |"
-                    for c in choices
-                )
+            "decisions": markdown_table(
+                ["cluster", "label", "decision", "model", "reason"],
+                [[c["cluster_id"], c["label"], c["decision"], c["candidate"] or "-", c["reason"]] for c in choices],
             ),
             "unavailable_candidates": dg.MetadataValue.json(unavailable),
         }
@@ -142,13 +140,13 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
     return dg.MaterializeResult(
         metadata={
             "adapters": len(trained),
-            "training": dg.MetadataValue.md(
-                "| cluster | model | train calls | steps | loss first → last | tokens/s |\n|---|---|---|---|---|---|\n"
-                + "\n".join(
-                    f"| {r['cluster_id']} | {r['candidate']} | {r['metrics']['train_calls']} | {r['metrics']['steps']} | "
-                    f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']} | {r['metrics']['tokens_per_second']} |"
+            "training": markdown_table(
+                ["cluster", "model", "train calls", "steps", "loss first → last", "tokens/s"],
+                [
+                    [r["cluster_id"], r["candidate"], r["metrics"]["train_calls"], r["metrics"]["steps"],
+                     f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"]["tokens_per_second"]]
                     for r in trained
-                )
+                ],
             ),
         }
     )

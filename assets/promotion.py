@@ -12,6 +12,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.models import finetuned_adapters
+from assets.metadata import markdown_table
 from assets.resources import PipelineStore
 from pipeline import evaluate, promote
 from pipeline.calls import baseline_answer
@@ -61,13 +62,13 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
     return dg.MaterializeResult(
         metadata={
             "clusters_evaluated": len(summaries),
-            "scores": dg.MetadataValue.md(
-                "| cluster | label | held out | score vs baseline | exact | threshold | coverage |\n|---|---|---|---|---|---|---|\n"
-                + "\n".join(
-                    f"| {s['cluster_id']} | {s['label']} | {s['holdout_calls']} | {s['score_vs_baseline']:.3f} | "
-                    f"{s['exact_agreement']:.3f} | {s['confidence_threshold']} | {s['coverage_at_threshold']:.2f} |"
+            "scores": markdown_table(
+                ["cluster", "label", "held out", "score vs baseline", "exact", "threshold", "coverage"],
+                [
+                    [s["cluster_id"], s["label"], s["holdout_calls"], f"{s['score_vs_baseline']:.3f}",
+                     f"{s['exact_agreement']:.3f}", s["confidence_threshold"], f"{s['coverage_at_threshold']:.2f}"]
                     for s in summaries
-                )
+                ],
             ),
         }
     )

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from pipeline import calls, scoring
-from tests.conftest import LANDING
 
 
 def _first_answer(ingested, system_start: str) -> str:
