@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from assets.resources import REPO_ROOT, pipeline_store_from_env
-from pipeline import models
+from pipeline import ingest, models
 from pipeline.promote import format_summary
 from pipeline.store import read_json
 
@@ -49,6 +49,8 @@ def run(config_file: Path | None) -> int:
     if config_file:
         run_config = yaml.safe_load(config_file.read_text()) or {}
     resource = pipeline_store_from_env(resolve=True)
+    # Bad input found before Dagster starts gets one clear line instead of a step failure.
+    ingest.find_log_files(resource.landing())
     print(f"landing folder: {resource.landing_dir}\noutput folder:  {resource.output_dir}", flush=True)
     started = time.monotonic()
     # A persistent instance (DAGSTER_HOME) makes the run visible in `dagster dev` afterwards.
@@ -61,13 +63,26 @@ def run(config_file: Path | None) -> int:
         raise_on_error=False,
     )
     if not result.success:
-        failure = next((e for e in result.all_events if e.is_failure), None)
-        message = failure.message if failure is not None else "see the Dagster logs above"
-        print(f"\nThe run failed: {message}", file=sys.stderr)
+        print(f"\nThe run failed: {_failure_reason(result)}", file=sys.stderr)
         return 1
     print(f"\nFinished in {time.monotonic() - started:.0f}s\n")
     print(format_summary(latest_summary(Path(resource.output_dir))))
     return 0
+
+
+def _failure_reason(result) -> str:
+    """The error of the first failed step, without its traceback (that is in the logs above)."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error is not None:
+            error = event.step_failure_data.error
+            while error.cause is not None and error.cls_name == "DagsterExecutionStepExecutionError":
+                error = error.cause
+            message = error.message.strip()
+            qualified, _, rest = message.partition(": ")
+            if qualified.endswith(error.cls_name):  # "dagster...Failure: text" -> "text"
+                message = rest
+            return f"step {event.step_key}: {message}"
+    return "see the Dagster logs above"
 
 
 def _has_dagster_home() -> bool:

@@ -22,6 +22,15 @@ def raw_traces(context: dg.AssetExecutionContext, config: IngestConfig, pipeline
     files = ingest.find_log_files(pipeline_store.landing())
     context.log.info(f"reading {len(files)} log files from {pipeline_store.landing()}")
     result = ingest.ingest(files)
+    if result.traces.empty:
+        write_table(store.table("quarantine"), result.quarantine, ingest.QUARANTINE_SCHEMA)
+        raise dg.Failure(
+            description=(
+                f"No usable LLM call in {len(files)} file(s) of {pipeline_store.landing()}: all "
+                f"{len(result.quarantine)} lines were quarantined ({ingest.quarantine_reasons(result.quarantine)}); "
+                f"see {store.table('quarantine')}"
+            )
+        )
     write_table(store.table("raw_traces"), result.traces, ingest.TRACE_SCHEMA)
     write_table(store.table("quarantine"), result.quarantine, ingest.QUARANTINE_SCHEMA)
     reasons = ingest.quarantine_reasons(result.quarantine)

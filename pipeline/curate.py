@@ -310,9 +310,13 @@ def curate(
     progress=None,
 ) -> CurationResult:
     """Filter unusable calls, drop exact duplicates, then scrub what is left."""
-    reasons = [unusable_reason(r, f) for r, f in zip(traces["response_message"], traces["finish_reason"])]
-    unusable = traces.assign(reason=reasons).dropna(subset=["reason"])
-    usable = traces[[r is None for r in reasons]]
+    reasons = pd.Series(
+        [unusable_reason(r, f) for r, f in zip(traces["response_message"], traces["finish_reason"])],
+        index=traces.index,
+        dtype=object,
+    )
+    unusable = traces.assign(reason=reasons)[reasons.notna()]
+    usable = traces[reasons.isna()]
 
     unique, duplicates = drop_exact_duplicates(usable)
     scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold)
