@@ -8,6 +8,7 @@ split by time first: the latest ones are held out for shadow evaluation and neve
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,12 +180,12 @@ def train_adapter(
         (log["num_tokens"] for log in reversed(trainer.state.log_history) if "num_tokens" in log), 0
     )
 
+    # Written aside and renamed, so a killed run never leaves a half-written adapter in place.
     staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
     trainer.model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     if output_dir.exists():
-        import shutil
-
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
     metrics = {
