@@ -48,6 +48,8 @@ def run(config_file: Path | None) -> int:
     run_config = {}
     if config_file:
         run_config = yaml.safe_load(config_file.read_text()) or {}
+    # Progress and results, not every engine event: Dagster's DEBUG lines drown the stage logs.
+    run_config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     resource = pipeline_store_from_env(resolve=True)
     # Bad input found before Dagster starts gets one clear line instead of a step failure.
     ingest.find_log_files(resource.landing())
