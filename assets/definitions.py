@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import data, models, promotion
-from assets.resources import pipeline_store_from_env
+from assets.resources import resources_from_env
 
 all_assets = [
     data.raw_traces,
@@ -40,5 +40,5 @@ defs = dg.Definitions(
     asset_checks=all_checks,
     jobs=[conversion_job],
     schedules=[nightly_conversion],
-    resources={"pipeline_store": pipeline_store_from_env()},
+    resources=resources_from_env(),
 )

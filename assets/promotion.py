@@ -14,7 +14,7 @@ import pandas as pd
 from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
 from assets.resources import PipelineStore
-from pipeline import evaluate, promote
+from pipeline import evaluate, promote, rawzone
 from pipeline.calls import baseline_answer
 from pipeline.cluster import UNCLUSTERED, cluster_key
 from pipeline.store import read_json, read_table, write_json, write_table
@@ -152,8 +152,8 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
         "clusters": cluster_summaries,
         "unclustered_ids": list(unclustered),
         "paths": {
-            "raw_traces": str(store.table("raw_traces")),
-            "quarantine": str(store.table("quarantine")),
+            "raw_traces": str(rawzone.stored_path(store.table("raw_traces"))),
+            "quarantine": str(rawzone.stored_path(store.table("quarantine"))),
             "curated_traces": str(store.table("curated_traces")),
             "task_clusters": str(store.table("task_clusters")),
             "adapters": str(store.adapters),

@@ -1,4 +1,4 @@
-"""Where the pipeline reads and writes: the one resource every asset uses."""
+"""Where the pipeline reads and writes, and the keys of the raw zone."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from pipeline import rawzone
 from pipeline.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +48,33 @@ def pipeline_store_from_env(resolve: bool = False) -> PipelineStore:
         else:
             settings[field_name] = os.environ[env_var] if resolve else dg.EnvVar(env_var)
     return PipelineStore(**settings)
+
+
+class RawZoneKeys(dg.ConfigurableResource):
+    """Keys for the raw zone, from SLM_RAW_ENCRYPTION_KEY and SLM_PSEUDONYM_KEY.
+
+    `make setup` writes a fresh pair to .cache/keys.env for the demo; in production they come
+    from your secret store. Empty means not set.
+    """
+
+    encryption_key: str = ""
+    pseudonym_key: str = ""
+
+
+def raw_zone_keys_from_env(resolve: bool = False) -> RawZoneKeys:
+    def key(env_var: str):
+        if not os.environ.get(env_var):
+            return ""
+        return os.environ[env_var] if resolve else dg.EnvVar(env_var)
+
+    return RawZoneKeys(
+        encryption_key=key(rawzone.ENCRYPTION_KEY_ENV), pseudonym_key=key(rawzone.PSEUDONYM_KEY_ENV)
+    )
+
+
+def resources_from_env(resolve: bool = False) -> dict:
+    """Every resource the assets use, configured from the environment."""
+    return {
+        "pipeline_store": pipeline_store_from_env(resolve),
+        "raw_zone_keys": raw_zone_keys_from_env(resolve),
+    }

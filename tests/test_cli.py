@@ -1,6 +1,7 @@
 """`slm-convert` tells a person what is wrong in one line, with the exit status to match."""
 
 from assets import cli
+from pipeline import rawzone
 
 
 def test_missing_landing_folder_is_one_clear_error(tmp_path, monkeypatch, capsys):
@@ -18,11 +19,13 @@ def test_logs_without_a_single_usable_call_stop_the_run_with_the_reason(tmp_path
     monkeypatch.setenv("SLM_LANDING_DIR", str(landing))
     monkeypatch.setenv("SLM_OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    for name, value in rawzone.new_keys().items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["run"]) == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("The run failed: step raw_traces: No usable LLM call in 1 file(s)")
     assert "all 2 lines were quarantined" in last_line
-    assert (tmp_path / "out" / "store" / "quarantine.parquet").is_file()
+    assert (tmp_path / "out" / "store" / "quarantine.parquet.enc").is_file()
 
 
 def test_summary_before_any_run_says_what_to_do(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,8 @@ import yaml
 
 from assets import data
 from assets.definitions import all_assets, all_checks, defs
-from assets.resources import PipelineStore
+from assets.resources import PipelineStore, RawZoneKeys
+from pipeline import rawzone
 
 ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval", "router_config"}
 
@@ -22,8 +23,12 @@ QUICK = {
 }
 
 
-def _resource(landing, tmp_path, base_model_dir) -> PipelineStore:
-    return PipelineStore(landing_dir=str(landing), output_dir=str(tmp_path / "out"), model_cache_dir=str(base_model_dir.parent))
+def _resources(landing, tmp_path, base_model_dir) -> dict:
+    keys = rawzone.new_keys()
+    return {
+        "pipeline_store": PipelineStore(landing_dir=str(landing), output_dir=str(tmp_path / "out"), model_cache_dir=str(base_model_dir.parent)),
+        "raw_zone_keys": RawZoneKeys(encryption_key=keys[rawzone.ENCRYPTION_KEY_ENV], pseudonym_key=keys[rawzone.PSEUDONYM_KEY_ENV]),
+    }
 
 
 def test_definitions_load_with_every_stage_a_check_and_a_nightly_schedule():
@@ -36,8 +41,8 @@ def test_definitions_load_with_every_stage_a_check_and_a_nightly_schedule():
 
 @pytest.mark.slow
 def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining(one_day_landing, tmp_path, base_model_dir):
-    resource = _resource(one_day_landing, tmp_path, base_model_dir)
-    result = dg.materialize([*all_assets, *all_checks], resources={"pipeline_store": resource}, run_config=QUICK)
+    resources = _resources(one_day_landing, tmp_path, base_model_dir)
+    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK)
     assert result.success
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert materialized == ASSET_NAMES
@@ -63,17 +68,16 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     # Same data and settings: a rerun writes a new version but trains nothing again.
     records = sorted((out / "adapters").glob("*/training.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
-    assert dg.materialize([*all_assets, *all_checks], resources={"pipeline_store": resource}, run_config=QUICK).success
+    assert dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK).success
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert (out / "registry" / "LATEST").read_text().strip() == "v0002"
 
 
 @pytest.mark.slow
 def test_pii_check_blocks_everything_downstream(one_day_landing, tmp_path, base_model_dir):
-    resource = _resource(one_day_landing, tmp_path, base_model_dir)
     result = dg.materialize(
         [data.raw_traces, data.curated_traces, data.task_clusters, data.no_known_pii_in_curated_traces],
-        resources={"pipeline_store": resource},
+        resources=_resources(one_day_landing, tmp_path, base_model_dir),
         # scrub names only: e-mails, phone numbers, cards and keys stay in
         run_config={"ops": {"curated_traces": {"config": {"entities": ["PERSON"]}}}},
         raise_on_error=False,
