@@ -63,6 +63,7 @@ def raw_traces(
         "lines": result.lines_read,
         "calls": len(result.traces),
         "quarantined": len(result.quarantine),
+        "repeated_records": result.repeated,
         "quarantined_share": round(len(result.quarantine) / max(result.lines_read, 1), 4),
         "max_quarantined_share": config.max_quarantined_share,
         "quarantine_reasons": reasons,
@@ -72,6 +73,7 @@ def raw_traces(
         metadata={
             "calls": len(result.traces),
             "quarantined": len(result.quarantine),
+            "repeated_records": result.repeated,
             "quarantine_reasons": dg.MetadataValue.json(reasons),
             "files": len(files),
             "encrypted": encryption_key is not None,

@@ -11,6 +11,7 @@ dropped silently and no line can stop the run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,6 +41,7 @@ TRACE_SCHEMA = pa.schema(
         ("feedback", pa.string()),
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
+        ("record_hash", pa.string()),
         ("ingested_at", pa.timestamp("us", tz="UTC")),
     ]
 )
@@ -67,10 +69,11 @@ class IngestResult:
     traces: pd.DataFrame
     quarantine: pd.DataFrame
     files: list[str] = field(default_factory=list)
+    repeated: int = 0  # lines identical to a call already read (a file landed twice, say)
 
     @property
     def lines_read(self) -> int:
-        return len(self.traces) + len(self.quarantine)
+        return len(self.traces) + len(self.quarantine) + self.repeated
 
 
 def find_log_files(landing_dir: Path) -> list[Path]:
@@ -108,6 +111,12 @@ def _parse_time(value: Any) -> datetime:
 
 def _optional_int(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def record_hash(record: Any) -> str:
+    """A stable hash of a logged record's content, whatever its key order or whitespace."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def parse_call(record: Any) -> dict[str, Any]:
@@ -177,7 +186,8 @@ def read_log_file(path: Path) -> tuple[list[dict], list[dict]]:
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
-                row = parse_call(_decode_line(raw))
+                record = _decode_line(raw)
+                row = parse_call(record)
             except MalformedCall as err:
                 quarantined.append(
                     {
@@ -190,6 +200,7 @@ def read_log_file(path: Path) -> tuple[list[dict], list[dict]]:
                 continue
             row["source_file"] = str(path)
             row["source_line"] = line_number
+            row["record_hash"] = record_hash(record)
             rows.append(row)
     return rows, quarantined
 
@@ -197,8 +208,10 @@ def read_log_file(path: Path) -> tuple[list[dict], list[dict]]:
 def ingest(files: Iterable[Path], now: datetime | None = None) -> IngestResult:
     """Read every file into one trace table and one quarantine table.
 
-    A trace id seen twice (a proxy that logged the same call twice) keeps its first row; the later
-    ones are quarantined with the reason, so the trace id stays a key.
+    Ingesting is idempotent: a record identical to one already read (the same file landed twice,
+    or a proxy that wrote a line twice) adds nothing and is only counted. A trace id that comes
+    back with different content keeps its first row; the later ones are quarantined with the
+    reason, so the trace id stays a key.
     """
     now = now or datetime.now(timezone.utc)
     rows, quarantined, names = [], [], []
@@ -208,27 +221,31 @@ def ingest(files: Iterable[Path], now: datetime | None = None) -> IngestResult:
         quarantined.extend(file_quarantine)
         names.append(str(path))
 
-    seen: set[str] = set()
-    unique_rows = []
+    first_hash: dict[str, str] = {}
+    unique_rows, repeated = [], 0
     for row in rows:
-        if row["trace_id"] in seen:
+        known = first_hash.get(row["trace_id"])
+        if known == row["record_hash"]:
+            repeated += 1
+            continue
+        if known is not None:
             quarantined.append(
                 {
                     "source_file": row["source_file"],
                     "source_line": row["source_line"],
-                    "reason": f"trace id {row['trace_id']} already ingested",
+                    "reason": f"trace id {row['trace_id']} already ingested with different content",
                     "excerpt": row["trace_id"],
                 }
             )
             continue
-        seen.add(row["trace_id"])
+        first_hash[row["trace_id"]] = row["record_hash"]
         row["ingested_at"] = now
         unique_rows.append(row)
 
     traces = pd.DataFrame(unique_rows, columns=TRACE_SCHEMA.names)
     traces = traces.sort_values(["called_at", "trace_id"], kind="stable").reset_index(drop=True)
     quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_SCHEMA.names)
-    return IngestResult(traces=traces, quarantine=quarantine, files=names)
+    return IngestResult(traces=traces, quarantine=quarantine, files=names, repeated=repeated)
 
 
 def quarantine_reasons(quarantine: pd.DataFrame) -> dict[str, int]:

@@ -46,7 +46,8 @@ def test_bad_input_of_each_kind_is_quarantined_with_its_reason(tmp_path):
         b"\n".join(
             [
                 good,
-                good,  # the same call logged twice
+                good,  # the same call logged twice: counted, not stored twice, not quarantined
+                good.replace(b'"latency_ms": ', b'"latency_ms": 1'),  # same id, other content
                 b'{"id": "x", "created_at": "yesterday", "request": {"messages": [{"role": "user"}]}}',
                 b"\xff\xfe not utf-8",
                 b"[1, 2, 3]",
@@ -56,15 +57,16 @@ def test_bad_input_of_each_kind_is_quarantined_with_its_reason(tmp_path):
         )
     )
     result = ingest.ingest([path])
-    assert len(result.traces) == 1
-    assert list(result.quarantine["source_line"]) == [3, 4, 5, 6, 7, 2]
+    assert len(result.traces) == 1 and result.repeated == 1
+    assert list(result.quarantine["source_line"]) == [4, 5, 6, 7, 8, 3]
     reasons = list(result.quarantine["reason"])
     assert reasons[0].startswith("created_at is not an ISO-8601 time")
     assert reasons[1].startswith("invalid UTF-8")
     assert reasons[2] == "line is a JSON list, not an object"
     assert reasons[3].startswith("invalid JSON")
     assert reasons[4] == "response has no choices"
-    assert "already ingested" in reasons[5]
+    assert reasons[5].endswith("already ingested with different content")
+    assert result.lines_read == 8
 
 
 def test_missing_or_empty_landing_folder_gives_a_clear_error(tmp_path):
@@ -72,3 +74,20 @@ def test_missing_or_empty_landing_folder_gives_a_clear_error(tmp_path):
         ingest.find_log_files(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no \\*.jsonl files"):
         ingest.find_log_files(tmp_path)
+
+
+def test_ingesting_the_same_file_twice_adds_nothing(tmp_path):
+    once = ingest.ingest([LANDING / "traces-2026-10-02.jsonl"])
+    copy = tmp_path / "copy-of-day-2.jsonl"
+    copy.write_bytes((LANDING / "traces-2026-10-02.jsonl").read_bytes())
+    twice = ingest.ingest([LANDING / "traces-2026-10-02.jsonl", copy])
+    assert list(twice.traces["trace_id"]) == list(once.traces["trace_id"])
+    assert twice.traces["record_hash"].equals(once.traces["record_hash"])
+    assert twice.repeated == len(once.traces)
+    # the copy's malformed lines are quarantined again, under the copy's name: nothing is hidden
+    assert len(twice.quarantine) == 2 * len(once.quarantine)
+
+
+def test_record_hash_ignores_key_order_and_whitespace():
+    assert ingest.record_hash(json.loads('{"a": 1, "b": [1, 2]}')) == ingest.record_hash(json.loads('{"b":[1,2],"a":1}'))
+    assert ingest.record_hash({"a": 1}) != ingest.record_hash({"a": 2})
