@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -22,10 +21,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.store import write_bytes
+
 ENCRYPTION_KEY_ENV = "SLM_RAW_ENCRYPTION_KEY"
 PSEUDONYM_KEY_ENV = "SLM_PSEUDONYM_KEY"
 ENCRYPTED_SUFFIX = ".enc"
-OWNER_ONLY = 0o600
 
 
 class RawZoneKeyError(RuntimeError):
@@ -53,16 +53,6 @@ def stored_path(path: Path) -> Path:
     return encrypted_path(path) if encrypted_path(path).exists() else path
 
 
-def _write_owner_only(path: Path, payload: bytes) -> None:
-    """Write through a temporary owner-only file and a rename: never half a file, never 0644."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OWNER_ONLY)
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
-
-
 def write_raw_table(path: Path, frame: pd.DataFrame, schema: pa.Schema, encryption_key: str | None) -> Path:
     """Store a raw table, encrypted when a key is given. Returns the file written.
 
@@ -74,7 +64,7 @@ def write_raw_table(path: Path, frame: pd.DataFrame, schema: pa.Schema, encrypti
     target, stale = (encrypted_path(path), path) if encryption_key else (path, encrypted_path(path))
     if encryption_key:
         payload = _fernet(encryption_key).encrypt(payload)
-    _write_owner_only(target, payload)
+    write_bytes(target, payload)  # atomic, mode 0600
     stale.unlink(missing_ok=True)
     return target
 

@@ -44,8 +44,17 @@ class Store:
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
+    """A temporary file beside `path`; mkstemp creates it readable by its owner only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def write_bytes(path: Path, payload: bytes) -> None:
+    """Write bytes atomically to an owner-only (0600) file."""
+    fd, tmp = _atomic_target(path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:
