@@ -11,6 +11,7 @@ data/landing and output/ in the repository).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,8 +56,10 @@ def run(config_file: Path | None) -> int:
     ingest.find_log_files(resource.landing())
     print(f"landing folder: {resource.landing_dir}\noutput folder:  {resource.output_dir}", flush=True)
     started = time.monotonic()
-    # A persistent instance (DAGSTER_HOME) makes the run visible in `dagster dev` afterwards.
-    instance = dg.DagsterInstance.get() if _has_dagster_home() else dg.DagsterInstance.ephemeral()
+    # A persistent instance makes the run visible in `dagster dev` afterwards; the repository's
+    # .dagster_home also turns Dagster's telemetry off.
+    os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))
+    instance = dg.DagsterInstance.get()
     result = dg.materialize(
         [*all_assets, *all_checks],
         resources=resources_from_env(resolve=True),
@@ -85,12 +88,6 @@ def _failure_reason(result) -> str:
                 message = rest
             return f"step {event.step_key}: {message}"
     return "see the Dagster logs above"
-
-
-def _has_dagster_home() -> bool:
-    import os
-
-    return bool(os.environ.get("DAGSTER_HOME"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,15 @@ from pipeline import cluster, curate, ingest
 REPO = Path(__file__).resolve().parents[1]
 LANDING = REPO / "data" / "landing"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The repository's Dagster home turns telemetry off: tests must not reach the network.
+os.environ.setdefault("DAGSTER_HOME", str(REPO / ".dagster_home"))
+
+
+def quiet_dagster_home(path: Path) -> Path:
+    """A fresh Dagster home with telemetry off."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from assets import cli
 from pipeline import rawzone
+from tests.conftest import quiet_dagster_home
 
 
 def test_missing_landing_folder_is_one_clear_error(tmp_path, monkeypatch, capsys):
@@ -18,7 +19,7 @@ def test_logs_without_a_single_usable_call_stop_the_run_with_the_reason(tmp_path
     (landing / "broken.jsonl").write_text('not json\n{"id": 42, "request": "oops"}\n')
     monkeypatch.setenv("SLM_LANDING_DIR", str(landing))
     monkeypatch.setenv("SLM_OUTPUT_DIR", str(tmp_path / "out"))
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(quiet_dagster_home(tmp_path / "dagster_home")))
     for name, value in rawzone.new_keys().items():
         monkeypatch.setenv(name, value)
     assert cli.main(["run"]) == 1

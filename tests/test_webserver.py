@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, quiet_dagster_home
 
 QUERY = '{ assetNodes { assetKey { path } } }'
 EXPECTED = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval", "router_config"}
@@ -36,7 +36,7 @@ def _query(port: int) -> dict:
 @pytest.mark.slow
 def test_webserver_serves_every_asset_of_the_graph(tmp_path):
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    env = {**os.environ, "DAGSTER_HOME": str(quiet_dagster_home(tmp_path))}
     webserver = Path(sys.executable).parent / "dagster-webserver"
     process = subprocess.Popen(
         [str(webserver), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
