@@ -10,6 +10,7 @@ from assets import data
 from assets.definitions import all_assets, all_checks, defs
 from assets.resources import PipelineStore, RawZoneKeys
 from pipeline import rawzone
+from tests import score_run
 
 ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval", "router_config"}
 
@@ -64,6 +65,8 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     members = [i for c in summary["clusters"] for i in c["member_ids"]] + summary["unclustered_ids"]
     assert len(members) == len(set(members)) == summary["counts"]["curated_traces"]["curated"]
     assert summary["paths"]["router_config"] == str(out / "registry" / version / "router.yaml")
+    # nothing written after scrubbing (tables, predictions, registry files) holds a canary
+    assert score_run.score(out)["canaries_left_after_scrubbing"] == 0
 
     # Same data and settings: a rerun writes a new version but trains nothing again.
     records = sorted((out / "adapters").glob("*/training.json"))
