@@ -20,8 +20,8 @@ import yaml
 
 from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_env
 from pipeline import ingest, models
-from pipeline.promote import format_summary
-from pipeline.store import read_json
+from pipeline.promote import format_summary, latest_version
+from pipeline.store import Store, read_json
 
 
 def prepare_models(cache: Path, candidates_file: Path) -> None:
@@ -34,11 +34,7 @@ def prepare_models(cache: Path, candidates_file: Path) -> None:
 
 
 def latest_summary(output_dir: Path) -> dict:
-    registry = output_dir / "registry"
-    latest = registry / "LATEST"
-    if not latest.exists():
-        raise FileNotFoundError(f"No registry version under {registry}: run `slm-convert run` first")
-    return read_json(registry / latest.read_text().strip() / "summary.json")
+    return read_json(latest_version(Store(output_dir).registry) / "summary.json")
 
 
 def run(config_file: Path | None) -> int:
@@ -51,7 +47,8 @@ def run(config_file: Path | None) -> int:
         run_config = yaml.safe_load(config_file.read_text()) or {}
     # Progress and results, not every engine event: Dagster's DEBUG lines drown the stage logs.
     run_config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
-    resource = pipeline_store_from_env(resolve=True)
+    resources = resources_from_env(resolve=True)
+    resource = resources["pipeline_store"]
     # Bad input found before Dagster starts gets one clear line instead of a step failure.
     ingest.find_log_files(resource.landing())
     print(f"landing folder: {resource.landing_dir}\noutput folder:  {resource.output_dir}", flush=True)
@@ -62,7 +59,7 @@ def run(config_file: Path | None) -> int:
     instance = dg.DagsterInstance.get()
     result = dg.materialize(
         [*all_assets, *all_checks],
-        resources=resources_from_env(resolve=True),
+        resources=resources,
         run_config=run_config,
         instance=instance,
         raise_on_error=False,

@@ -177,8 +177,7 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
 def routes_point_at_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     import yaml
 
-    registry = pipeline_store.store().registry
-    version_dir = registry / (registry / "LATEST").read_text().strip()
+    version_dir = promote.latest_version(pipeline_store.store().registry)
     router = yaml.safe_load((version_dir / "router.yaml").read_text())
     missing = [r["name"] for r in router["routes"] if not (version_dir / r["adapter"] / "adapter_config.json").is_file()]
     return dg.AssetCheckResult(passed=not missing, metadata={"routes": len(router["routes"]), "missing": missing})

@@ -38,16 +38,18 @@ LOCATIONS = {
 }
 
 
+def _from_env(env_var: str, default: str, resolve: bool) -> str | dg.EnvVar:
+    """A set variable stays an `EnvVar` (read at run time, shown as such in the Dagster UI)
+    unless `resolve` asks for its current value; an unset one gives the default."""
+    if not os.environ.get(env_var):
+        return default
+    return os.environ[env_var] if resolve else dg.EnvVar(env_var)
+
+
 def pipeline_store_from_env(resolve: bool = False) -> PipelineStore:
-    """The resource from the environment. Set variables stay `EnvVar`s (read at run time, shown
-    as such in the Dagster UI) unless `resolve` asks for their current values."""
-    settings = {}
-    for field_name, (env_var, default) in LOCATIONS.items():
-        if not os.environ.get(env_var):
-            settings[field_name] = str(default)
-        else:
-            settings[field_name] = os.environ[env_var] if resolve else dg.EnvVar(env_var)
-    return PipelineStore(**settings)
+    return PipelineStore(
+        **{field: _from_env(env_var, str(default), resolve) for field, (env_var, default) in LOCATIONS.items()}
+    )
 
 
 class RawZoneKeys(dg.ConfigurableResource):
@@ -62,13 +64,9 @@ class RawZoneKeys(dg.ConfigurableResource):
 
 
 def raw_zone_keys_from_env(resolve: bool = False) -> RawZoneKeys:
-    def key(env_var: str):
-        if not os.environ.get(env_var):
-            return ""
-        return os.environ[env_var] if resolve else dg.EnvVar(env_var)
-
     return RawZoneKeys(
-        encryption_key=key(rawzone.ENCRYPTION_KEY_ENV), pseudonym_key=key(rawzone.PSEUDONYM_KEY_ENV)
+        encryption_key=_from_env(rawzone.ENCRYPTION_KEY_ENV, "", resolve),
+        pseudonym_key=_from_env(rawzone.PSEUDONYM_KEY_ENV, "", resolve),
     )
 
 

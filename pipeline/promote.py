@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cluster import cluster_key
-from pipeline.store import write_json
+from pipeline.store import write_bytes, write_json
 
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
 
@@ -100,9 +100,16 @@ def write_registry_version(
     }
     write_json(staging / "summary.json", summary)
     staging.rename(final)
-    (registry / "LATEST.tmp").write_text(version + "\n")
-    (registry / "LATEST.tmp").replace(registry / "LATEST")
+    write_bytes(registry / "LATEST", f"{version}\n".encode())
     return final
+
+
+def latest_version(registry: Path) -> Path:
+    """The folder of the newest registry version."""
+    latest = registry / "LATEST"
+    if not latest.exists():
+        raise FileNotFoundError(f"No registry version under {registry}: run `slm-convert run` first")
+    return registry / latest.read_text().strip()
 
 
 def format_summary(summary: dict) -> str:
