@@ -40,6 +40,7 @@ def latest_summary(output_dir: Path) -> dict:
 def run(config_file: Path | None) -> int:
     import dagster as dg
 
+    from assets.data import daily_calls
     from assets.definitions import all_assets, all_checks
 
     run_config = {}
@@ -50,7 +51,7 @@ def run(config_file: Path | None) -> int:
     resources = resources_from_env(resolve=True)
     resource = resources["pipeline_store"]
     # Bad input found before Dagster starts gets one clear line instead of a step failure.
-    ingest.find_log_files(resource.landing())
+    ingest.find_landing_files(resource.landing())
     print(f"landing folder: {resource.landing_dir}\noutput folder:  {resource.output_dir}", flush=True)
     started = time.monotonic()
     # A persistent instance makes the run visible in `dagster dev` afterwards; the repository's
@@ -62,6 +63,8 @@ def run(config_file: Path | None) -> int:
         resources=resources,
         run_config=run_config,
         instance=instance,
+        # collection takes in every new file whatever the day; the run is filed under today's
+        partition_key=daily_calls.get_last_partition_key(),
         raise_on_error=False,
     )
     if not result.success:

@@ -1,19 +1,25 @@
 """Steps 1-3 as assets: raw_traces -> curated_traces -> task_clusters."""
 
+import os
+
 import dagster as dg
 
 from assets.metadata import markdown_table
 from assets.resources import PipelineStore, RawZoneKeys
-from pipeline import cluster, curate, ingest, rawzone
+from pipeline import cluster, curate, ingest, rawzone, sources
 from pipeline.store import read_json, read_table, write_json, write_table
 
 GROUP = "traces"
 
 
 class IngestConfig(dg.Config):
-    max_quarantined_share: float = 0.05  # the check fails above this share of lines
+    max_quarantined_share: float = 0.05  # the check fails above this share of a run's calls and lines
     encrypt_raw: bool = True  # false stores raw tables unencrypted (never for real user data)
-    pseudonymize_origins: bool = True  # false keeps session ids as logged
+    pseudonymize_origins: bool = True  # false keeps origin fields as logged
+    origin_fields: list[str] = list(ingest.DEFAULT_ORIGIN_FIELDS)  # metadata fields that say who called
+    formats: dict[str, str] = {}  # file glob -> format name, for files auto-detection gets wrong
+    max_record_bytes: int = sources.DEFAULT_MAX_RECORD_BYTES  # a longer line is quarantined
+    raw_retention_days: int = 30  # raw parts are deleted this long after ingestion; 0 keeps them
 
 
 def _required_key(value: str, enabled: bool, env_var: str, setting: str) -> str | None:
@@ -31,54 +37,72 @@ def _required_key(value: str, enabled: bool, env_var: str, setting: str) -> str 
     return value
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"})
+# Calls are partitioned by the day they were made. Collection is incremental by file, so any run
+# takes in every new landing file, whichever day it is launched for, and each call lands in its
+# own day; the days a run filled are reported as materializations of their partitions.
+daily_calls = dg.DailyPartitionsDefinition(
+    start_date=os.environ.get("SLM_FIRST_CALL_DAY", "2025-01-01"), end_offset=1, timezone="UTC"
+)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, partitions_def=daily_calls, backfill_policy=dg.BackfillPolicy.single_run())
 def raw_traces(
     context: dg.AssetExecutionContext, config: IngestConfig, pipeline_store: PipelineStore, raw_zone_keys: RawZoneKeys
 ) -> dg.MaterializeResult:
-    """Every logged LLM call of the landing folder in one canonical table; malformed lines go
-    to a quarantine table with their file, line and reason. Both are raw zone: encrypted at rest,
-    with session ids replaced by keyed pseudonyms."""
+    """Every LLM call of the landing folder, in any supported log format, in one canonical table
+    partitioned by call day; malformed input goes to a quarantine table with its file, line and
+    reason. Raw zone: encrypted at rest, origin fields replaced by keyed pseudonyms, deleted after
+    the retention period."""
     encryption_key = _required_key(raw_zone_keys.encryption_key, config.encrypt_raw, rawzone.ENCRYPTION_KEY_ENV, "encrypt_raw")
     pseudonym_key = _required_key(raw_zone_keys.pseudonym_key, config.pseudonymize_origins, rawzone.PSEUDONYM_KEY_ENV, "pseudonymize_origins")
     store = pipeline_store.store()
-    files = ingest.find_log_files(pipeline_store.landing())
-    context.log.info(f"reading {len(files)} log files from {pipeline_store.landing()}")
-    result = ingest.ingest(files)
-    quarantine_file = rawzone.write_raw_table(store.table("quarantine"), result.quarantine, ingest.QUARANTINE_SCHEMA, encryption_key)
-    if result.traces.empty:
+    options = ingest.IngestOptions(
+        formats=dict(config.formats),
+        origin_fields=tuple(config.origin_fields),
+        pseudonym_key=pseudonym_key,
+        max_record_bytes=config.max_record_bytes,
+    )
+    try:
+        result = ingest.collect(
+            pipeline_store.landing(), store.raw, options, encryption_key, config.raw_retention_days, progress=context.log.info
+        )
+    except ValueError as err:  # a format named in the config that does not exist
+        raise dg.Failure(description=str(err)) from err
+    stats = result.stats
+    if not result.days_stored:
         raise dg.Failure(
             description=(
-                f"No usable LLM call in {len(files)} file(s) of {pipeline_store.landing()}: all "
-                f"{len(result.quarantine)} lines were quarantined ({ingest.quarantine_reasons(result.quarantine)}); "
-                f"see {quarantine_file}"
+                f"No usable LLM call in {stats.files_read} file(s) of {pipeline_store.landing()}: all "
+                f"{stats.quarantined} lines were quarantined ({dict(stats.reasons)}); see {store.raw / rawzone.QUARANTINE}"
             )
         )
-    traces = result.traces
-    if pseudonym_key:
-        traces = traces.assign(session_id=rawzone.pseudonymize(traces["session_id"], pseudonym_key))
-    written = rawzone.write_raw_table(store.table("raw_traces"), traces, ingest.TRACE_SCHEMA, encryption_key)
-    reasons = ingest.quarantine_reasons(result.quarantine)
-    stats = {
-        "files": len(files),
-        "lines": result.lines_read,
-        "calls": len(result.traces),
-        "quarantined": len(result.quarantine),
-        "repeated_records": result.repeated,
-        "quarantined_share": round(len(result.quarantine) / max(result.lines_read, 1), 4),
+    summary = {
+        **stats.as_dict(),
+        "run_id": result.run_id,
         "max_quarantined_share": config.max_quarantined_share,
-        "quarantine_reasons": reasons,
+        "expired_raw_parts": result.expired_parts,
+        "calls_ingested_by_day": result.days_stored,
     }
-    write_json(store.stats("raw_traces"), stats)
+    write_json(store.stats("raw_traces"), summary)
+    valid_days = set(daily_calls.get_partition_keys())
+    for day, calls in sorted(stats.calls_by_day.items()):
+        if day in valid_days and day not in context.partition_keys:
+            context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=day, metadata={"calls": calls}))
     return dg.MaterializeResult(
         metadata={
-            "calls": len(result.traces),
-            "quarantined": len(result.quarantine),
-            "repeated_records": result.repeated,
-            "quarantine_reasons": dg.MetadataValue.json(reasons),
-            "files": len(files),
+            "calls": stats.calls,
+            "quarantined": stats.quarantined,
+            "repeated_records": stats.repeated,
+            "files_read": stats.files_read,
+            "files_unchanged": stats.files_unchanged,
+            "formats": dg.MetadataValue.json(dict(stats.formats)),
+            "skipped_not_llm_calls": dg.MetadataValue.json(dict(stats.skipped)),
+            "quarantine_reasons": dg.MetadataValue.json(dict(stats.reasons)),
+            "calls_by_day": dg.MetadataValue.json(dict(sorted(stats.calls_by_day.items()))),
+            "expired_raw_parts": result.expired_parts,
             "encrypted": encryption_key is not None,
             "origins_pseudonymized": pseudonym_key is not None,
-            "path": dg.MetadataValue.path(str(written)),
+            "path": dg.MetadataValue.path(str(store.raw)),
         }
     )
 
@@ -105,7 +129,7 @@ def curated_traces(
     without a usable answer removed (each removal recorded with its reason). From here on
     nothing is raw: downstream stages read only this table."""
     store = pipeline_store.store()
-    raw = rawzone.read_raw_table(store.table("raw_traces"), raw_zone_keys.encryption_key or None)
+    raw = ingest.stored_traces(store.raw, raw_zone_keys.encryption_key or None)
     result = curate.curate(raw, tuple(config.entities), config.score_threshold, progress=context.log.info)
     write_table(store.table("curated_traces"), result.curated)
     write_table(store.table("curation_removed"), result.removed)

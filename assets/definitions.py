@@ -1,10 +1,11 @@
-"""The code location: the six-step asset graph, its checks, one job and its nightly schedule."""
+"""The code location: the six-step asset graph, its checks, the conversion job and its nightly
+schedule, and the collection job that a sensor starts when logs land."""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from assets import data, models, promotion
+from assets import data, models, promotion, sensors
 from assets.resources import resources_from_env
 
 all_assets = [
@@ -28,17 +29,15 @@ all_checks = [
 
 conversion_job = dg.define_asset_job("slm_conversion", selection=dg.AssetSelection.all())
 
-nightly_conversion = dg.ScheduleDefinition(
-    name="nightly_conversion",
-    job=conversion_job,
-    cron_schedule="0 2 * * *",  # 02:00 every night, after the day's logs have landed
-    execution_timezone="UTC",
-)
+# 02:00 UTC every night, after the day's logs have landed, for the newest call day (collection
+# takes in every new file whatever the day).
+nightly_conversion = dg.build_schedule_from_partitioned_job(conversion_job, name="nightly_conversion", hour_of_day=2)
 
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[conversion_job],
+    jobs=[conversion_job, sensors.collection_job],
     schedules=[nightly_conversion],
+    sensors=[sensors.new_landing_files],
     resources=resources_from_env(),
 )

@@ -152,8 +152,8 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
         "clusters": cluster_summaries,
         "unclustered_ids": list(unclustered),
         "paths": {
-            "raw_traces": str(rawzone.stored_path(store.table("raw_traces"))),
-            "quarantine": str(rawzone.stored_path(store.table("quarantine"))),
+            "raw_traces": str(store.raw / rawzone.TRACES),
+            "quarantine": str(store.raw / rawzone.QUARANTINE),
             "curated_traces": str(store.table("curated_traces")),
             "task_clusters": str(store.table("task_clusters")),
             "adapters": str(store.adapters),

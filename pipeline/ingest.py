@@ -1,25 +1,36 @@
-"""Step 1, collection: read an agent's JSONL call logs into one canonical trace table.
+"""Step 1, collection: an agent's LLM-call logs, in whatever format they were written, into one
+canonical trace table, streamed in bounded memory.
 
-The input is what an OpenAI-compatible logging proxy writes, one call per line:
-`{"id", "created_at", "request": {"model", "messages", "tools"?}, "response": {"choices": [...],
-"usage"}, "latency_ms", "metadata": {"agent", "session_id", "feedback"}}`.
-
-Every line ends up somewhere: a well-formed call becomes a row of the trace table, anything else
-becomes a row of the quarantine table with its file, line number and the reason. Nothing is
+Every piece of input ends up somewhere: a well-formed call becomes a row of the trace table, a
+piece that is not an LLM call (a tool span, a batch embedding request) is counted, and anything
+else becomes a row of the quarantine table with its file, line number and reason. Nothing is
 dropped silently and no line can stop the run.
+
+    find_landing_files -> plan (detect each file's format) -> ingest (stream, dedup, write)
+
+`ingest` writes through a sink: the raw zone's writer in the pipeline (encrypted parts by call
+day), or `MemorySink` for `read_calls`, which returns the tables as frames for small inputs and
+tests.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import pyarrow as pa
+
+from pipeline import rawzone, sources
+from pipeline.formats import registry
+from pipeline.formats.openai_batch import BatchRequests, input_file_for
+from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
 
 # One canonical schema for every source. Messages, tools and the response message stay JSON
 # text: their shapes vary between agents (content parts, tool calls), and JSON keeps them exact.
@@ -29,6 +40,7 @@ TRACE_SCHEMA = pa.schema(
         ("called_at", pa.timestamp("us", tz="UTC")),
         ("agent", pa.string()),
         ("session_id", pa.string()),
+        ("origin", pa.string()),  # JSON: the configured origin fields, pseudonymized
         ("model", pa.string()),
         ("messages", pa.string()),
         ("tools", pa.string()),
@@ -39,6 +51,7 @@ TRACE_SCHEMA = pa.schema(
         ("total_tokens", pa.int64()),
         ("latency_ms", pa.float64()),
         ("feedback", pa.string()),
+        ("source_format", pa.string()),
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
         ("record_hash", pa.string()),
@@ -49,68 +62,141 @@ TRACE_SCHEMA = pa.schema(
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("source_file", pa.string()),
-        ("source_line", pa.int64()),
+        ("source_line", pa.int64()),  # 0: the whole file
         ("reason", pa.string()),
         ("excerpt", pa.string()),
     ]
 )
 
-# Quarantined lines keep a short excerpt so that a person can see what went wrong; the raw zone
-# is the only place that holds it.
-EXCERPT_CHARS = 160
+# Fields that say who made a call, under the names the supported formats use. Matched without
+# regard to case; any other metadata field is not stored at all.
+DEFAULT_ORIGIN_FIELDS = (
+    "session_id", "sessionId", "session.id", "gen_ai.conversation.id", "conversation_id", "thread_id",
+    "user", "user_id", "userId", "user.id", "enduser.id",
+    "client_id", "client.id", "client.address", "client_ip", "ip", "ip_address", "source.address",
+    "tenant_id", "tenantId", "tenant.id", "org_id", "organization_id",
+)
+# The first of these that a call has becomes its session_id: the field that groups its calls.
+SESSION_FIELDS = ("session_id", "sessionid", "session.id", "gen_ai.conversation.id", "conversation_id", "thread_id")
 
 
-class MalformedCall(ValueError):
-    """A log line that is not a usable LLM call; the message is the quarantine reason."""
+@dataclass(frozen=True)
+class IngestOptions:
+    formats: dict[str, str] = field(default_factory=dict)  # file glob -> format name; others auto
+    origin_fields: tuple[str, ...] = DEFAULT_ORIGIN_FIELDS
+    pseudonym_key: str | None = None  # None keeps origin values as logged
+    max_record_bytes: int = sources.DEFAULT_MAX_RECORD_BYTES
 
 
 @dataclass
-class IngestResult:
-    traces: pd.DataFrame
-    quarantine: pd.DataFrame
-    files: list[str] = field(default_factory=list)
-    repeated: int = 0  # lines identical to a call already read (a file landed twice, say)
+class LandingFile:
+    path: Path
+    layout: str  # "lines" or "document" (see sources.sniff_layout)
+    format: str | None  # None: the file cannot be read, `problem` says why
+    problem: str = ""
+    batch_input: Path | None = None  # for openai_batch output files
+
+    def fingerprint(self) -> str:
+        """Size and modification time, as make and rsync judge change; a batch output file also
+        changes when its input file does."""
+        stat = self.path.stat()
+        own = f"{stat.st_size}:{stat.st_mtime_ns}:{self.format}"
+        return own + (f"|{LandingFile(self.batch_input, 'lines', None).fingerprint()}" if self.batch_input else "")
+
+
+@dataclass
+class IngestStats:
+    files_read: int = 0
+    files_unchanged: int = 0  # already ingested, size and time unchanged: not read again
+    batch_input_files: int = 0  # read through their output files
+    formats: Counter = field(default_factory=Counter)  # files read per format
+    calls: int = 0  # new calls stored
+    repeated: int = 0  # calls identical to one already ingested (a file landed twice, say)
+    quarantined: int = 0
+    skipped: Counter = field(default_factory=Counter)  # pieces that are not LLM calls, by kind
+    reasons: Counter = field(default_factory=Counter)  # quarantine reasons, by kind
+    calls_by_day: Counter = field(default_factory=Counter)  # new calls per call day
 
     @property
-    def lines_read(self) -> int:
-        return len(self.traces) + len(self.quarantine) + self.repeated
+    def pieces(self) -> int:
+        return self.calls + self.repeated + self.quarantined + sum(self.skipped.values())
+
+    @property
+    def quarantined_share(self) -> float:
+        return self.quarantined / max(self.calls + self.repeated + self.quarantined, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "files_read": self.files_read,
+            "files_unchanged": self.files_unchanged,
+            "batch_input_files": self.batch_input_files,
+            "formats": dict(self.formats),
+            "calls": self.calls,
+            "repeated_records": self.repeated,
+            "quarantined": self.quarantined,
+            "quarantined_share": round(self.quarantined_share, 4),
+            "skipped_not_llm_calls": dict(self.skipped),
+            "quarantine_reasons": dict(self.reasons),
+            "calls_by_day": dict(sorted(self.calls_by_day.items())),
+        }
 
 
-def find_log_files(landing_dir: Path) -> list[Path]:
-    """The JSONL files of a landing folder, oldest name first, with a clear error if none."""
+def find_landing_files(landing_dir: Path) -> list[Path]:
+    """Every file of a landing folder (hidden files aside), by name, with a clear error if none.
+
+    All files are taken, whatever their extension: one that is not a log is quarantined with
+    its reason rather than passed over in silence.
+    """
     landing_dir = Path(landing_dir)
     if not landing_dir.is_dir():
         raise FileNotFoundError(
             f"Landing folder {landing_dir} does not exist. Point SLM_LANDING_DIR at the folder "
-            "that holds your agent's JSONL logs."
+            "that holds your agent's LLM-call logs."
         )
-    files = sorted(p for p in landing_dir.rglob("*.jsonl") if p.is_file())
+    files = sorted(
+        p for p in landing_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(landing_dir).parts)
+    )
     if not files:
         raise FileNotFoundError(
-            f"Landing folder {landing_dir} holds no *.jsonl files. Each file should hold one "
-            "logged LLM call per line in the OpenAI request/response format (see README)."
+            f"Landing folder {landing_dir} holds no files. Land your agent's LLM-call logs there "
+            "(OpenAI request/response JSON lines, OpenAI Batch files, OTLP/JSON GenAI spans, "
+            "Langfuse exports or canonical JSON lines; see docs/formats.md)."
         )
     return files
 
 
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise MalformedCall(reason)
+def landing_fingerprints(landing_dir: Path) -> dict[str, str]:
+    """Each landing file's size and modification time: what a sensor compares to see new files."""
+    return {str(p): f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in find_landing_files(landing_dir)}
 
 
-def _parse_time(value: Any) -> datetime:
-    _require(isinstance(value, str) and value.strip() != "", "missing created_at")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as err:
-        raise MalformedCall(f"created_at is not an ISO-8601 time: {value!r}") from err
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+def _configured_format(path: Path, formats: dict[str, str]) -> str | None:
+    for pattern, name in formats.items():
+        if fnmatch.fnmatch(path.name, pattern) or fnmatch.fnmatch(str(path), pattern):
+            if name not in registry.ADAPTERS and name not in registry.COMPANION_FORMATS:
+                known = ", ".join([*registry.ADAPTERS, *registry.COMPANION_FORMATS])
+                raise ValueError(f"format {name!r} (for {pattern!r}) is not one of: {known}")
+            return name
+    return None
 
 
-def _optional_int(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def plan(files: Iterable[Path], options: IngestOptions = IngestOptions()) -> list[LandingFile]:
+    """Each file's layout and format (detected, or as configured), batch outputs paired with inputs."""
+    planned = []
+    for path in map(Path, files):
+        layout, detected, problem = registry.detect_file(path)
+        configured = _configured_format(path, options.formats)
+        if configured and layout != "not-json":
+            detected, problem = configured, ""
+        if layout == "lines" and detected is None and path.stat().st_size == 0:
+            problem = ""  # an empty file holds no calls and nothing wrong
+        planned.append(LandingFile(path, layout, detected, problem))
+    inputs = [f.path for f in planned if f.format == registry.openai_batch.INPUT_NAME]
+    for landing_file in planned:
+        if landing_file.format == registry.openai_batch.NAME:
+            landing_file.batch_input = input_file_for(landing_file.path, inputs)
+    return planned
 
 
 def record_hash(record: Any) -> str:
@@ -119,136 +205,235 @@ def record_hash(record: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def parse_call(record: Any) -> dict[str, Any]:
-    """Turn one decoded log record into a canonical trace row, or raise MalformedCall."""
-    _require(isinstance(record, dict), f"line is a JSON {type(record).__name__}, not an object")
-    trace_id = record.get("id")
-    _require(isinstance(trace_id, str) and trace_id != "", "id is missing or not a string")
-    called_at = _parse_time(record.get("created_at"))
-
-    request = record.get("request")
-    _require(isinstance(request, dict), "request is missing or not an object")
-    messages = request.get("messages")
-    _require(isinstance(messages, list) and len(messages) > 0, "request.messages is empty")
-    _require(
-        all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages),
-        "a request message has no role",
-    )
-    tools = request.get("tools")
-    _require(tools is None or isinstance(tools, list), "request.tools is not a list")
-
-    response = record.get("response")
-    _require(isinstance(response, dict), "response is missing or not an object")
-    choices = response.get("choices")
-    _require(isinstance(choices, list) and len(choices) > 0, "response has no choices")
-    choice = choices[0]
-    _require(isinstance(choice, dict), "response choice is not an object")
-    message = choice.get("message")
-    _require(isinstance(message, dict), "response choice has no message")
-
-    usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
-    metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    latency = record.get("latency_ms")
-    return {
-        "trace_id": trace_id,
-        "called_at": called_at,
-        "agent": metadata.get("agent"),
-        "session_id": metadata.get("session_id"),
-        "model": request.get("model"),
-        "messages": json.dumps(messages, ensure_ascii=False),
-        "tools": json.dumps(tools, ensure_ascii=False) if tools else None,
-        "response_message": json.dumps(message, ensure_ascii=False),
-        "finish_reason": choice.get("finish_reason"),
-        "prompt_tokens": _optional_int(usage.get("prompt_tokens")),
-        "completion_tokens": _optional_int(usage.get("completion_tokens")),
-        "total_tokens": _optional_int(usage.get("total_tokens")),
-        "latency_ms": float(latency) if _optional_int(latency) is not None else None,
-        "feedback": metadata.get("feedback"),
-    }
+def origin_columns(context: dict[str, Any], options: IngestOptions) -> tuple[str | None, str | None]:
+    """(session_id, origin JSON) from a call's metadata: only the configured origin fields, each
+    replaced by its keyed pseudonym when a key is given."""
+    wanted = {name.lower() for name in options.origin_fields}
+    origin = {k: v for k, v in context.items() if k.lower() in wanted}
+    if options.pseudonym_key:
+        origin = {k: rawzone.pseudonym(v, options.pseudonym_key) for k, v in origin.items()}
+    session = next((origin[k] for k in origin if k.lower() in SESSION_FIELDS), None)
+    return (str(session) if session is not None else None), (json.dumps(origin, sort_keys=True) if origin else None)
 
 
-def _decode_line(raw: bytes) -> Any:
-    if raw.strip() == b"":
-        raise MalformedCall("empty line")
+class MemorySink:
+    """Keeps what an ingest run admits in lists (for `read_calls`)."""
+
+    def __init__(self):
+        self.rows: dict[str, list[dict]] = {rawzone.TRACES: [], rawzone.QUARANTINE: []}
+
+    def add(self, kind: str, partition: str, row: dict) -> None:
+        self.rows[kind].append(row)
+
+
+class _Run:
+    """One ingest run's bookkeeping: the ledger decides, the sink stores, the stats count."""
+
+    def __init__(self, sink, ledger: Ledger, options: IngestOptions, run_id: str, now: datetime):
+        self.sink, self.ledger, self.options, self.run_id, self.now = sink, ledger, options, run_id, now
+        self.stats = IngestStats()
+
+    def quarantine(self, source_file: str, line: int, reason: str, excerpt: str = "") -> None:
+        if not self.ledger.admit_quarantine(source_file, line, reason, self.run_id):
+            return
+        self.stats.quarantined += 1
+        self.stats.reasons[_reason_kind(reason)] += 1
+        self.sink.add(
+            rawzone.QUARANTINE,
+            f"ingested={self.now:%Y-%m-%d}",
+            {"source_file": source_file, "source_line": line, "reason": reason, "excerpt": excerpt},
+        )
+
+    def call(self, row: dict, piece: Any, landing_file: LandingFile, line: int, excerpt: str) -> None:
+        row = dict(row)
+        context = row.pop("context")
+        row["record_hash"] = record_hash(piece)
+        day = f"{row['called_at']:%Y-%m-%d}"
+        verdict = self.ledger.admit_call(row["trace_id"], row["record_hash"], day, self.run_id)
+        if verdict == REPEATED:
+            self.stats.repeated += 1
+            return
+        if verdict == CONFLICT:
+            self.quarantine(str(landing_file.path), line, f"trace id {row['trace_id']} already ingested with different content", excerpt)
+            return
+        assert verdict == NEW
+        row["session_id"], row["origin"] = origin_columns(context, self.options)
+        row.update(
+            source_format=landing_file.format, source_file=str(landing_file.path), source_line=line, ingested_at=self.now
+        )
+        self.stats.calls += 1
+        self.stats.calls_by_day[day] += 1
+        self.sink.add(rawzone.TRACES, f"day={day}", row)
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its details, for counts ("invalid JSON (...)" -> "invalid JSON")."""
+    if reason.startswith(("span ", "observation ")) and ": " in reason:
+        reason = reason.split(": ", 1)[1]  # which span or observation
+    if reason.startswith("trace id ") and reason.endswith("already ingested with different content"):
+        return "trace id already ingested with different content"
+    for cut in (" (", " at byte ", ": "):
+        reason = reason.split(cut)[0]
+    return reason
+
+
+def _records(landing_file: LandingFile, options: IngestOptions):
+    if landing_file.layout == "document":
+        return sources.read_document(landing_file.path, registry.ADAPTERS[landing_file.format].ITEM_PATHS)
+    return sources.read_lines(landing_file.path, options.max_record_bytes)
+
+
+@dataclass
+class _FileContext:
+    batch_requests: BatchRequests | None = None
+
+
+def _ingest_file(run: _Run, landing_file: LandingFile, workdir: Path) -> None:
+    name = str(landing_file.path)
+    adapter = registry.ADAPTERS[landing_file.format]
+    context = _FileContext()
+    if landing_file.format == registry.openai_batch.NAME:
+        workdir.mkdir(parents=True, exist_ok=True)
+        context.batch_requests = BatchRequests(landing_file.batch_input, workdir / f"batch-{run.stats.files_read}.sqlite")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MalformedCall(f"invalid UTF-8 at byte {err.start}") from err
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise MalformedCall(f"invalid JSON ({err.msg} at column {err.colno})") from err
-
-
-def read_log_file(path: Path) -> tuple[list[dict], list[dict]]:
-    """Parse one JSONL file line by line into (trace rows, quarantine rows)."""
-    rows, quarantined = [], []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                record = _decode_line(raw)
-                row = parse_call(record)
-            except MalformedCall as err:
-                quarantined.append(
-                    {
-                        "source_file": str(path),
-                        "source_line": line_number,
-                        "reason": str(err),
-                        "excerpt": raw[:EXCERPT_CHARS].decode("utf-8", errors="replace").rstrip(),
-                    }
-                )
+        for item in _records(landing_file, run.options):
+            if isinstance(item, sources.Rejected):
+                run.quarantine(name, item.line, item.reason, item.excerpt)
                 continue
-            row["source_file"] = str(path)
-            row["source_line"] = line_number
-            row["record_hash"] = record_hash(record)
-            rows.append(row)
-    return rows, quarantined
+            excerpt = sources.excerpt(item.raw)
+            for outcome in adapter.outcomes(item.value, context):
+                if outcome.skipped:
+                    run.stats.skipped[outcome.skipped] += 1
+                elif outcome.error:
+                    reason = f"{outcome.where}: {outcome.error}" if outcome.where else outcome.error
+                    run.quarantine(name, item.line, reason, excerpt)
+                else:
+                    run.call(outcome.row, outcome.piece, landing_file, item.line, excerpt)
+    finally:
+        if context.batch_requests is not None:
+            context.batch_requests.close()
 
 
-def ingest(files: Iterable[Path], now: datetime | None = None) -> IngestResult:
-    """Read every file into one trace table and one quarantine table.
+def ingest(
+    planned: list[LandingFile],
+    sink,
+    ledger: Ledger,
+    options: IngestOptions = IngestOptions(),
+    run_id: str = "memory",
+    now: datetime | None = None,
+    workdir: Path | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> IngestStats:
+    """Stream every planned file through its adapter into the sink; the ledger makes it idempotent.
 
-    Ingesting is idempotent: a record identical to one already read (the same file landed twice,
-    or a proxy that wrote a line twice) adds nothing and is only counted. A trace id that comes
-    back with different content keeps its first row; the later ones are quarantined with the
-    reason, so the trace id stays a key.
+    A call identical to one already ingested (in this run or an earlier one) adds nothing and
+    is only counted. A trace id that comes back with different content keeps its first row; the
+    later ones are quarantined with the reason, so the trace id stays a key. The caller commits
+    or rolls back the ledger.
     """
     now = now or datetime.now(timezone.utc)
-    rows, quarantined, names = [], [], []
-    for path in files:
-        file_rows, file_quarantine = read_log_file(Path(path))
-        rows.extend(file_rows)
-        quarantined.extend(file_quarantine)
-        names.append(str(path))
-
-    first_hash: dict[str, str] = {}
-    unique_rows, repeated = [], 0
-    for row in rows:
-        known = first_hash.get(row["trace_id"])
-        if known == row["record_hash"]:
-            repeated += 1
+    run = _Run(sink, ledger, options, run_id, now)
+    workdir = workdir or Path(f"/tmp/slm-convert-{run_id}")
+    for landing_file in planned:
+        if landing_file.format == registry.openai_batch.INPUT_NAME:
+            run.stats.batch_input_files += 1
             continue
-        if known is not None:
-            quarantined.append(
-                {
-                    "source_file": row["source_file"],
-                    "source_line": row["source_line"],
-                    "reason": f"trace id {row['trace_id']} already ingested with different content",
-                    "excerpt": row["trace_id"],
-                }
-            )
+        fingerprint = landing_file.fingerprint()
+        if ledger.file_unchanged(landing_file.path, fingerprint):
+            run.stats.files_unchanged += 1
             continue
-        first_hash[row["trace_id"]] = row["record_hash"]
-        row["ingested_at"] = now
-        unique_rows.append(row)
+        before = (run.stats.calls, run.stats.quarantined)
+        if landing_file.format is None:
+            if landing_file.problem:
+                run.quarantine(str(landing_file.path), 0, landing_file.problem)
+        else:
+            _ingest_file(run, landing_file, workdir)
+        run.stats.files_read += 1
+        run.stats.formats[landing_file.format or "unreadable"] += 1
+        calls, quarantined = run.stats.calls - before[0], run.stats.quarantined - before[1]
+        ledger.record_file(landing_file.path, fingerprint, landing_file.format or "", run_id, calls, quarantined)
+        progress(f"{landing_file.path.name} ({landing_file.format or 'unreadable'}): {calls} new calls, {quarantined} quarantined")
+    return run.stats
 
-    traces = pd.DataFrame(unique_rows, columns=TRACE_SCHEMA.names)
+
+@dataclass
+class IngestResult:
+    traces: pd.DataFrame
+    quarantine: pd.DataFrame
+    stats: IngestStats
+
+    @property
+    def repeated(self) -> int:
+        return self.stats.repeated
+
+
+def read_calls(files: Iterable[Path], options: IngestOptions = IngestOptions(), now: datetime | None = None) -> IngestResult:
+    """Ingest files into memory, without a raw zone (small inputs, tests, notebooks)."""
+    sink, ledger = MemorySink(), Ledger(":memory:")
+    stats = ingest(plan(files, options), sink, ledger, options, now=now)
+    ledger.close()
+    traces = pd.DataFrame(sink.rows[rawzone.TRACES], columns=TRACE_SCHEMA.names)
     traces = traces.sort_values(["called_at", "trace_id"], kind="stable").reset_index(drop=True)
-    quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_SCHEMA.names)
-    return IngestResult(traces=traces, quarantine=quarantine, files=names, repeated=repeated)
+    quarantine = pd.DataFrame(sink.rows[rawzone.QUARANTINE], columns=QUARANTINE_SCHEMA.names)
+    return IngestResult(traces=traces, quarantine=quarantine, stats=stats)
 
 
 def quarantine_reasons(quarantine: pd.DataFrame) -> dict[str, int]:
     """Counts of quarantined lines by kind of reason (the reason up to its first detail)."""
-    kinds = quarantine["reason"].str.replace(r" \(.*| at byte .*|: .*", "", regex=True)
-    return {str(k): int(v) for k, v in kinds.value_counts().items()}
+    return dict(Counter(_reason_kind(r) for r in quarantine["reason"]))
+
+
+@dataclass
+class CollectResult:
+    run_id: str
+    stats: IngestStats
+    expired_parts: int  # raw parts deleted by retention in this run
+    days_stored: dict[str, int]  # every call day the ledger knows, with its call count
+
+
+def collect(
+    landing_dir: Path,
+    raw_root: Path,
+    options: IngestOptions,
+    encryption_key: str | None,
+    retention_days: int,
+    now: datetime | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> CollectResult:
+    """One collection run: new landing files into the raw zone, then retention.
+
+    The ledger commits before the staged parts are published, and a later run finishes any
+    publish that a crash interrupted, so a call is stored exactly once or the run did not happen.
+    """
+    now = now or datetime.now(timezone.utc)
+    planned = plan(find_landing_files(landing_dir), options)
+    raw_root.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(raw_root / "ledger.sqlite")
+    try:
+        rawzone.recover(raw_root, ledger.committed_runs())
+        run_id = rawzone.new_run_id(now)
+        schemas = {rawzone.TRACES: TRACE_SCHEMA, rawzone.QUARANTINE: QUARANTINE_SCHEMA}
+        writer = rawzone.RawZoneWriter(raw_root, run_id, schemas, encryption_key)
+        try:
+            stats = ingest(planned, writer, ledger, options, run_id, now, writer.staging / "work", progress)
+            writer.flush()
+            ledger.commit(run_id, now)
+        except BaseException:
+            ledger.rollback()
+            writer.discard()
+            raise
+        rawzone.publish(raw_root, run_id)
+        expired = rawzone.expire(raw_root, retention_days, now)
+        return CollectResult(run_id, stats, expired, ledger.calls_by_day())
+    finally:
+        ledger.close()
+
+
+def stored_traces(raw_root: Path, encryption_key: str | None) -> pd.DataFrame:
+    """Every call kept in the raw zone, in call order."""
+    traces = rawzone.read_zone(raw_root, rawzone.TRACES, TRACE_SCHEMA, encryption_key)
+    return traces.sort_values(["called_at", "trace_id"], kind="stable").reset_index(drop=True)
+
+
+def stored_quarantine(raw_root: Path, encryption_key: str | None) -> pd.DataFrame:
+    return rawzone.read_zone(raw_root, rawzone.QUARANTINE, QUARANTINE_SCHEMA, encryption_key)

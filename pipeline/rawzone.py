@@ -1,8 +1,14 @@
 """The raw zone: traces as logged, before scrubbing. Encrypted at rest, owner-readable only.
 
 Raw tables (the trace table and the quarantine, whose excerpts hold raw text) are written as
-Parquet encrypted with Fernet (`cryptography`; AES in CBC mode with an HMAC-SHA256 tag) under
-a key from the environment, to files of mode 0600. Fields that say who made a call are replaced
+Parquet parts encrypted with Fernet (`cryptography`; AES in CBC mode with an HMAC-SHA256 tag)
+under a key from the environment, to files of mode 0600:
+
+    raw/traces/day=2026-10-01/part-<run>-00000.parquet.enc        calls, by call day
+    raw/quarantine/ingested=2026-11-22/part-<run>-00001.parquet.enc
+    raw/ledger.sqlite                                             ids and hashes, no content
+
+Parts older than the retention period (counted from ingestion) are deleted. Fields that say who made a call are replaced
 by keyed HMAC-SHA256 pseudonyms before anything is stored: calls of one session still group
 together, but the stored data no longer names the session.
 
@@ -14,7 +20,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import os
+import secrets
+import shutil
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +36,8 @@ from pipeline.store import write_bytes
 ENCRYPTION_KEY_ENV = "SLM_RAW_ENCRYPTION_KEY"
 PSEUDONYM_KEY_ENV = "SLM_PSEUDONYM_KEY"
 ENCRYPTED_SUFFIX = ".enc"
+# The raw zone's tables: calls partitioned by call day, quarantined lines by ingestion day.
+TRACES, QUARANTINE, STAGING = "traces", "quarantine", "_staging"
 
 
 class RawZoneKeyError(RuntimeError):
@@ -44,60 +56,159 @@ def _fernet(key: str):
         ) from err
 
 
-def encrypted_path(path: Path) -> Path:
-    return path.with_name(path.name + ENCRYPTED_SUFFIX)
+def seal(payload: bytes, encryption_key: str | None) -> bytes:
+    return _fernet(encryption_key).encrypt(payload) if encryption_key else payload
 
 
-def stored_path(path: Path) -> Path:
-    """The file a raw table was stored in: its encrypted form if there is one."""
-    return encrypted_path(path) if encrypted_path(path).exists() else path
+def unseal(path: Path, encryption_key: str | None) -> bytes:
+    from cryptography.fernet import InvalidToken
+
+    if path.suffix != ENCRYPTED_SUFFIX:
+        return path.read_bytes()
+    if not encryption_key:
+        raise RawZoneKeyError(f"{path} is encrypted: set {ENCRYPTION_KEY_ENV} to the key it was written with")
+    try:
+        return _fernet(encryption_key).decrypt(path.read_bytes())
+    except InvalidToken as err:
+        raise RawZoneKeyError(f"{path} cannot be decrypted with the key in {ENCRYPTION_KEY_ENV}") from err
 
 
-def write_raw_table(path: Path, frame: pd.DataFrame, schema: pa.Schema, encryption_key: str | None) -> Path:
-    """Store a raw table, encrypted when a key is given. Returns the file written.
-
-    The other form of the same table (plain or encrypted) is removed, so no stale copy stays.
-    """
+def write_part(path: Path, rows: list[dict], schema: pa.Schema, encryption_key: str | None) -> Path:
+    """One Parquet part of a raw table, encrypted when a key is given; returns the file written."""
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), buffer)
-    payload = buffer.getvalue()
-    target, stale = (encrypted_path(path), path) if encryption_key else (path, encrypted_path(path))
-    if encryption_key:
-        payload = _fernet(encryption_key).encrypt(payload)
-    write_bytes(target, payload)  # atomic, mode 0600
-    stale.unlink(missing_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
+    target = path.with_name(path.name + ".parquet" + (ENCRYPTED_SUFFIX if encryption_key else ""))
+    write_bytes(target, seal(buffer.getvalue(), encryption_key))  # atomic, mode 0600
     return target
 
 
-def read_raw_table(path: Path, encryption_key: str | None) -> pd.DataFrame:
-    """Read a raw table in whichever form it was stored."""
-    from cryptography.fernet import InvalidToken
+def read_part(path: Path, encryption_key: str | None) -> pa.Table:
+    return pq.read_table(io.BytesIO(unseal(path, encryption_key)))
 
-    sealed = encrypted_path(path)
-    if sealed.exists():
-        if not encryption_key:
-            raise RawZoneKeyError(f"{sealed} is encrypted: set {ENCRYPTION_KEY_ENV} to the key it was written with")
-        try:
-            payload = _fernet(encryption_key).decrypt(sealed.read_bytes())
-        except InvalidToken as err:
-            raise RawZoneKeyError(f"{sealed} cannot be decrypted with the key in {ENCRYPTION_KEY_ENV}") from err
-        return pq.read_table(io.BytesIO(payload)).to_pandas()
-    if path.exists():
-        return pq.read_table(path).to_pandas()
-    raise FileNotFoundError(f"{path} does not exist: materialize the upstream asset that writes it first")
+
+def part_files(root: Path, kind: str) -> list[Path]:
+    """The published parts of one raw table (`traces` or `quarantine`), in partition order."""
+    return sorted((root / kind).glob("*=*/part-*.parquet*"))
+
+
+def read_zone(root: Path, kind: str, schema: pa.Schema, encryption_key: str | None) -> pd.DataFrame:
+    """Every published part of a raw table as one frame (empty, with its columns, if none)."""
+    tables = [read_part(p, encryption_key) for p in part_files(root, kind)]
+    if not tables:
+        return schema.empty_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def new_run_id(now: datetime) -> str:
+    """Sortable by ingestion time, which retention reads back from part names."""
+    return f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _run_time(part: Path) -> datetime | None:
+    try:
+        return datetime.strptime(part.name.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    except (IndexError, ValueError):
+        return None
+
+
+class RawZoneWriter:
+    """Buffers one ingest run's rows per table and partition and writes them as parts.
+
+    Parts go to a staging folder first; `publish` moves them into place only after the ledger
+    has committed the run, so a crash never leaves rows stored that the ledger does not know (they
+    would come back as duplicates) nor rows the ledger knows but that were never stored (lost).
+    Memory stays bounded: a partition is written out every `rows_per_part` rows, and everything
+    buffered is written once `max_buffered_rows` are held.
+    """
+
+    def __init__(self, root: Path, run_id: str, schemas: dict[str, pa.Schema], encryption_key: str | None,
+                 rows_per_part: int = 5000, max_buffered_rows: int = 20000):
+        self.root, self.run_id, self.schemas, self.encryption_key = root, run_id, schemas, encryption_key
+        self.staging = root / STAGING / run_id
+        self.rows_per_part, self.max_buffered_rows = rows_per_part, max_buffered_rows
+        self._buffers: dict[tuple[str, str], list[dict]] = {}
+        self._sequence = 0
+        self.parts_written = 0
+
+    def add(self, kind: str, partition: str, row: dict) -> None:
+        buffer = self._buffers.setdefault((kind, partition), [])
+        buffer.append(row)
+        if len(buffer) >= self.rows_per_part:
+            self._write(kind, partition)
+        elif sum(len(b) for b in self._buffers.values()) >= self.max_buffered_rows:
+            self.flush()
+
+    def _write(self, kind: str, partition: str) -> None:
+        rows = self._buffers.pop((kind, partition), [])
+        if rows:
+            path = self.staging / kind / partition / f"part-{self.run_id}-{self._sequence:05d}"
+            write_part(path, rows, self.schemas[kind], self.encryption_key)
+            self._sequence += 1
+            self.parts_written += 1
+
+    def flush(self) -> None:
+        for kind, partition in list(self._buffers):
+            self._write(kind, partition)
+
+    def discard(self) -> None:
+        self._buffers.clear()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def publish(root: Path, run_id: str) -> int:
+    """Move a committed run's staged parts into the raw zone; returns the number moved."""
+    staging = root / STAGING / run_id
+    moved = 0
+    for part in sorted(staging.rglob("part-*")):
+        target = root / part.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, target)
+        moved += 1
+    shutil.rmtree(staging, ignore_errors=True)
+    return moved
+
+
+def recover(root: Path, committed: set[str]) -> None:
+    """Finish what an interrupted run left: publish committed runs' parts, drop the others'."""
+    for staging in sorted((root / STAGING).glob("*")) if (root / STAGING).is_dir() else []:
+        if staging.name in committed:
+            publish(root, staging.name)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def expire(root: Path, retention_days: int, now: datetime) -> int:
+    """Delete raw parts ingested more than `retention_days` ago; returns how many were deleted.
+
+    The ledger keeps the ids and hashes (no content) of expired calls, so a log file still in the
+    landing folder does not bring them back.
+    """
+    if retention_days <= 0:
+        return 0
+    cutoff = now - timedelta(days=retention_days)
+    expired = 0
+    for kind in (TRACES, QUARANTINE):
+        for part in part_files(root, kind):
+            written = _run_time(part)
+            if written is not None and written < cutoff:
+                part.unlink()
+                expired += 1
+        for folder in (root / kind).glob("*=*") if (root / kind).is_dir() else []:
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    return expired
+
+
+def pseudonym(value, key: str) -> str | None:
+    """A keyed pseudonym: equal inputs map to equal outputs; without the key nothing maps back."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    digest = hmac.new(key.encode(), str(value).encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"anon-{digest[:20]}"
 
 
 def pseudonymize(values: pd.Series, key: str) -> pd.Series:
-    """Keyed pseudonyms: equal inputs map to equal outputs; without the key nothing maps back."""
-    secret = key.encode()
-
-    def one(value):
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return None
-        digest = hmac.new(secret, str(value).encode("utf-8"), hashlib.sha256).hexdigest()
-        return f"anon-{digest[:20]}"
-
-    return values.map(one)
+    return values.map(lambda value: pseudonym(value, key))
 
 
 def new_keys() -> dict[str, str]:

@@ -21,6 +21,11 @@ class Store:
     root: Path
 
     @property
+    def raw(self) -> Path:
+        """The raw zone: traces as logged (encrypted), by call day, and the ingest ledger."""
+        return self.root / "raw"
+
+    @property
     def tables(self) -> Path:
         return self.root / "store"
 

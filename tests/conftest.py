@@ -14,6 +14,7 @@ from pipeline import cluster, curate, ingest
 REPO = Path(__file__).resolve().parents[1]
 LANDING = REPO / "data" / "landing"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FORMATS = FIXTURES / "formats"  # one small file per supported log format, written from each spec
 # The repository's Dagster home turns telemetry off: tests must not reach the network.
 os.environ.setdefault("DAGSTER_HOME", str(REPO / ".dagster_home"))
 
@@ -33,7 +34,7 @@ def labels() -> dict:
 
 @pytest.fixture(scope="session")
 def ingested() -> ingest.IngestResult:
-    return ingest.ingest(ingest.find_log_files(LANDING))
+    return ingest.read_calls(ingest.find_landing_files(LANDING))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ def test_quarantine_holds_exactly_the_malformed_lines(ingested, labels):
     assert set(ingested.traces["trace_id"]) == set(labels["records"])
     assert (ingested.quarantine["source_line"] > 0).all()
     reasons = ingest.quarantine_reasons(ingested.quarantine)
-    assert reasons == {
+    assert reasons == dict(ingested.stats.reasons) == {
         "invalid JSON": 14,
         "empty line": 7,
         "request.messages is empty": 7,
@@ -41,6 +41,9 @@ def test_canonical_schema_keeps_tool_calls_usage_and_feedback(ingested):
 
 def test_bad_input_of_each_kind_is_quarantined_with_its_reason(tmp_path):
     good = (LANDING / "traces-2026-10-01.jsonl").read_bytes().splitlines()[0]
+    record = json.loads(good)
+    wrong_types = dict(record, id="wrong-types", request=dict(record["request"], messages="hello"))
+    no_response = {k: v for k, v in dict(record, id="no-response").items() if k != "response"}
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(
         b"\n".join(
@@ -51,36 +54,42 @@ def test_bad_input_of_each_kind_is_quarantined_with_its_reason(tmp_path):
                 b'{"id": "x", "created_at": "yesterday", "request": {"messages": [{"role": "user"}]}}',
                 b"\xff\xfe not utf-8",
                 b"[1, 2, 3]",
-                good[: len(good) // 2],
+                good[: len(good) // 2],  # truncated JSON
                 b'{"id": "y", "created_at": "2026-10-01T00:00:00Z", "request": {"messages": [{"role": "user", "content": "hi"}]}, "response": {"choices": []}}',
+                json.dumps(wrong_types).encode(),
+                json.dumps(no_response).encode(),
+                b"",
             ]
         )
     )
-    result = ingest.ingest([path])
+    result = ingest.read_calls([path])
     assert len(result.traces) == 1 and result.repeated == 1
-    assert list(result.quarantine["source_line"]) == [4, 5, 6, 7, 8, 3]
+    assert list(result.quarantine["source_line"]) == [3, 4, 5, 6, 7, 8, 9, 10]
     reasons = list(result.quarantine["reason"])
-    assert reasons[0].startswith("created_at is not an ISO-8601 time")
-    assert reasons[1].startswith("invalid UTF-8")
-    assert reasons[2] == "line is a JSON list, not an object"
-    assert reasons[3].startswith("invalid JSON")
-    assert reasons[4] == "response has no choices"
-    assert reasons[5].endswith("already ingested with different content")
-    assert result.lines_read == 8
+    assert reasons[0].endswith("already ingested with different content")
+    assert reasons[1].startswith("created_at is not an ISO-8601 time")
+    assert reasons[2].startswith("invalid UTF-8")
+    assert reasons[3] == "line is a JSON list, not an object"
+    assert reasons[4].startswith("invalid JSON")
+    assert reasons[5] == "response has no choices"
+    assert reasons[6] == "request.messages is missing or not a list"
+    assert reasons[7] == "response is missing or not an object"
+    assert result.stats.pieces == 10  # the trailing newline ends line 11, which does not exist
 
 
 def test_missing_or_empty_landing_folder_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="SLM_LANDING_DIR"):
-        ingest.find_log_files(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no \\*.jsonl files"):
-        ingest.find_log_files(tmp_path)
+        ingest.find_landing_files(tmp_path / "nope")
+    (tmp_path / ".hidden").write_text("editor swap file")
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        ingest.find_landing_files(tmp_path)
 
 
 def test_ingesting_the_same_file_twice_adds_nothing(tmp_path):
-    once = ingest.ingest([LANDING / "traces-2026-10-02.jsonl"])
+    once = ingest.read_calls([LANDING / "traces-2026-10-02.jsonl"])
     copy = tmp_path / "copy-of-day-2.jsonl"
     copy.write_bytes((LANDING / "traces-2026-10-02.jsonl").read_bytes())
-    twice = ingest.ingest([LANDING / "traces-2026-10-02.jsonl", copy])
+    twice = ingest.read_calls([LANDING / "traces-2026-10-02.jsonl", copy])
     assert list(twice.traces["trace_id"]) == list(once.traces["trace_id"])
     assert twice.traces["record_hash"].equals(once.traces["record_hash"])
     assert twice.repeated == len(once.traces)

@@ -1,0 +1,134 @@
+"""Log formats: each adapter turns one decoded record of its format into canonical calls.
+
+A record may hold one call (a chat-completion log line), several (an OTLP export with many
+spans, a Langfuse trace with its generations) or none that are LLM calls (an HTTP span). An
+adapter yields one `Outcome` per call-sized piece: a canonical row, a quarantine reason, or a
+note that the piece is not an LLM call (counted, never stored).
+
+Adapters, in detection order:
+    canonical        slm-convert's own JSON lines (docs/canonical-format.md)
+    openai_batch     OpenAI Batch API output files, joined with their input files
+    openai_chat      chat-completions request/response pairs, as a logging proxy writes them
+    otel_genai       OpenTelemetry GenAI spans exported as OTLP/JSON
+    langfuse         Langfuse public-API exports of traces and observations
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+
+class MalformedCall(ValueError):
+    """A piece of a record that is not a usable LLM call; the message is the quarantine reason."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    row: dict | None = None  # a canonical call (see call_row)
+    error: str | None = None  # why this piece is quarantined
+    skipped: str | None = None  # what this piece is, when it is not an LLM call
+    piece: Any = None  # the logged piece the row came from; its hash makes the record hash
+    where: str = ""  # which piece of the record (a span id, an observation id) for quarantine
+
+
+def require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise MalformedCall(reason)
+
+
+def parse_time(value: Any, field: str) -> datetime:
+    """An ISO-8601 string, or epoch seconds, as an aware UTC time."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    require(isinstance(value, str) and value.strip() != "", f"missing {field}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise MalformedCall(f"{field} is not an ISO-8601 time: {value!r}") from err
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def optional_int(value: Any) -> int | None:
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def scalar_fields(mapping: Any) -> dict[str, Any]:
+    """The scalar (string, number, bool) fields of a mapping: the candidates for origin fields."""
+    if not isinstance(mapping, dict):
+        return {}
+    return {str(k): v for k, v in mapping.items() if isinstance(v, (str, int, float, bool)) and v != ""}
+
+
+def call_row(
+    *,
+    trace_id: Any,
+    called_at: datetime,
+    messages: Any,
+    response_message: Any,
+    tools: Any = None,
+    model: Any = None,
+    finish_reason: Any = None,
+    prompt_tokens: Any = None,
+    completion_tokens: Any = None,
+    total_tokens: Any = None,
+    latency_ms: Any = None,
+    agent: Any = None,
+    feedback: Any = None,
+    context: dict[str, Any] | None = None,
+) -> dict:
+    """One canonical call, checked the same way whatever format it came from.
+
+    `messages` are OpenAI chat messages (roles system/user/assistant/tool, assistant
+    `tool_calls`), `response_message` is the assistant message answered. `context` holds the
+    record's scalar metadata; the collection step keeps only the configured origin fields of it,
+    pseudonymized.
+    """
+    require(isinstance(trace_id, str) and trace_id != "", "id is missing or not a string")
+    require(isinstance(messages, list) and len(messages) > 0, "request.messages is empty")
+    require(
+        all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages),
+        "a request message has no role",
+    )
+    require(tools is None or isinstance(tools, list), "request.tools is not a list")
+    require(isinstance(response_message, dict), "response has no assistant message")
+    prompt_tokens, completion_tokens = optional_int(prompt_tokens), optional_int(completion_tokens)
+    total = optional_int(total_tokens)
+    if total is None and prompt_tokens is not None and completion_tokens is not None:
+        total = prompt_tokens + completion_tokens
+    return {
+        "trace_id": trace_id,
+        "called_at": called_at,
+        "agent": agent if isinstance(agent, str) else None,
+        "model": model if isinstance(model, str) else None,
+        "messages": json.dumps(messages, ensure_ascii=False),
+        "tools": json.dumps(tools, ensure_ascii=False) if tools else None,
+        "response_message": json.dumps(response_message, ensure_ascii=False),
+        "finish_reason": finish_reason if isinstance(finish_reason, str) else None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total,
+        "latency_ms": float(latency_ms) if isinstance(latency_ms, (int, float)) and not isinstance(latency_ms, bool) and latency_ms >= 0 else None,
+        "feedback": feedback if isinstance(feedback, str) else None,
+        "context": context or {},
+    }
+
+
+def one_call(piece: Any, build) -> Iterator[Outcome]:
+    """Run `build(piece)` and turn its row or its MalformedCall into one Outcome."""
+    try:
+        yield Outcome(row=build(piece), piece=piece)
+    except MalformedCall as err:
+        yield Outcome(error=str(err), piece=piece)
+
+
+def names() -> list[str]:
+    from pipeline.formats import registry
+
+    return list(registry.ADAPTERS)

@@ -1,0 +1,229 @@
+"""OpenTelemetry GenAI spans exported as OTLP/JSON, one span per LLM call.
+
+A record is an OTLP `ExportTraceServiceRequest` (`{"resourceSpans": [{"resource", "scopeSpans":
+[{"spans": [...]}]}]}`), one per line as the Collector's file exporter writes, or one document.
+A span is an LLM call when its `gen_ai.operation.name` is chat, text_completion or
+generate_content; tool, agent and other spans are counted and passed over.
+
+Content is read from either place the GenAI semantic conventions have put it:
+- span attributes `gen_ai.input.messages`, `gen_ai.output.messages`, `gen_ai.system_instructions`
+  and `gen_ai.tool.definitions` (JSON; messages are `{"role", "parts": [...]}` with text,
+  tool_call and tool_call_response parts), or
+- span events: `gen_ai.system.message`, `gen_ai.user.message`, `gen_ai.assistant.message`,
+  `gen_ai.tool.message` and `gen_ai.choice` (earlier conventions), or `gen_ai.content.prompt` /
+  `gen_ai.content.completion` with `gen_ai.prompt` / `gen_ai.completion` attributes.
+Model, token usage, finish reasons and the response id come from the `gen_ai.*` attributes; the
+agent from `gen_ai.agent.name` or the resource's `service.name`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from pipeline.formats import MalformedCall, Outcome, call_row, require
+
+NAME = "otel_genai"
+ITEM_PATHS = ("resourceSpans.item",)
+CALL_OPERATIONS = {"chat", "text_completion", "generate_content"}
+MESSAGE_EVENTS = {
+    "gen_ai.system.message": "system",
+    "gen_ai.user.message": "user",
+    "gen_ai.assistant.message": "assistant",
+    "gen_ai.tool.message": "tool",
+}
+# OTel spells the tool finish reason in the singular; the canonical table uses OpenAI's spelling
+FINISH_REASONS = {"tool_call": "tool_calls"}
+
+
+def looks_like(record: Any) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("resourceSpans"), list)
+
+
+def any_value(value: Any) -> Any:
+    """An OTLP/JSON AnyValue as a plain Python value."""
+    if not isinstance(value, dict):
+        return value
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "intValue" in value:
+        return int(value["intValue"])
+    if "doubleValue" in value:
+        return float(value["doubleValue"])
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "arrayValue" in value:
+        return [any_value(v) for v in (value["arrayValue"] or {}).get("values", [])]
+    if "kvlistValue" in value:
+        return attributes((value["kvlistValue"] or {}).get("values", []))
+    return value.get("bytesValue")
+
+
+def attributes(key_values: Any) -> dict[str, Any]:
+    if not isinstance(key_values, list):
+        return {}
+    return {kv["key"]: any_value(kv.get("value")) for kv in key_values if isinstance(kv, dict) and "key" in kv}
+
+
+def _json(value: Any, name: str) -> Any:
+    """A structured attribute: OTel SDKs record it as a JSON string, some as an OTLP array."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise MalformedCall(f"{name} is not valid JSON ({err.msg})") from err
+    return value
+
+
+def _text(parts: list) -> str:
+    return "".join(p.get("content", "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _arguments_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+
+
+def openai_messages(message: dict) -> list[dict]:
+    """One semantic-convention message (`role` + `parts`) as OpenAI chat messages."""
+    require(isinstance(message, dict) and isinstance(message.get("role"), str), "a gen_ai message has no role")
+    parts = message.get("parts")
+    if not isinstance(parts, list):  # already OpenAI-shaped (content / tool_calls)
+        return [message]
+    role = message["role"]
+    if role == "tool":
+        return [
+            {
+                "role": "tool",
+                "tool_call_id": p.get("id"),
+                "content": p["response"] if isinstance(p.get("response"), str) else json.dumps(p.get("response"), ensure_ascii=False),
+            }
+            for p in parts
+            if isinstance(p, dict) and p.get("type") == "tool_call_response"
+        ]
+    converted: dict[str, Any] = {"role": role, "content": _text(parts) or None}
+    calls = [
+        {"id": p.get("id"), "type": "function", "function": {"name": p.get("name"), "arguments": _arguments_text(p.get("arguments"))}}
+        for p in parts
+        if isinstance(p, dict) and p.get("type") == "tool_call"
+    ]
+    if calls:
+        converted["tool_calls"] = calls
+    if converted["content"] is None and not calls:
+        converted["content"] = ""
+    return [converted]
+
+
+def openai_tools(definitions: Any) -> list | None:
+    if not definitions:
+        return None
+    require(isinstance(definitions, list), "gen_ai.tool.definitions is not a list")
+    return [d if isinstance(d, dict) and "function" in d else {"type": "function", "function": {k: v for k, v in d.items() if k != "type"}} for d in definitions if isinstance(d, dict)]
+
+
+def _from_attributes(attrs: dict) -> tuple[list, dict | None, str | None]:
+    messages: list[dict] = []
+    instructions = _json(attrs.get("gen_ai.system_instructions"), "gen_ai.system_instructions")
+    if instructions:
+        text = _text(instructions) if isinstance(instructions, list) else str(instructions)
+        messages.append({"role": "system", "content": text})
+    for message in _json(attrs.get("gen_ai.input.messages"), "gen_ai.input.messages") or []:
+        messages.extend(openai_messages(message))
+    outputs = _json(attrs.get("gen_ai.output.messages"), "gen_ai.output.messages") or []
+    first = outputs[0] if isinstance(outputs, list) and outputs else None
+    answer = openai_messages(first)[0] if first else None
+    return messages, answer, first.get("finish_reason") if isinstance(first, dict) else None
+
+
+def _from_events(events: list) -> tuple[list, dict | None, str | None]:
+    messages: list[dict] = []
+    answer, finish_reason = None, None
+    for event in events if isinstance(events, list) else []:
+        if not isinstance(event, dict):
+            continue
+        name, attrs = event.get("name"), attributes(event.get("attributes"))
+        if name in MESSAGE_EVENTS:
+            message = {"role": attrs.get("role", MESSAGE_EVENTS[name]), "content": attrs.get("content")}
+            if attrs.get("tool_calls"):
+                message["tool_calls"] = _json(attrs["tool_calls"], "tool_calls")
+            if attrs.get("id"):
+                message["tool_call_id"] = attrs["id"]
+            messages.append(message)
+        elif name == "gen_ai.choice" and answer is None:
+            answer = _json(attrs.get("message"), "gen_ai.choice message") or {"role": "assistant", "content": attrs.get("content")}
+            finish_reason = attrs.get("finish_reason")
+        elif name == "gen_ai.content.prompt":
+            messages.extend(_json(attrs.get("gen_ai.prompt"), "gen_ai.prompt") or [])
+        elif name == "gen_ai.content.completion" and answer is None:
+            completion = _json(attrs.get("gen_ai.completion"), "gen_ai.completion")
+            answer = completion[0] if isinstance(completion, list) and completion else completion
+    if isinstance(answer, dict):
+        answer = {"role": "assistant", **answer}
+    return messages, answer, finish_reason
+
+
+def _nanos(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as err:
+        raise MalformedCall(f"span time is not a number of nanoseconds: {value!r}") from err
+
+
+def parse_span(span: dict, resource: dict) -> dict:
+    attrs = attributes(span.get("attributes"))
+    status = span.get("status") if isinstance(span.get("status"), dict) else {}
+    require(
+        status.get("code") not in (2, "STATUS_CODE_ERROR"),
+        f"span status is ERROR: {status.get('message') or 'no message'}",
+    )
+    messages, answer, finish_reason = _from_attributes(attrs)
+    if not messages and answer is None:
+        messages, answer, finish_reason = _from_events(span.get("events"))
+    require(
+        bool(messages) or answer is not None,
+        "span has no prompt or completion content (turn on content capture in the instrumentation, "
+        "e.g. OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)",
+    )
+    require(answer is not None, "span has no completion content")
+    start, end = _nanos(span.get("startTimeUnixNano")), span.get("endTimeUnixNano")
+    reasons = attrs.get("gen_ai.response.finish_reasons")
+    if isinstance(reasons, list) and reasons:
+        finish_reason = reasons[0]
+    context = {k: v for k, v in {**resource, **attrs}.items() if isinstance(v, (str, int, float, bool)) and not k.startswith("gen_ai.usage")}
+    return call_row(
+        trace_id=f"otel-{span.get('traceId')}-{span.get('spanId')}" if span.get("spanId") else None,
+        called_at=datetime.fromtimestamp(start / 1e9, tz=timezone.utc),
+        messages=messages,
+        tools=openai_tools(_json(attrs.get("gen_ai.tool.definitions"), "gen_ai.tool.definitions")),
+        response_message=answer,
+        model=attrs.get("gen_ai.request.model") or attrs.get("gen_ai.response.model"),
+        finish_reason=FINISH_REASONS.get(finish_reason, finish_reason),
+        prompt_tokens=attrs.get("gen_ai.usage.input_tokens"),
+        completion_tokens=attrs.get("gen_ai.usage.output_tokens"),
+        latency_ms=(_nanos(end) - start) / 1e6 if end is not None else None,
+        agent=attrs.get("gen_ai.agent.name") or resource.get("service.name"),
+        context=context,
+    )
+
+
+def outcomes(record: Any, source) -> Iterator[Outcome]:
+    if not looks_like(record):
+        yield Outcome(error="record has no resourceSpans list", piece=record)
+        return
+    for resource_spans in record["resourceSpans"]:
+        resource_spans = resource_spans if isinstance(resource_spans, dict) else {}
+        resource = attributes((resource_spans.get("resource") or {}).get("attributes"))
+        for scope_spans in resource_spans.get("scopeSpans") or []:
+            for span in (scope_spans or {}).get("spans") or []:
+                where = f"span {span.get('spanId')}" if isinstance(span, dict) else "span"
+                if not isinstance(span, dict):
+                    yield Outcome(error="span is not an object", piece=span, where=where)
+                    continue
+                operation = attributes(span.get("attributes")).get("gen_ai.operation.name")
+                if operation not in CALL_OPERATIONS:
+                    yield Outcome(skipped=f"{operation or 'non-GenAI'} span", piece=span)
+                    continue
+                try:
+                    yield Outcome(row=parse_span(span, resource), piece=span, where=where)
+                except MalformedCall as err:
+                    yield Outcome(error=str(err), piece=span, where=where)

@@ -1,0 +1,38 @@
+"""The adapters by name, in detection order, and per-file format detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import sources
+from pipeline.formats import canonical, langfuse, openai_batch, openai_chat, otel_genai
+
+ADAPTERS = {m.NAME: m for m in (canonical, openai_batch, openai_chat, otel_genai, langfuse)}
+# Batch input files hold requests only; they are read through their output file.
+COMPANION_FORMATS = {openai_batch.INPUT_NAME: openai_batch.looks_like_input}
+DOCUMENT_ITEM_PATHS = ("resourceSpans.item", "data.item", "item")
+
+
+def detect(records: list[Any]) -> str | None:
+    """The first format that most of a file's first records look like, or None."""
+    checks = {**{name: adapter.looks_like for name, adapter in ADAPTERS.items()}, **COMPANION_FORMATS}
+    for name, looks_like in checks.items():
+        if records and sum(1 for r in records if looks_like(r)) * 2 > len(records):
+            return name
+    return None
+
+
+def detect_file(path: Path) -> tuple[str, str | None, str]:
+    """(layout, format or None, reason when None) for one landing file."""
+    layout = sources.sniff_layout(path)
+    if layout == "not-json":
+        return layout, None, "file is not JSON or JSON lines"
+    records = sources.first_records(path, layout, DOCUMENT_ITEM_PATHS)
+    if not records:
+        return layout, None, "no decodable JSON record in the first lines"
+    found = detect(records)
+    if found is None:
+        keys = sorted(records[0])[:8] if isinstance(records[0], dict) else type(records[0]).__name__
+        return layout, None, f"unrecognised log format (first record: {keys}); name the format in the ingest config"
+    return layout, found, ""

@@ -1,0 +1,168 @@
+"""Reading landing files safely: gzip or plain, JSON lines or one JSON document, in bounded memory.
+
+A landing file yields *records*: decoded JSON values with the place they came from (a line
+number, or an item number inside a document). Whatever cannot become a record (an empty line,
+invalid UTF-8, broken JSON, a line over the size limit, a corrupt gzip stream, a file that is not
+JSON at all) yields a `Rejected` with the reason instead; nothing raises and nothing is skipped
+without a trace.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+GZIP_MAGIC = b"\x1f\x8b"
+# A single logged call is rarely above 1 MB (128k tokens of text is about 0.5 MB); 16 MB leaves
+# room for inline images while keeping one line's memory bounded.
+DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
+EXCERPT_CHARS = 160
+_READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int  # line number in a JSON-lines file, item number in a JSON document
+    value: Any
+    raw: bytes  # the record's bytes as logged (for excerpts); empty for document items
+
+
+@dataclass(frozen=True)
+class Rejected:
+    line: int  # 0: the whole file
+    reason: str
+    excerpt: str = ""
+
+
+def excerpt(raw: bytes) -> str:
+    return raw[:EXCERPT_CHARS].decode("utf-8", errors="replace").rstrip()
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed on the fly when it is gzip (by content, not by name)."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def _read_line(stream: BinaryIO, max_bytes: int) -> tuple[bytes, bool]:
+    """One line (without reading more than max_bytes of it into memory) and whether it was cut.
+
+    A line over the limit is consumed up to its newline in chunks that are thrown away.
+    """
+    line = stream.readline(max_bytes + 1)
+    if len(line) <= max_bytes or line.endswith(b"\n"):
+        return line, False
+    head = line[:EXCERPT_CHARS]
+    while True:
+        chunk = stream.readline(_READ_CHUNK)
+        if not chunk or chunk.endswith(b"\n"):
+            return head, True
+
+
+def _decode(raw: bytes) -> Any:
+    """Raise ValueError with a quarantine reason, or return the decoded JSON value."""
+    if raw.strip() == b"":
+        raise ValueError("empty line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"invalid UTF-8 at byte {err.start}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from err
+
+
+def sniff_layout(path: Path) -> str:
+    """"lines" (JSON lines, including a one-line document), "document" (one JSON value spread
+    over several lines), or "not-json" (the first bytes cannot start JSON)."""
+    try:
+        with open_binary(path) as stream:
+            head = stream.read(64 * 1024)
+            first_line, _ = _read_line(io.BytesIO(head), len(head))
+    except (OSError, EOFError, zlib.error):
+        return "not-json"
+    start = head.lstrip()[:1]
+    if start not in (b"{", b"["):
+        return "not-json" if start else "lines"  # an empty file is zero lines
+    try:
+        _decode(first_line)
+        return "lines"
+    except ValueError:
+        stripped = first_line.strip()
+        # a first line like `{` or `[` or `{"resourceSpans": [` opens a multi-line document
+        return "document" if stripped in (b"{", b"[") or not stripped.endswith((b"}", b"]")) else "lines"
+
+
+def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record | Rejected]:
+    """Every line of a JSON-lines file (plain or gzip) as a Record or a Rejected."""
+    line_number = 0
+    try:
+        with open_binary(path) as stream:
+            while True:
+                raw, cut = _read_line(stream, max_record_bytes)
+                if not raw and not cut:
+                    return
+                line_number += 1
+                if cut:
+                    yield Rejected(line_number, f"line longer than {max_record_bytes} bytes", excerpt(raw))
+                    continue
+                try:
+                    yield Record(line_number, _decode(raw), raw)
+                except ValueError as err:
+                    yield Rejected(line_number, str(err), excerpt(raw))
+    except (OSError, EOFError, zlib.error) as err:
+        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError
+        yield Rejected(line_number + 1, f"compressed stream is corrupt or truncated ({err})")
+
+
+def read_document(path: Path, item_paths: tuple[str, ...]) -> Iterator[Record | Rejected]:
+    """The items of one JSON document, streamed with ijson so a large export never sits in memory.
+
+    `item_paths` are ijson prefixes in order of preference (`"item"` for a top-level array,
+    `"data.item"` for an API page, `"resourceSpans.item"` for OTLP); the first that yields items
+    is used, and each item is wrapped back under its container key so adapters see one shape.
+    """
+    import ijson
+
+    for prefix in item_paths:
+        count = 0
+        try:
+            with open_binary(path) as stream:
+                for count, item in enumerate(ijson.items(stream, prefix, use_float=True), start=1):
+                    yield Record(count, _wrap(prefix, item), b"")
+        except ijson.JSONError as err:
+            yield Rejected(count + 1, f"invalid JSON document after item {count} ({err})")
+            return
+        except (OSError, EOFError, zlib.error) as err:
+            yield Rejected(count + 1, f"compressed stream is corrupt or truncated ({err})")
+            return
+        if count:
+            return
+    yield Rejected(0, f"JSON document holds no items at any of {', '.join(item_paths)}")
+
+
+def _wrap(prefix: str, item: Any) -> Any:
+    container = prefix.removesuffix(".item")
+    return item if container == "item" else {container: [item]}
+
+
+def first_records(path: Path, layout: str, item_paths: tuple[str, ...], limit: int = 20) -> list[Any]:
+    """Up to `limit` decoded records from the start of a file, for format detection."""
+    reader = read_lines(path) if layout == "lines" else read_document(path, item_paths)
+    found = []
+    for position, item in enumerate(reader):
+        if isinstance(item, Record):
+            found.append(item.value)
+        if len(found) >= limit or position >= 5 * limit:
+            break
+    return found
