@@ -72,8 +72,8 @@ def raw_traces(
     if not result.days_stored:
         raise dg.Failure(
             description=(
-                f"No usable LLM call in {stats.files_read} file(s) of {pipeline_store.landing()}: all "
-                f"{stats.quarantined} lines were quarantined ({dict(stats.reasons)}); see {store.raw / rawzone.QUARANTINE}"
+                f"No usable LLM call in {stats.files_read} file(s) of {pipeline_store.landing()}: "
+                f"{stats.quarantined} lines or files quarantined ({dict(stats.reasons)}); see {store.raw / rawzone.QUARANTINE}"
             )
         )
     summary = {

@@ -84,23 +84,20 @@ def _decode(raw: bytes) -> Any:
 
 def sniff_layout(path: Path) -> str:
     """"lines" (JSON lines, including a one-line document), "document" (one JSON value spread
-    over several lines), or "not-json" (the first bytes cannot start JSON)."""
+    over several lines), or "not-json" (no line of the file's first 64 KB can start JSON)."""
     try:
         with open_binary(path) as stream:
             head = stream.read(64 * 1024)
-            first_line, _ = _read_line(io.BytesIO(head), len(head))
     except (OSError, EOFError, zlib.error):
         return "not-json"
-    start = head.lstrip()[:1]
-    if start not in (b"{", b"["):
-        return "not-json" if start else "lines"  # an empty file is zero lines
-    try:
-        _decode(first_line)
-        return "lines"
-    except ValueError:
-        stripped = first_line.strip()
-        # a first line like `{` or `[` or `{"resourceSpans": [` opens a multi-line document
-        return "document" if stripped in (b"{", b"[") or not stripped.endswith((b"}", b"]")) else "lines"
+    lines = [line.strip() for line in head.split(b"\n")]
+    json_lines = [line for line in lines if line[:1] in (b"{", b"[")]
+    if not json_lines:
+        return "not-json" if any(lines) else "lines"  # an empty file is zero lines
+    first = json_lines[0]
+    if first in (b"{", b"[") or (lines[0] == first and not first.endswith((b"}", b"]"))):
+        return "document"  # `{`, `[` or `{"resourceSpans": [` opens a multi-line document
+    return "lines"
 
 
 def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record | Rejected]:

@@ -16,7 +16,7 @@ def test_missing_landing_folder_is_one_clear_error(tmp_path, monkeypatch, capsys
 def test_logs_without_a_single_usable_call_stop_the_run_with_the_reason(tmp_path, monkeypatch, capsys):
     landing = tmp_path / "landing"
     landing.mkdir()
-    (landing / "broken.jsonl").write_text('not json\n{"id": 42, "request": "oops"}\n')
+    (landing / "broken.jsonl").write_text('{"id": 42, "request": {"messages": []}, "response": {}}\nnot json\n')
     monkeypatch.setenv("SLM_LANDING_DIR", str(landing))
     monkeypatch.setenv("SLM_OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.setenv("DAGSTER_HOME", str(quiet_dagster_home(tmp_path / "dagster_home")))
@@ -25,8 +25,8 @@ def test_logs_without_a_single_usable_call_stop_the_run_with_the_reason(tmp_path
     assert cli.main(["run"]) == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("The run failed: step raw_traces: No usable LLM call in 1 file(s)")
-    assert "all 2 lines were quarantined" in last_line
-    assert (tmp_path / "out" / "store" / "quarantine.parquet.enc").is_file()
+    assert "2 lines or files quarantined ({'id is missing or not a string': 1, 'invalid JSON': 1})" in last_line
+    assert len(list((tmp_path / "out" / "raw" / "quarantine").rglob("part-*.parquet.enc"))) == 1
 
 
 def test_summary_before_any_run_says_what_to_do(tmp_path, monkeypatch, capsys):

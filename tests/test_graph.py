@@ -6,12 +6,13 @@ import dagster as dg
 import pytest
 import yaml
 
-from assets import data
+from assets import data, sensors
 from assets.definitions import all_assets, all_checks, defs
 from assets.resources import PipelineStore, RawZoneKeys
 from pipeline import rawzone
 from tests import score_run
 
+DAY = "2026-10-01"  # the day of the one-day landing folder: runs are filed under a call day
 ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval", "router_config"}
 
 # Tiny settings: the point here is the wiring, not the quality of a one-step adapter.
@@ -38,12 +39,35 @@ def test_definitions_load_with_every_stage_a_check_and_a_nightly_schedule():
     checked = {c.asset_key.path[-1] for check in all_checks for c in check.check_specs}
     assert checked == ASSET_NAMES
     assert defs.resolve_schedule_def("nightly_conversion").cron_schedule == "0 2 * * *"
+    assert defs.resolve_job_def("slm_conversion").partitions_def == data.daily_calls
+    assert defs.resolve_sensor_def("new_landing_files").job_name == "trace_collection"
+
+
+def test_sensor_starts_collection_once_per_new_or_changed_landing_file(one_day_landing, tmp_path):
+    resources = {"pipeline_store": PipelineStore(landing_dir=str(one_day_landing), output_dir=str(tmp_path), model_cache_dir=str(tmp_path))}
+    context = dg.build_sensor_context(resources=resources)
+    first = sensors.new_landing_files(context)
+    assert isinstance(first, dg.RunRequest) and first.partition_key == data.daily_calls.get_last_partition_key()
+    cursor = json.loads(context.cursor)
+    assert list(cursor) == [str(one_day_landing / "traces-2026-10-01.jsonl")]
+
+    quiet = sensors.new_landing_files(dg.build_sensor_context(resources=resources, cursor=json.dumps(cursor)))
+    assert isinstance(quiet, dg.SkipReason) and "no new or changed files among 1" in quiet.skip_message
+
+    (one_day_landing / "batch_output.jsonl").write_text("{}\n")
+    new = sensors.new_landing_files(dg.build_sensor_context(resources=resources, cursor=json.dumps(cursor)))
+    assert isinstance(new, dg.RunRequest) and new.run_key != first.run_key
+    assert new.tags["slm-convert/changed_files"] == "1"
+
+    gone = sensors.new_landing_files(dg.build_sensor_context(resources={"pipeline_store": PipelineStore(
+        landing_dir=str(tmp_path / "missing"), output_dir=str(tmp_path), model_cache_dir=str(tmp_path))}))
+    assert isinstance(gone, dg.SkipReason) and "does not exist" in gone.skip_message
 
 
 @pytest.mark.slow
 def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining(one_day_landing, tmp_path, base_model_dir):
     resources = _resources(one_day_landing, tmp_path, base_model_dir)
-    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK)
+    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY)
     assert result.success
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert materialized == ASSET_NAMES
@@ -71,7 +95,7 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     # Same data and settings: a rerun writes a new version but trains nothing again.
     records = sorted((out / "adapters").glob("*/training.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
-    assert dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK).success
+    assert dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY).success
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert (out / "registry" / "LATEST").read_text().strip() == "v0002"
 
@@ -83,6 +107,7 @@ def test_pii_check_blocks_everything_downstream(one_day_landing, tmp_path, base_
         resources=_resources(one_day_landing, tmp_path, base_model_dir),
         # scrub names only: e-mails, phone numbers, cards and keys stay in
         run_config={"ops": {"curated_traces": {"config": {"entities": ["PERSON"]}}}},
+        partition_key=DAY,
         raise_on_error=False,
     )
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "no_known_pii_in_curated_traces")

@@ -1,4 +1,6 @@
+import gzip
 import json
+import tracemalloc
 
 import pytest
 
@@ -100,3 +102,51 @@ def test_ingesting_the_same_file_twice_adds_nothing(tmp_path):
 def test_record_hash_ignores_key_order_and_whitespace():
     assert ingest.record_hash(json.loads('{"a": 1, "b": [1, 2]}')) == ingest.record_hash(json.loads('{"b":[1,2],"a":1}'))
     assert ingest.record_hash({"a": 1}) != ingest.record_hash({"a": 2})
+
+
+def test_a_gzip_file_is_read_and_a_truncated_one_quarantined_where_it_breaks(tmp_path):
+    day = (LANDING / "traces-2026-10-03.jsonl").read_bytes()
+    packed = gzip.compress(day)
+    (tmp_path / "day3.jsonl.gz").write_bytes(packed)
+    (tmp_path / "day3-cut.jsonl").write_bytes(packed[: len(packed) // 2])  # a gzip whatever the name
+    plain = ingest.read_calls([LANDING / "traces-2026-10-03.jsonl"])
+    whole = ingest.read_calls([tmp_path / "day3.jsonl.gz"])
+    assert list(whole.traces["trace_id"]) == list(plain.traces["trace_id"])
+    assert len(whole.quarantine) == len(plain.quarantine)
+    cut = ingest.read_calls([tmp_path / "day3-cut.jsonl"])
+    assert 0 < len(cut.traces) < len(plain.traces)
+    last = cut.quarantine.iloc[-1]
+    assert last["reason"].startswith("compressed stream is corrupt or truncated")
+    assert last["source_line"] > len(cut.traces)
+
+
+def test_a_50_mb_line_is_quarantined_in_bounded_memory_and_the_file_goes_on(tmp_path):
+    good = (LANDING / "traces-2026-10-01.jsonl").read_bytes().splitlines()
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(good[0] + b"\n")
+        f.write(b'{"id": "huge", "request": {"messages": [{"role": "user", "content": "' + b"x" * (50 * 1024 * 1024) + b'"}]}}\n')
+        f.write(good[1] + b"\n")
+    tracemalloc.start()
+    result = ingest.read_calls([path], ingest.IngestOptions(max_record_bytes=16 * 1024 * 1024))
+    peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    assert len(result.traces) == 2
+    assert result.quarantine.to_dict("records")[0] | {"excerpt": ""} == {
+        "source_file": str(path), "source_line": 2, "reason": "line longer than 16777216 bytes", "excerpt": ""
+    }
+    assert peak_mb < 40  # never holds the 50 MB line (16 MB of it at most)
+
+
+def test_files_that_are_not_logs_are_quarantined_whole_and_empty_files_are_fine(tmp_path):
+    (tmp_path / "notes.txt").write_text("remember to rotate the keys\n" * 1000)
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "other.jsonl").write_text('{"event": "login", "user": "a"}\n{"event": "logout"}\n')
+    result = ingest.read_calls(ingest.find_landing_files(tmp_path))
+    assert result.traces.empty
+    reasons = {row["source_file"].rsplit("/", 1)[1]: (row["source_line"], row["reason"]) for row in result.quarantine.to_dict("records")}
+    assert reasons["notes.txt"] == (0, "file is not JSON or JSON lines")
+    assert reasons["image.png"] == (0, "file is not JSON or JSON lines")
+    assert reasons["other.jsonl"][0] == 0 and reasons["other.jsonl"][1].startswith("unrecognised log format")
+    assert "empty.jsonl" not in reasons and result.stats.files_read == 4

@@ -1,0 +1,153 @@
+"""Each log format an agent may already write, read from fixtures written from its public spec."""
+
+import json
+
+import pytest
+
+from pipeline import calls, ingest
+from tests.conftest import FORMATS
+
+
+def _read(*names, **options):
+    return ingest.read_calls([FORMATS / name for name in names], ingest.IngestOptions(**options))
+
+
+def _call(result, trace_id) -> dict:
+    rows = result.traces[result.traces["trace_id"] == trace_id]
+    assert len(rows) == 1, f"{trace_id} not ingested exactly once"
+    return rows.iloc[0].to_dict()
+
+
+def test_every_fixture_is_detected_as_its_format():
+    planned = {f.path.name: f.format for f in ingest.plan(sorted(FORMATS.iterdir()))}
+    assert planned == {
+        "batch_2026-10-08_input.jsonl": "openai_batch_input",
+        "batch_2026-10-08_output.jsonl": "openai_batch",
+        "canonical.jsonl": "canonical",
+        "langfuse_observations_page.json": "langfuse",
+        "langfuse_traces.jsonl": "langfuse",
+        "openai_chat_multiturn.jsonl": "openai_chat",
+        "otel_genai_export.json": "otel_genai",
+        "otel_genai_spans.jsonl": "otel_genai",
+    }
+
+
+def test_openai_chat_keeps_multi_turn_tool_history_and_the_user_field():
+    result = _read("openai_chat_multiturn.jsonl")
+    call = _call(result, "chatcmpl-mt-0001")
+    messages = json.loads(call["messages"])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user"]
+    assert messages[2]["tool_calls"][0]["function"]["name"] == "get_opening_hours"
+    assert messages[3]["tool_call_id"] == "call_s1"
+    assert [t["function"]["name"] for t in json.loads(call["tools"])] == ["get_opening_hours", "book_treatment"]
+    assert calls.parse_tool_calls(calls.baseline_answer(call["response_message"]))[0]["name"] == "book_treatment"
+    assert json.loads(call["origin"]) == {
+        "client_ip": "192.0.2.15", "session_id": "sess-mt-1", "tenant_id": "lumen-paris", "user": "guest-4410"
+    }
+    # no created_at: the response's own `created` time is used
+    assert str(_call(result, "chatcmpl-mt-0002")["called_at"]) == "2026-10-12 18:03:20+00:00"
+
+
+def test_openai_batch_output_is_joined_with_its_input_file():
+    result = _read("batch_2026-10-08_input.jsonl", "batch_2026-10-08_output.jsonl")
+    tool = _call(result, "chatcmpl-batch-tool-1")
+    assert json.loads(tool["messages"])[0]["content"].startswith("What's the weather in Boston")
+    assert json.loads(tool["tools"])[0]["function"]["name"] == "get_current_weather"
+    assert tool["finish_reason"] == "tool_calls" and tool["prompt_tokens"] == 82
+    assert str(tool["called_at"]) == "2026-10-09 00:00:00+00:00"
+    intent = _call(result, "chatcmpl-batch-intent-1")
+    assert json.loads(intent["response_message"])["content"] == "change_booking, breakfast"
+    assert json.loads(intent["origin"])["tenant_id"] == "acme-hotels"
+    assert result.stats.batch_input_files == 1
+    assert result.stats.skipped == {"batch request to /v1/embeddings": 1}
+    reasons = dict(zip(result.quarantine["source_line"], result.quarantine["reason"]))
+    assert reasons[4].startswith("batch request failed") and "batch_expired" in reasons[4]
+    assert reasons[5].startswith("custom_id not in the batch input file ('unknown-7'")
+
+
+def test_openai_batch_output_without_its_input_is_quarantined_not_dropped():
+    result = _read("batch_2026-10-08_output.jsonl")
+    assert result.traces.empty
+    assert (result.quarantine["reason"].str.contains("no batch input file to join with")).sum() == 4
+    assert result.stats.quarantined == 5  # the failed request keeps its own reason
+
+
+def test_otel_genai_spans_from_attributes_and_from_events():
+    result = _read("otel_genai_spans.jsonl")
+    modern = _call(result, "otel-5b8efff798038103d269b633813fc60c-eee19b7ec3c1b174")
+    messages = json.loads(modern["messages"])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[2]["tool_calls"][0]["function"] == {"name": "get_current_weather", "arguments": '{"location": "Paris"}'}
+    assert json.loads(messages[3]["content"]) == {"temperature_c": 18, "sky": "cloudy"}
+    assert json.loads(modern["response_message"])["content"] == "It is 18°C and cloudy in Paris."
+    assert json.loads(modern["tools"])[0]["function"]["name"] == "get_current_weather"
+    assert (modern["model"], modern["prompt_tokens"], modern["completion_tokens"]) == ("gpt-4.1", 96, 14)
+    assert modern["latency_ms"] == 850.0 and modern["agent"] == "concierge-agent"
+    assert json.loads(modern["origin"]) == {
+        "client.address": "203.0.113.42", "gen_ai.conversation.id": "conv-4471", "user.id": "guest-1138"
+    }
+    assert modern["session_id"] == "conv-4471"
+
+    legacy = _call(result, "otel-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331")
+    assert [m["role"] for m in json.loads(legacy["messages"])] == ["system", "user"]
+    assert json.loads(legacy["response_message"]) == {"role": "assistant", "content": "late_checkout"}
+    assert legacy["session_id"] == "sess-ev-9"
+
+    assert result.stats.skipped == {"invoke_agent span": 1, "execute_tool span": 1, "non-GenAI span": 1}
+    reasons = sorted(result.quarantine["reason"])
+    assert reasons[0].startswith("span b7ad6b7169203332: span status is ERROR: Request timed out")
+    assert "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT" in reasons[1]
+
+
+def test_a_pretty_printed_otlp_document_is_streamed_and_adds_nothing_twice():
+    result = _read("otel_genai_spans.jsonl", "otel_genai_export.json")
+    assert len(result.traces) == 2  # the document holds the same span as the first line
+    assert result.stats.repeated == 1
+
+
+def test_langfuse_traces_and_observation_pages():
+    result = _read("langfuse_traces.jsonl", "langfuse_observations_page.json")
+    extraction = _call(result, "obs-7d1e0c2a")
+    assert json.loads(extraction["messages"])[1]["content"].startswith("Two of us arriving")
+    assert (extraction["prompt_tokens"], extraction["completion_tokens"], extraction["latency_ms"]) == (51, 19, 790.0)
+    assert json.loads(extraction["origin"]) == {"sessionId": "sess-lf-31", "userId": "guest-2207"}
+    assert extraction["agent"] == "concierge"
+    tool_call = _call(result, "obs-7d1e0c2b")
+    assert json.loads(tool_call["tools"])[0]["function"]["name"] == "book_table"
+    assert calls.parse_tool_calls(calls.baseline_answer(tool_call["response_message"])) == [
+        {"name": "book_table", "arguments": {"party": 2, "time": "19:30"}}
+    ]
+    plain = _call(result, "obs-8a2f")
+    assert json.loads(plain["messages"]) == [{"role": "user", "content": "Classify: 'my card was charged twice'"}]
+    assert json.loads(plain["response_message"]) == {"role": "assistant", "content": "billing_dispute"}
+    assert _call(result, "obs-9b00")["session_id"] == "sess-lf-40"
+    assert result.stats.skipped == {"SPAN observation": 1, "EVENT observation": 2}
+    assert list(result.quarantine["reason"]) == ["observation obs-7d1e0c2c: generation failed: Rate limit reached for gpt-4.1"]
+
+
+def test_canonical_jsonl_keeps_its_origin_fields_and_normalizes_time():
+    result = _read("canonical.jsonl", origin_fields=("session_id", "ip"))
+    first = _call(result, "canon-0001")
+    assert json.loads(first["origin"]) == {"ip": "198.51.100.7", "session_id": "sess-canon-1"}  # not user_id, not build
+    assert (first["feedback"], first["latency_ms"], first["total_tokens"]) == ("correct", 512.0, 36)
+    assert str(_call(result, "canon-0002")["called_at"]) == "2026-10-11 05:31:00+00:00"
+    assert list(result.quarantine["reason"]) == ["request.messages is empty"]
+
+
+def test_origin_fields_are_pseudonymized_with_the_key():
+    result = _read("openai_chat_multiturn.jsonl", "otel_genai_spans.jsonl", pseudonym_key="k1")
+    text = result.traces[["session_id", "origin"]].to_json()
+    for logged in ("sess-mt-1", "guest-4410", "192.0.2.15", "lumen-paris", "203.0.113.42", "conv-4471"):
+        assert logged not in text
+    sessions = result.traces.set_index("trace_id")["session_id"]
+    assert sessions["chatcmpl-mt-0001"] == sessions["chatcmpl-mt-0002"]  # one session still groups
+    assert sessions.str.startswith("anon-").all()
+
+
+def test_a_format_can_be_named_in_config_and_a_wrong_name_is_refused(tmp_path):
+    renamed = tmp_path / "export.log"
+    renamed.write_bytes((FORMATS / "canonical.jsonl").read_bytes())
+    planned = ingest.plan([renamed], ingest.IngestOptions(formats={"*.log": "canonical"}))
+    assert planned[0].format == "canonical"
+    with pytest.raises(ValueError, match="'langsmith' .* is not one of: canonical, openai_batch"):
+        ingest.plan([renamed], ingest.IngestOptions(formats={"*.log": "langsmith"}))
