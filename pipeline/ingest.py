@@ -16,8 +16,8 @@ tests.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import rawzone, sources
-from pipeline.formats import registry
+from pipeline.formats import json_text, registry
 from pipeline.formats.openai_batch import BatchRequests, input_file_for
 from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
 
@@ -86,6 +86,10 @@ class IngestOptions:
     origin_fields: tuple[str, ...] = DEFAULT_ORIGIN_FIELDS
     pseudonym_key: str | None = None  # None keeps origin values as logged
     max_record_bytes: int = sources.DEFAULT_MAX_RECORD_BYTES
+
+    @functools.cached_property
+    def wanted_origin_fields(self) -> frozenset[str]:
+        return frozenset(name.lower() for name in self.origin_fields)
 
 
 @dataclass
@@ -201,19 +205,17 @@ def plan(files: Iterable[Path], options: IngestOptions = IngestOptions()) -> lis
 
 def record_hash(record: Any) -> str:
     """A stable hash of a logged record's content, whatever its key order or whitespace."""
-    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(json_text(record, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def origin_columns(context: dict[str, Any], options: IngestOptions) -> tuple[str | None, str | None]:
     """(session_id, origin JSON) from a call's metadata: only the configured origin fields, each
     replaced by its keyed pseudonym when a key is given."""
-    wanted = {name.lower() for name in options.origin_fields}
-    origin = {k: v for k, v in context.items() if k.lower() in wanted}
+    origin = {k: v for k, v in context.items() if k.lower() in options.wanted_origin_fields}
     if options.pseudonym_key:
         origin = {k: rawzone.pseudonym(v, options.pseudonym_key) for k, v in origin.items()}
     session = next((origin[k] for k in origin if k.lower() in SESSION_FIELDS), None)
-    return (str(session) if session is not None else None), (json.dumps(origin, sort_keys=True) if origin else None)
+    return (str(session) if session is not None else None), (json_text(origin, sort_keys=True) if origin else None)
 
 
 class MemorySink:

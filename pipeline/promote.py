@@ -117,7 +117,8 @@ def format_summary(summary: dict) -> str:
     counts = summary["counts"]
     raw, curated = counts["raw_traces"], counts["curated_traces"]
     lines = [
-        f"Calls read: {raw['calls']} from {raw['files']} files ({raw['quarantined']} lines quarantined)",
+        f"Calls collected: {raw['calls']} new from {raw['files_read']} files ({raw['quarantined']} lines quarantined, "
+        f"{raw['repeated_records']} already collected, {raw['files_unchanged']} files unchanged since the last run)",
         f"Curated: {curated['curated']} calls ({curated['exact_duplicates']} exact duplicates and "
         f"{curated['unusable']} unusable removed; {sum(curated['pii_findings'].values())} personal-data spans replaced)",
         f"Task clusters: {counts['task_clusters']['clusters']} "

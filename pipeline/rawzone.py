@@ -17,6 +17,7 @@ together, but the stored data no longer names the session.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -203,7 +204,12 @@ def pseudonym(value, key: str) -> str | None:
     """A keyed pseudonym: equal inputs map to equal outputs; without the key nothing maps back."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return None
-    digest = hmac.new(key.encode(), str(value).encode("utf-8"), hashlib.sha256).hexdigest()
+    return _keyed_digest(str(value), key)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a session's calls come together: most lookups are hits
+def _keyed_digest(value: str, key: str) -> str:
+    digest = hmac.new(key.encode(), value.encode("utf-8"), hashlib.sha256).hexdigest()
     return f"anon-{digest[:20]}"
 
 

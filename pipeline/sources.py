@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import orjson
+
 GZIP_MAGIC = b"\x1f\x8b"
 # A single logged call is rarely above 1 MB (128k tokens of text is about 0.5 MB); 16 MB leaves
 # room for inline images while keeping one line's memory bounded.
@@ -73,11 +75,15 @@ def _decode(raw: bytes) -> Any:
     if raw.strip() == b"":
         raise ValueError("empty line")
     try:
+        return orjson.loads(raw)  # several times faster than json; most lines end here
+    except orjson.JSONDecodeError:
+        pass
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"invalid UTF-8 at byte {err.start}") from err
     try:
-        return json.loads(text)
+        return json.loads(text)  # also takes what orjson refuses: NaN, integers over 64 bits
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from err
 

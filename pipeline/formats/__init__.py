@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+import orjson
+
 
 class MalformedCall(ValueError):
     """A piece of a record that is not a usable LLM call; the message is the quarantine reason."""
@@ -32,6 +34,14 @@ class Outcome:
     skipped: str | None = None  # what this piece is, when it is not an LLM call
     piece: Any = None  # the logged piece the row came from; its hash makes the record hash
     where: str = ""  # which piece of the record (a span id, an observation id) for quarantine
+
+
+def json_text(value: Any, sort_keys: bool = False) -> str:
+    """Compact JSON text (orjson for speed; json for the integers over 64 bits orjson refuses)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
 
 
 def require(condition: bool, reason: str) -> None:
@@ -107,9 +117,9 @@ def call_row(
         "called_at": called_at,
         "agent": agent if isinstance(agent, str) else None,
         "model": model if isinstance(model, str) else None,
-        "messages": json.dumps(messages, ensure_ascii=False),
-        "tools": json.dumps(tools, ensure_ascii=False) if tools else None,
-        "response_message": json.dumps(response_message, ensure_ascii=False),
+        "messages": json_text(messages),
+        "tools": json_text(tools) if tools else None,
+        "response_message": json_text(response_message),
         "finish_reason": finish_reason if isinstance(finish_reason, str) else None,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
