@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -295,7 +296,6 @@ def _ingest_file(run: _Run, landing_file: LandingFile, workdir: Path) -> None:
     adapter = registry.ADAPTERS[landing_file.format]
     context = _FileContext()
     if landing_file.format == registry.openai_batch.NAME:
-        workdir.mkdir(parents=True, exist_ok=True)
         context.batch_requests = BatchRequests(landing_file.batch_input, workdir / f"batch-{run.stats.files_read}.sqlite")
     try:
         for item in _records(landing_file, run.options):
@@ -323,7 +323,6 @@ def ingest(
     options: IngestOptions = IngestOptions(),
     run_id: str = "memory",
     now: datetime | None = None,
-    workdir: Path | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> IngestStats:
     """Stream every planned file through its adapter into the sink; the ledger makes it idempotent.
@@ -335,7 +334,13 @@ def ingest(
     """
     now = now or datetime.now(timezone.utc)
     run = _Run(sink, ledger, options, run_id, now)
-    workdir = workdir or Path(f"/tmp/slm-convert-{run_id}")
+    with tempfile.TemporaryDirectory(prefix="slm-convert-") as scratch:  # batch-join indexes
+        _ingest_planned(run, planned, Path(scratch), progress)
+    return run.stats
+
+
+def _ingest_planned(run: _Run, planned: list[LandingFile], workdir: Path, progress: Callable[[str], None]) -> None:
+    ledger, run_id = run.ledger, run.run_id
     for landing_file in planned:
         if landing_file.format == registry.openai_batch.INPUT_NAME:
             run.stats.batch_input_files += 1
@@ -355,7 +360,6 @@ def ingest(
         calls, quarantined = run.stats.calls - before[0], run.stats.quarantined - before[1]
         ledger.record_file(landing_file.path, fingerprint, landing_file.format or "", run_id, calls, quarantined)
         progress(f"{landing_file.path.name} ({landing_file.format or 'unreadable'}): {calls} new calls, {quarantined} quarantined")
-    return run.stats
 
 
 @dataclass
@@ -410,6 +414,7 @@ def collect(
     now = now or datetime.now(timezone.utc)
     planned = plan(find_landing_files(landing_dir), options)
     raw_root.mkdir(parents=True, exist_ok=True)
+    raw_root.chmod(0o700)  # the raw zone's folder, like its files, is its owner's only
     ledger = Ledger(raw_root / "ledger.sqlite")
     try:
         rawzone.recover(raw_root, ledger.committed_runs())
@@ -417,7 +422,7 @@ def collect(
         schemas = {rawzone.TRACES: TRACE_SCHEMA, rawzone.QUARANTINE: QUARANTINE_SCHEMA}
         writer = rawzone.RawZoneWriter(raw_root, run_id, schemas, encryption_key)
         try:
-            stats = ingest(planned, writer, ledger, options, run_id, now, writer.staging / "work", progress)
+            stats = ingest(planned, writer, ledger, options, run_id, now, progress)
             writer.flush()
             ledger.commit(run_id, now)
         except BaseException:

@@ -52,6 +52,7 @@ class BatchRequests:
 
     def __init__(self, input_path: Path | None, index_path: Path):
         self.input_path = input_path
+        index_path.unlink(missing_ok=True)  # an index is built for one join only
         self._db = sqlite3.connect(index_path)
         self._db.execute("CREATE TABLE IF NOT EXISTS requests (custom_id TEXT PRIMARY KEY, url TEXT, body TEXT)")
         if input_path is not None:
