@@ -75,6 +75,27 @@ def test_raw_traces_are_stored_encrypted_owner_only_pseudonymized_and_by_call_da
     assert pairs["logged"].is_unique and pairs["stored"].is_unique
 
 
+def test_the_quarantine_check_fails_when_a_run_quarantines_too_much(tmp_path, keys):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    lines = (LANDING / "traces-2026-10-01.jsonl").read_bytes().splitlines(keepends=True)
+    (landing / "mostly-broken.jsonl").write_bytes(b"".join(lines[:20]) + b'{"id": "cut", "request": {\n' * 10)
+    result = dg.materialize(
+        [data.raw_traces, data.quarantined_share_below_limit],
+        resources={
+            "pipeline_store": PipelineStore(landing_dir=str(landing), output_dir=str(tmp_path / "out"), model_cache_dir=str(tmp_path)),
+            "raw_zone_keys": RawZoneKeys(encryption_key=keys[rawzone.ENCRYPTION_KEY_ENV], pseudonym_key=keys[rawzone.PSEUDONYM_KEY_ENV]),
+        },
+        run_config={"ops": {"raw_traces": {"config": {"max_quarantined_share": 0.2}}}},
+        partition_key="2026-10-01",
+    )
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.metadata["quarantined_share"].value > 0.2
+    (materialization,) = result.get_asset_materialization_events()
+    metadata = materialization.materialization.metadata
+    assert metadata["quarantine_reasons"].value["invalid JSON"] >= 10
+
+
 def test_reading_needs_the_right_key(tmp_path, keys):
     rows = [{"source_file": "a", "source_line": 1, "reason": "r", "excerpt": "x"}]
     part = rawzone.write_part(tmp_path / "part-1", rows, ingest.QUARANTINE_SCHEMA, keys[rawzone.ENCRYPTION_KEY_ENV])
