@@ -10,7 +10,6 @@ without a trace.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import zlib
 from dataclasses import dataclass

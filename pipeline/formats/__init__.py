@@ -130,12 +130,12 @@ def call_row(
     }
 
 
-def one_call(piece: Any, build) -> Iterator[Outcome]:
+def one_call(piece: Any, build, where: str = "") -> Iterator[Outcome]:
     """Run `build(piece)` and turn its row or its MalformedCall into one Outcome."""
     try:
-        yield Outcome(row=build(piece), piece=piece)
+        yield Outcome(row=build(piece), piece=piece, where=where)
     except MalformedCall as err:
-        yield Outcome(error=str(err), piece=piece)
+        yield Outcome(error=str(err), piece=piece, where=where)
 
 
 def names() -> list[str]:

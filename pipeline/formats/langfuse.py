@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, Outcome, call_row, parse_time, require, scalar_fields
+from pipeline.formats import Outcome, call_row, one_call, parse_time, require, scalar_fields
 
 NAME = "langfuse"
 ITEM_PATHS = ("data.item", "item")
@@ -107,7 +107,4 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
         if observation.get("type") != "GENERATION":
             yield Outcome(skipped=f"{observation.get('type') or 'untyped'} observation", piece=observation)
             continue
-        try:
-            yield Outcome(row=parse_generation(observation, trace), piece=observation, where=where)
-        except MalformedCall as err:
-            yield Outcome(error=str(err), piece=observation, where=where)
+        yield from one_call(observation, lambda generation: parse_generation(generation, trace), where)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline import sources
-from pipeline.formats import MalformedCall, Outcome, call_row, parse_time, require, scalar_fields
+from pipeline.formats import MalformedCall, Outcome, call_row, one_call, parse_time, require, scalar_fields
 
 NAME = "openai_batch"
 INPUT_NAME = "openai_batch_input"
@@ -122,7 +122,4 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
         if url != CHAT_URL:
             yield Outcome(skipped=f"batch request to {url}", piece=record)
             return
-    try:
-        yield Outcome(row=parse(record, source.batch_requests), piece=record)
-    except MalformedCall as err:
-        yield Outcome(error=str(err), piece=record)
+    yield from one_call(record, lambda result: parse(result, source.batch_requests))

@@ -22,7 +22,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, Outcome, call_row, require
+from pipeline.formats import MalformedCall, Outcome, call_row, one_call, require
 
 NAME = "otel_genai"
 ITEM_PATHS = ("resourceSpans.item",)
@@ -223,7 +223,4 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
                 if operation not in CALL_OPERATIONS:
                     yield Outcome(skipped=f"{operation or 'non-GenAI'} span", piece=span)
                     continue
-                try:
-                    yield Outcome(row=parse_span(span, resource), piece=span, where=where)
-                except MalformedCall as err:
-                    yield Outcome(error=str(err), piece=span, where=where)
+                yield from one_call(span, lambda call_span: parse_span(call_span, resource), where)
