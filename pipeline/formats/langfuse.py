@@ -16,6 +16,7 @@ or a plain prompt string) and its `output` the assistant message (or its text).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Iterator
 
 from pipeline.formats import Outcome, call_row, one_call, parse_time, require, scalar_fields
@@ -107,4 +108,4 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
         if observation.get("type") != "GENERATION":
             yield Outcome(skipped=f"{observation.get('type') or 'untyped'} observation", piece=observation)
             continue
-        yield from one_call(observation, lambda generation: parse_generation(generation, trace), where)
+        yield from one_call(observation, partial(parse_generation, trace=trace), where)

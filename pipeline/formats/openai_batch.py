@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,4 +123,4 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
         if url != CHAT_URL:
             yield Outcome(skipped=f"batch request to {url}", piece=record)
             return
-    yield from one_call(record, lambda result: parse(result, source.batch_requests))
+    yield from one_call(record, partial(parse, requests=source.batch_requests))

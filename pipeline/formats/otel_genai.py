@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Iterator
 
 from pipeline.formats import MalformedCall, Outcome, call_row, one_call, require
@@ -223,4 +224,4 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
                 if operation not in CALL_OPERATIONS:
                     yield Outcome(skipped=f"{operation or 'non-GenAI'} span", piece=span)
                     continue
-                yield from one_call(span, lambda call_span: parse_span(call_span, resource), where)
+                yield from one_call(span, partial(parse_span, resource=resource), where)
