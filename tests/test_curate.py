@@ -1,5 +1,8 @@
 import json
 
+import pandas as pd
+import pytest
+
 from pipeline import curate
 
 
@@ -24,9 +27,74 @@ def test_scrubbing_keeps_task_content_that_is_not_personal():
     scrubber = curate.Scrubber()
     text = "Hi, this is Ingrid Jones. Check in on the 12 Oct for 3 nights, 2 adults, $450 total."
     scrubbed = scrubber.scrub(text)
-    assert "Ingrid Jones" not in scrubbed and "<PERSON>" in scrubbed
+    assert "Ingrid Jones" not in scrubbed and "<PERSON_1>" in scrubbed
     for kept in ("12 Oct", "3 nights", "2 adults", "$450"):
         assert kept in scrubbed
+
+
+SECRETS = {
+    "OpenAI key": "export OPENAI_API_KEY=sk-proj-4fGh7JkL9mNpQrStUvWx2yZa",
+    "Anthropic key": "client = Anthropic(api_key='sk-ant-api03-Xy7_kLmN0pQrStUv-WxYz12345')",
+    "AWS key pair": "aws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "GitHub token": "git clone https://ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789@github.com/acme/app",
+    "GitHub fine-grained token": "GH_TOKEN=github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuv",
+    "Slack bot token": "SLACK_BOT_TOKEN=xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    "Slack webhook": "post to https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+    "Stripe key": "stripe.api_key = 'sk_live_4eC39HqLyjWDarjtT1zdp7dc'",
+    "Google key": "https://maps.googleapis.com/maps/api/geocode/json?key=AIzaSyB-1234567890abcdefghijklmnopqrstu",
+    "JWT": "token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+    "bearer header": "curl -H 'Authorization: Bearer 7f3a9c2e1b8d4f6a0c5e9b2d7a1f3c8e' https://api.acme.dev",
+    "private key": "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----",
+    "password in URL": "DATABASE_URL=postgres://app:Tr0ub4dor&3@db.internal:5432/orders",
+    "password field": 'login payload {"user": "ops", "password": "correct-horse-battery"}',
+}
+SECRET_VALUES = [
+    "sk-proj-4fGh7JkL9mNpQrStUvWx2yZa", "sk-ant-api03-Xy7_kLmN0pQrStUv-WxYz12345", "AKIAIOSFODNN7EXAMPLE",
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",
+    "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuv", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    "hooks.slack.com/services/T00000000", "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "AIzaSyB-1234567890abcdefghijklmnopqrstu",
+    "eyJhbGciOiJIUzI1NiJ9", "7f3a9c2e1b8d4f6a0c5e9b2d7a1f3c8e", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ",
+    "Tr0ub4dor&3", "correct-horse-battery",
+]
+
+
+@pytest.mark.parametrize("kind", SECRETS)
+def test_secrets_of_every_common_shape_are_scrubbed_and_the_check_would_catch_them(kind):
+    text = SECRETS[kind]
+    scrubbed = curate.Scrubber().scrub(text)
+    assert not [value for value in SECRET_VALUES if value in scrubbed], scrubbed
+    assert sum(curate.find_leaks([text]).values()) > 0  # the blocking check sees the raw secret
+    assert sum(curate.find_leaks([scrubbed]).values()) == 0  # and nothing after scrubbing
+
+
+def test_words_around_secrets_and_capitalized_words_survive():
+    scrubbed = curate.Scrubber().scrub("This is the best hotel. Connect to postgres://app:Tr0ub4dor&3@db.internal:5432/orders")
+    assert scrubbed.startswith("This is the best hotel.")  # a name pattern must not take any word
+    assert "postgres://app:<PASSWORD_1>@db.internal:5432/orders" in scrubbed
+
+
+def test_one_value_gets_one_placeholder_throughout_a_call():
+    traces = pd.DataFrame(
+        {
+            "trace_id": ["a", "b"],
+            "messages": [
+                json.dumps([{"role": "user", "content": "Mail ada.lovelace77@gmail.com and grace.h@navy.mil, then ada.lovelace77@gmail.com again"}]),
+                json.dumps([{"role": "user", "content": "Mail grace.h@navy.mil"}]),
+            ],
+            "response_message": [
+                json.dumps({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "send", "arguments": json.dumps({"to": "grace.h@navy.mil"})}}]}),
+                json.dumps({"role": "assistant", "content": "Sent to grace.h@navy.mil"}),
+            ],
+        }
+    )
+    scrubbed = curate.scrub_calls(traces, curate.Scrubber())
+    first = json.loads(scrubbed["messages"][0])[0]["content"]
+    assert first == "Mail <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>, then <EMAIL_ADDRESS_1> again"
+    answer = json.loads(scrubbed["response_message"][0])["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(answer) == {"to": "<EMAIL_ADDRESS_2>"}  # the same address as in the question
+    # numbering starts again in every call
+    assert json.loads(scrubbed["messages"][1])[0]["content"] == "Mail <EMAIL_ADDRESS_1>"
+    assert json.loads(scrubbed["response_message"][1])["content"] == "Sent to <EMAIL_ADDRESS_1>"
 
 
 def test_tool_call_arguments_are_scrubbed_and_stay_valid_json():
@@ -46,7 +114,7 @@ def test_tool_call_arguments_are_scrubbed_and_stay_valid_json():
     }
     scrubbed = curate.map_message_texts(message, curate.Scrubber().scrub)
     arguments = json.loads(scrubbed["tool_calls"][0]["function"]["arguments"])
-    assert arguments == {"to": "<EMAIL_ADDRESS>", "cc": ["<PHONE_NUMBER>"], "count": 3}
+    assert arguments == {"to": "<EMAIL_ADDRESS_1>", "cc": ["<PHONE_NUMBER_1>"], "count": 3}
 
 
 def test_exact_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
