@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets.metadata import markdown_table
 from assets.resources import PipelineStore, RawZoneKeys
-from pipeline import cluster, curate, ingest, rawzone, sources
+from pipeline import cluster, curate, dedup, ingest, rawzone, sources
 from pipeline.store import read_json, read_table, write_json, write_table
 
 GROUP = "traces"
@@ -119,25 +119,32 @@ def quarantined_share_below_limit(pipeline_store: PipelineStore) -> dg.AssetChec
 class CurationConfig(dg.Config):
     entities: list[str] = list(curate.DEFAULT_ENTITIES)  # Presidio entity types to scrub
     score_threshold: float = 0.4
+    near_duplicate_threshold: float = dedup.NEAR_THRESHOLD  # Jaccard similarity of word 3-grams
 
 
 @dg.asset(group_name=GROUP, deps=[raw_traces], kinds={"parquet", "presidio"})
 def curated_traces(
     context: dg.AssetExecutionContext, config: CurationConfig, pipeline_store: PipelineStore, raw_zone_keys: RawZoneKeys
 ) -> dg.MaterializeResult:
-    """Calls with personal data replaced by typed placeholders, exact duplicates and calls
-    without a usable answer removed (each removal recorded with its reason). From here on
-    nothing is raw: downstream stages read only this table."""
+    """Calls with personal data and secrets replaced by placeholders numbered per call, exact and
+    near duplicates and calls without a usable answer removed (each removal recorded with its
+    reason and, for duplicates, the call kept), calls with negative feedback marked not
+    trainable. From here on nothing is raw: downstream stages read only this table."""
     store = pipeline_store.store()
     raw = ingest.stored_traces(store.raw, raw_zone_keys.encryption_key or None)
-    result = curate.curate(raw, tuple(config.entities), config.score_threshold, progress=context.log.info)
+    result = curate.curate(
+        raw, tuple(config.entities), config.score_threshold, config.near_duplicate_threshold, progress=context.log.info
+    )
     write_table(store.table("curated_traces"), result.curated)
     write_table(store.table("curation_removed"), result.removed)
     counts = {"raw": len(raw), **result.counts()}
-    write_json(store.stats("curated_traces"), {**counts, "pii_findings": result.findings})
+    write_json(
+        store.stats("curated_traces"), {**counts, "removal_reasons": result.removal_reasons(), "pii_findings": result.findings}
+    )
     return dg.MaterializeResult(
         metadata={
             **counts,
+            "removal_reasons": dg.MetadataValue.json(result.removal_reasons()),
             "pii_replaced": dg.MetadataValue.json(result.findings),
             "path": dg.MetadataValue.path(str(store.table("curated_traces"))),
         }
@@ -147,7 +154,7 @@ def curated_traces(
 @dg.asset_check(
     asset=curated_traces,
     blocking=True,
-    description="No e-mail, card number, US phone number or API key pattern survives scrubbing.",
+    description="No e-mail, card number, US phone number, API key, token, private key or password pattern survives scrubbing.",
 )
 def no_known_pii_in_curated_traces(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     curated = read_table(pipeline_store.store().table("curated_traces"))

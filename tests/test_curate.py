@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline import curate
+from tests import score_run
 
 
 def _all_text(frame) -> str:
@@ -20,7 +21,8 @@ def test_no_canary_survives_scrubbing(curation, labels):
 def test_known_pii_check_finds_nothing_after_scrubbing_and_everything_before(ingested, curation):
     assert sum(curate.find_leaks(curation.curated["messages"]).values()) == 0
     before = curate.find_leaks(ingested.traces["messages"])
-    assert all(count > 0 for count in before.values()), before
+    seeded = ["email address", "card number", "US phone number", "OpenAI or Anthropic secret key (sk-, sk-proj-, sk-ant-)"]
+    assert all(before[kind] > 0 for kind in seeded), before  # the kinds the sample's canaries are
 
 
 def test_scrubbing_keeps_task_content_that_is_not_personal():
@@ -117,16 +119,27 @@ def test_tool_call_arguments_are_scrubbed_and_stay_valid_json():
     assert arguments == {"to": "<EMAIL_ADDRESS_1>", "cc": ["<PHONE_NUMBER_1>"], "count": 3}
 
 
-def test_exact_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
-    removed = curation.removed[curation.removed["reason"] == "exact duplicate"]
-    resends = {copy for _, copy in labels["dups"]["exact"]}
-    caught = resends & set(removed["trace_id"])
-    assert len(caught) / len(resends) >= 0.99
-    # a removed call and the call it duplicates have identical content and the kept one is older
+def test_exact_and_near_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
+    removed = curation.removed[curation.removed["reason"].isin(["exact duplicate", "near duplicate"])]
+    for kind in ("exact", "near"):
+        copies = {copy for _, copy in labels["dups"][kind]}
+        assert len(copies & set(removed["trace_id"])) / len(copies) >= (0.99 if kind == "exact" else 0.95), kind
+    in_pairs = {trace_id for pair in labels["dups"]["exact"] + labels["dups"]["near"] for trace_id in pair}
+    distinct = set(ingested.traces["trace_id"]) - in_pairs
+    assert len(distinct & set(removed["trace_id"])) / len(distinct) < 0.005
+    # a removed call is never older than the call it duplicates, which is kept
     times = ingested.traces.set_index("trace_id")["called_at"]
     assert (times[removed["trace_id"]].to_numpy() >= times[removed["duplicate_of"]].to_numpy()).all()
+    assert set(removed["duplicate_of"]) <= set(curation.curated["trace_id"])
     assert not set(removed["trace_id"]) & set(curation.curated["trace_id"])
     assert curation.counts()["curated"] + len(curation.removed) == len(ingested.traces)
+
+
+def test_calls_with_negative_feedback_are_kept_for_evaluation_but_not_for_training(curation):
+    incorrect = curation.curated["feedback"] == "incorrect"
+    assert incorrect.sum() > 0 and not curation.curated.loc[incorrect, "trainable"].any()
+    assert curation.curated.loc[~incorrect, "trainable"].all()
+    assert curation.counts()["kept_out_of_training"] == incorrect.sum()
 
 
 def test_unusable_answers_are_recognized():
@@ -134,3 +147,14 @@ def test_unusable_answers_are_recognized():
     assert curate.unusable_reason('{"role": "assistant", "content": "par"}', "length").startswith("truncated")
     tool_call = '{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f"}}]}'
     assert curate.unusable_reason(tool_call, "tool_calls") is None
+    assert curate.unusable_reason('{"role": "assistant", "content": null, "refusal": "I can\'t help"}', "stop") == "model refused"
+
+
+def test_scrubbing_leaves_the_gold_answers_of_the_steps_intact(ingested, curation, labels):
+    intact = score_run.gold_intact(ingested.traces, curation.curated, labels)
+    # intents, numbers, dates, times and counts carry no personal data: scrubbing leaves them
+    assert intact["by_step"]["classify_intent"] == 1.0 and intact["by_step"]["solve_math"] == 1.0
+    assert intact["by_step"]["extract_slots"] >= 0.99
+    # tool arguments lose e-mail addresses on purpose, and capitalized names the small NER model
+    # calls persons (celebrities, some products and places): measured 0.90 on the sample
+    assert intact["by_step"]["call_tool"] >= 0.88

@@ -24,6 +24,10 @@ def test_time_split_holds_out_the_latest_calls(intent_calls):
     small = intent_calls.iloc[:12]
     _, small_holdout = finetune.split_by_time(small, finetune.SplitSettings(0.2, 10, 200))
     assert len(small_holdout) == 6  # never more than half of a cluster
+    # calls with negative feedback: never trained on, still evaluated
+    assert train["trainable"].all()
+    untrainable = intent_calls.loc[~intent_calls["trainable"], "trace_id"]
+    assert len(untrainable) > 0 and not set(untrainable) & set(train["trace_id"])
 
 
 def test_training_examples_are_prompt_completion_pairs(intent_calls):

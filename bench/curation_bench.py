@@ -1,0 +1,94 @@
+"""Curation benchmark: naive per-message Presidio against the pipeline's scrubbing, same calls.
+
+    python -m bench.curation_bench                 # the bundled sample's calls
+    python -m bench.curation_bench --naive-calls 300
+
+Naive: every text of every call (message contents, tool-call arguments, the answer) goes through
+`AnalyzerEngine.analyze` one at a time, as a first implementation would do. Pipeline: the
+`curate.scrub_calls` the `curated_traces` asset runs (each distinct text analyzed once, batched
+`nlp.pipe`, unused spaCy components off, all cores). Both use the same analyzer and recognizers;
+the benchmark checks that they remove exactly the same canaries of the sample's truth labels,
+then reports calls/s for each and the ratio. Naive runs on the first `--naive-calls` calls (it is
+slow); its rate is per call, so the two rates compare. Results are appended to
+bench/results/curation.jsonl with the machine, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "curation.jsonl"
+
+
+def naive_scrub(traces, entities) -> tuple[list[str], float]:
+    """Per-message analyze + anonymize, no cache, no batching; returns (scrubbed texts, seconds)."""
+    from pipeline import curate
+
+    analyzer, anonymizer = curate.build_analyzer(), curate._anonymizer()
+    started = time.perf_counter()
+    out = []
+    for messages_json, response_json in zip(traces["messages"], traces["response_message"]):
+        for text in curate.texts_of_call(json.loads(messages_json), json.loads(response_json)):
+            found = analyzer.analyze(text=text, language="en", entities=list(entities), score_threshold=0.4)
+            out.append(anonymizer.anonymize(text=text, analyzer_results=found).text if found else text)
+    return out, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--naive-calls", type=int, default=400, help="calls the naive way runs on")
+    args = parser.parse_args()
+
+    from pipeline import curate, ingest
+
+    labels = json.loads((REPO / "tests" / "fixtures" / "labels.json").read_text())
+    traces = ingest.read_calls(ingest.find_landing_files(REPO / "data" / "landing")).traces
+    curate.build_analyzer()  # both sides start with the models loaded
+
+    scrubber = curate.Scrubber()
+    started = time.perf_counter()
+    scrubbed = curate.scrub_calls(traces, scrubber)
+    pipeline_seconds = time.perf_counter() - started
+
+    subset = traces.iloc[: args.naive_calls]
+    naive_texts, naive_seconds = naive_scrub(subset, curate.DEFAULT_ENTITIES)
+
+    raw_text = "\n".join([*subset["messages"], *subset["response_message"]])
+    present = [c for c in labels["canaries"] if c in raw_text]
+    naive_text = "\n".join(naive_texts)
+    pipeline_text = "\n".join([*scrubbed["messages"].iloc[: args.naive_calls], *scrubbed["response_message"].iloc[: args.naive_calls]])
+    naive_missed = sorted(c for c in present if c in naive_text)
+    pipeline_missed = sorted(c for c in present if c in pipeline_text)
+
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench.curation_bench " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "pipeline_calls": len(traces),
+        "pipeline_seconds": round(pipeline_seconds, 1),
+        "pipeline_calls_per_second": round(len(traces) / pipeline_seconds, 1),
+        "naive_calls": len(subset),
+        "naive_seconds": round(naive_seconds, 1),
+        "naive_calls_per_second": round(len(subset) / naive_seconds, 1),
+        "speedup": round((len(traces) / pipeline_seconds) / (len(subset) / naive_seconds), 1),
+        "canaries_in_naive_subset": len(present),
+        "canaries_missed_naive": len(naive_missed),
+        "canaries_missed_pipeline": len(pipeline_missed),
+        "same_canaries_found": naive_missed == pipeline_missed,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
