@@ -67,7 +67,13 @@ def score(output_dir: Path) -> dict:
     if predictions.exists():
         frame = read_table(predictions)
         written += [*frame.get("baseline_answer", []), *frame.get("slm_answer", [])]
-    written += [p.read_text(errors="replace") for p in store.registry.rglob("*") if p.suffix in {".json", ".yaml", ".md"}]
+    # every text file written after scrubbing: registry versions, adapters with their model
+    # cards and training records, eval reports, stage stats (the raw zone is the only exception)
+    written += [
+        p.read_text(errors="replace")
+        for p in output_dir.rglob("*")
+        if p.suffix in {".json", ".yaml", ".md", ".txt", ".jsonl"} and store.raw not in p.parents
+    ]
     text = "\n".join(written)
     canaries_left = [c for c in labels["canaries"] if c in text]
 
