@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from bench import results
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "curation.jsonl"
 
 
 def naive_scrub(traces, entities) -> tuple[list[str], float]:
@@ -68,10 +65,7 @@ def main() -> None:
     naive_missed = sorted(c for c in present if c in naive_text)
     pipeline_missed = sorted(c for c in present if c in pipeline_text)
 
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.curation_bench " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    results.record("curation", {
         "pipeline_calls": len(traces),
         "pipeline_seconds": round(pipeline_seconds, 1),
         "pipeline_calls_per_second": round(len(traces) / pipeline_seconds, 1),
@@ -83,11 +77,7 @@ def main() -> None:
         "canaries_missed_naive": len(naive_missed),
         "canaries_missed_pipeline": len(pipeline_missed),
         "same_canaries_found": naive_missed == pipeline_missed,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "landing"
-RESULTS = REPO / "bench" / "results" / "ingest.jsonl"
 
 
 def generate(path: Path, calls: int | None, gigabytes: float | None) -> dict:
@@ -91,19 +89,9 @@ def main() -> None:
             cwd=REPO, capture_output=True, text=True, check=True,
         )
         measured = json.loads(child.stdout.strip().splitlines()[-1])
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.ingest_bench " + " ".join(a for a in sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}",
-        "input_lines": generated["lines"],
-        "input_gib": round(generated["bytes"] / 2**30, 2),
-        **measured,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record, indent=2))
+    results.record(
+        "ingest", {"input_lines": generated["lines"], "input_gib": round(generated["bytes"] / 2**30, 2), **measured}
+    )
 
 
 if __name__ == "__main__":
