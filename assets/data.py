@@ -166,6 +166,8 @@ class ClusteringConfig(dg.Config):
     embedding_model: str = cluster.BUNDLED_EMBEDDER  # or any sentence-transformers id or path
     min_cluster_size: int = 0  # 0: 1% of calls, at least 15
     min_samples: int = 0  # 0: HDBSCAN's default (min_cluster_size)
+    attach_noise: bool = True  # noise calls near a cluster's edge join it; the others stay on the LLM
+    noise_tolerance: float = cluster.NOISE_TOLERANCE  # how far outside a cluster's edge, in its own spreads
 
 
 @dg.asset(group_name=GROUP, deps=[curated_traces], kinds={"parquet", "hdbscan"})
@@ -180,6 +182,7 @@ def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, p
         model_name=config.embedding_model,
         min_cluster_size=config.min_cluster_size or None,
         min_samples=config.min_samples or None,
+        noise_tolerance=config.noise_tolerance if config.attach_noise else None,
     )
     write_table(store.table("task_clusters"), result.assignments)
     write_json(store.stats("task_clusters"), result.clusters)
@@ -187,6 +190,7 @@ def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, p
         metadata={
             "clusters": len(result.clusters),
             "unclustered_share": round(result.unclustered_share, 4),
+            "attached_from_noise": int(result.assignments["attached_from_noise"].sum()),
             "cluster_table": markdown_table(
                 ["id", "label", "calls", "share"],
                 [[c["cluster_id"], c["label"], c["size"], f"{c['share']:.1%}"] for c in result.clusters],
