@@ -173,17 +173,24 @@ class ClusteringConfig(dg.Config):
 @dg.asset(group_name=GROUP, deps=[curated_traces], kinds={"parquet", "hdbscan"})
 def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
     """Each call's task type: embeddings of what it asks, grouped by HDBSCAN, with a readable
-    label and example calls per cluster. Calls in no cluster stay on the LLM."""
+    label and example calls per cluster. Cluster ids are stable across runs (matched by centroid;
+    new, returned and vanished clusters are reported). Calls in no cluster stay on the LLM."""
     store = pipeline_store.store()
     curated = read_table(store.table("curated_traces"))
     context.log.info(f"embedding and clustering {len(curated)} calls")
+    # every cluster id ever used, with its last centroid: a step keeps its id night after night
+    known_path = store.stats("cluster_identities")
     result = cluster.cluster_calls(
         curated,
         model_name=config.embedding_model,
         min_cluster_size=config.min_cluster_size or None,
         min_samples=config.min_samples or None,
         noise_tolerance=config.noise_tolerance if config.attach_noise else None,
+        known_clusters=read_json(known_path) if known_path.exists() else None,
     )
+    write_json(known_path, result.known_clusters)
+    if result.identity["new"] or result.identity["vanished"]:
+        context.log.info(f"clusters new: {result.identity['new']}, vanished: {result.identity['vanished']}")
     write_table(store.table("task_clusters"), result.assignments)
     write_json(store.stats("task_clusters"), result.clusters)
     return dg.MaterializeResult(
@@ -191,6 +198,7 @@ def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, p
             "clusters": len(result.clusters),
             "unclustered_share": round(result.unclustered_share, 4),
             "attached_from_noise": int(result.assignments["attached_from_noise"].sum()),
+            "cluster_identity": dg.MetadataValue.json(result.identity),
             "cluster_table": markdown_table(
                 ["id", "label", "calls", "share"],
                 [[c["cluster_id"], c["label"], c["size"], f"{c['share']:.1%}"] for c in result.clusters],

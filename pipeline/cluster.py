@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,51 @@ def attach_noise(embeddings: np.ndarray, cluster_ids: np.ndarray, tolerance: flo
     return attached
 
 
+# A cluster of this run is the cluster of an earlier run when their centroids are this similar
+# (cosine). Steps of the sample lie at most 0.41 apart and the same step on other days 0.99+.
+IDENTITY_MIN_SIMILARITY = 0.9
+
+
+def _unit(vector) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float64)
+    return vector / (np.linalg.norm(vector) or 1.0)
+
+
+def match_identities(centroids: dict[int, np.ndarray], known: list[dict]) -> tuple[dict[int, int], list[dict], dict]:
+    """Stable ids for this run's clusters: (run label -> id, updated known clusters, report).
+
+    Every cluster ever seen stays in `known` with its last centroid, so a cluster that persists
+    keeps its id, one that comes back after a gap gets its old id again, and a new one gets an id
+    never used before. Matching is one-to-one (Hungarian assignment on centroid similarity).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    run_labels = sorted(centroids)
+    mapping: dict[int, int] = {}
+    if known and run_labels:
+        similarity = np.stack([_unit(centroids[c]) for c in run_labels]) @ np.stack([_unit(k["centroid"]) for k in known]).T
+        for row, col in zip(*linear_sum_assignment(-similarity)):
+            if similarity[row, col] >= IDENTITY_MIN_SIMILARITY:
+                mapping[run_labels[row]] = known[col]["cluster_id"]
+    next_id = max((k["cluster_id"] for k in known), default=-1) + 1
+    for label in run_labels:
+        if label not in mapping:
+            mapping[label] = next_id
+            next_id += 1
+    was_active = {k["cluster_id"] for k in known if k.get("active")}
+    now_active = set(mapping.values())
+    updated = {k["cluster_id"]: {**k, "active": False} for k in known}
+    for label, cluster_id in mapping.items():
+        updated[cluster_id] = {"cluster_id": cluster_id, "centroid": [round(float(x), 6) for x in _unit(centroids[label])], "active": True}
+    report = {
+        "kept": sorted(now_active & was_active),
+        "new": sorted(now_active - {k["cluster_id"] for k in known}),
+        "returned": sorted((now_active & {k["cluster_id"] for k in known}) - was_active),
+        "vanished": sorted(was_active - now_active),
+    }
+    return mapping, [updated[i] for i in sorted(updated)], report
+
+
 def _cluster_labels(signatures: pd.Series, cluster_ids: np.ndarray, n_terms: int = 4) -> dict[int, str]:
     """A readable label per cluster: the terms that most set its calls apart from the others."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -147,6 +192,8 @@ class ClusteringResult:
     assignments: pd.DataFrame  # trace_id, cluster_id, attached_from_noise, signature
     clusters: list[dict]  # one summary per cluster
     embeddings: np.ndarray | None = None  # one row per call, in the order of `assignments`
+    known_clusters: list[dict] = field(default_factory=list)  # every cluster id ever used, for the next run
+    identity: dict = field(default_factory=dict)  # kept / new / returned / vanished cluster ids
 
     @property
     def unclustered_share(self) -> float:
@@ -162,8 +209,12 @@ def cluster_calls(
     min_samples: int | None = None,
     n_examples: int = 3,
     noise_tolerance: float | None = NOISE_TOLERANCE,
+    known_clusters: list[dict] | None = None,
 ) -> ClusteringResult:
-    """Cluster calls by task signature; `noise_tolerance=None` leaves HDBSCAN's noise as it is."""
+    """Cluster calls by task signature; `noise_tolerance=None` leaves HDBSCAN's noise as it is.
+
+    `known_clusters` (the `known_clusters` of earlier runs) keeps cluster ids stable across runs.
+    """
     signatures = pd.Series(
         [task_signature(m, t) for m, t in zip(curated["messages"], curated["tools"])],
         index=curated.index,
@@ -171,7 +222,11 @@ def cluster_calls(
     embeddings = embed_signatures(list(curated["messages"]), list(curated["tools"]), model_name)
     size = min_cluster_size or default_min_cluster_size(len(curated))
     density_ids = assign_clusters(embeddings, size, min_samples)
-    cluster_ids = density_ids if noise_tolerance is None else attach_noise(embeddings, density_ids, noise_tolerance)
+    run_ids = density_ids if noise_tolerance is None else attach_noise(embeddings, density_ids, noise_tolerance)
+    was_noise = density_ids == UNCLUSTERED
+    centroids = {int(c): embeddings[run_ids == c].mean(axis=0) for c in set(run_ids.tolist()) - {UNCLUSTERED}}
+    mapping, known, identity = match_identities(centroids, known_clusters or [])
+    cluster_ids = np.array([mapping.get(int(c), UNCLUSTERED) for c in run_ids], dtype=int)
     labels = _cluster_labels(signatures.reset_index(drop=True), cluster_ids)
 
     clusters = []
@@ -185,7 +240,7 @@ def cluster_calls(
                 "label": labels[cluster_id],
                 "size": int(len(members)),
                 "share": round(len(members) / len(curated), 4),
-                "attached_from_noise": int(((density_ids == UNCLUSTERED) & (cluster_ids == cluster_id)).sum()),
+                "attached_from_noise": int((was_noise & (cluster_ids == cluster_id)).sum()),
                 "examples": [
                     {"trace_id": curated["trace_id"].iloc[i], "signature": signatures.iloc[i][-200:]}
                     for i in closest
@@ -197,11 +252,11 @@ def cluster_calls(
         {
             "trace_id": curated["trace_id"].to_numpy(),
             "cluster_id": cluster_ids.astype(int),
-            "attached_from_noise": (density_ids == UNCLUSTERED) & (cluster_ids != UNCLUSTERED),
+            "attached_from_noise": was_noise & (cluster_ids != UNCLUSTERED),
             "signature": signatures.to_numpy(),
         }
     )
-    return ClusteringResult(assignments=assignments, clusters=clusters, embeddings=embeddings)
+    return ClusteringResult(assignments, clusters, embeddings, known_clusters=known, identity=identity)
 
 
 def cluster_key(cluster_id: int) -> str:

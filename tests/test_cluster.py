@@ -60,3 +60,30 @@ def test_noise_attachment_on_the_sample_takes_back_stragglers_and_never_another_
     math = steps == "solve_math"
     without_math = np.where(math, cluster.UNCLUSTERED, ids)
     assert (cluster.attach_noise(embeddings, without_math)[math] == cluster.UNCLUSTERED).all()
+
+
+def test_cluster_ids_stay_stable_across_nightly_runs_on_different_days(curation, labels):
+    curated = curation.curated
+    day = curated["called_at"].dt.strftime("%Y-%m-%d")
+    first = cluster.cluster_calls(curated[day <= "2026-10-03"])
+    second = cluster.cluster_calls(curated[day >= "2026-10-05"], known_clusters=first.known_clusters)
+
+    def step_of_cluster(result):
+        steps = result.assignments["trace_id"].map(lambda i: labels["records"][i]["step"])
+        return {c: steps[result.assignments["cluster_id"] == c].mode()[0] for c in set(result.assignments["cluster_id"]) - {-1}}
+
+    assert step_of_cluster(first) == step_of_cluster(second)  # each step keeps its id
+    assert second.identity == {"kept": [0, 1, 2, 3], "new": [], "returned": [], "vanished": []}
+
+    # the math step is gone one night: its id is reported vanished, never given to another cluster
+    math_id = next(c for c, step in step_of_cluster(second).items() if step == "solve_math")
+    centroids = {c: second.embeddings[second.assignments["cluster_id"].to_numpy() == c].mean(axis=0) for c in range(4)}
+    without = {c: v for c, v in centroids.items() if c != math_id}
+    mapping, known, report = cluster.match_identities(without, second.known_clusters)
+    assert mapping == {c: c for c in without} and report["vanished"] == [math_id]
+    # it comes back the night after with its old id; a brand-new step gets an id never used
+    new_step = np.zeros_like(centroids[0])
+    new_step[0] = 1.0
+    mapping, _, report = cluster.match_identities({**centroids, 9: new_step}, known)
+    assert mapping[math_id] == math_id and report["returned"] == [math_id]
+    assert mapping[9] == 4 and report["new"] == [4]
