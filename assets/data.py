@@ -138,13 +138,12 @@ def curated_traces(
     write_table(store.table("curated_traces"), result.curated)
     write_table(store.table("curation_removed"), result.removed)
     counts = {"raw": len(raw), **result.counts()}
-    write_json(
-        store.stats("curated_traces"), {**counts, "removal_reasons": result.removal_reasons(), "pii_findings": result.findings}
-    )
+    removal_reasons = result.removal_reasons()
+    write_json(store.stats("curated_traces"), {**counts, "removal_reasons": removal_reasons, "pii_findings": result.findings})
     return dg.MaterializeResult(
         metadata={
             **counts,
-            "removal_reasons": dg.MetadataValue.json(result.removal_reasons()),
+            "removal_reasons": dg.MetadataValue.json(removal_reasons),
             "pii_replaced": dg.MetadataValue.json(result.findings),
             "path": dg.MetadataValue.path(str(store.table("curated_traces"))),
         }

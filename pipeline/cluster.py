@@ -9,9 +9,7 @@ cluster's edge (see `attach_noise`); the others are "unclustered" and stay on th
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -263,7 +261,3 @@ def cluster_key(cluster_id: int) -> str:
     """The name a cluster's adapter, route and report files go by."""
     return f"cluster-{cluster_id}"
 
-
-def load_clusters(path: Path) -> list[dict]:
-    with open(path) as f:
-        return json.load(f)

@@ -152,7 +152,8 @@ def _anonymizer():
 _MARKER = regex.compile("\x00([A-Z_]+)\x1f(.*?)\x00", regex.DOTALL)
 
 
-def _marker_operators(entities: Iterable[str]) -> dict:
+@functools.lru_cache(maxsize=8)  # one set per entity list, not one per text with findings
+def _marker_operators(entities: tuple[str, ...]) -> dict:
     from presidio_anonymizer.entities import OperatorConfig
 
     return {
@@ -233,7 +234,7 @@ class Scrubber:
         for result in found:
             self.findings[result.entity_type] = self.findings.get(result.entity_type, 0) + 1
         # the anonymizer resolves overlapping findings; the markers carry what it kept
-        return _anonymizer().anonymize(text=text, analyzer_results=found, operators=_marker_operators(self.entities)).text
+        return _anonymizer().anonymize(text=text, analyzer_results=found, operators=_marker_operators(tuple(self.entities))).text
 
 
 # ---------------------------------------------------------------------------------------------

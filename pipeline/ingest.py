@@ -247,9 +247,8 @@ class _Run:
             {"source_file": source_file, "source_line": line, "reason": reason, "excerpt": excerpt},
         )
 
-    def call(self, row: dict, piece: Any, landing_file: LandingFile, line: int, excerpt: str) -> None:
-        row = dict(row)
-        context = row.pop("context")
+    def call(self, row: dict, piece: Any, landing_file: LandingFile, line: int, raw: bytes) -> None:
+        context = row.pop("context")  # the row is this call's own, fresh from its adapter
         row["record_hash"] = record_hash(piece)
         day = f"{row['called_at']:%Y-%m-%d}"
         verdict = self.ledger.admit_call(row["trace_id"], row["record_hash"], day, self.run_id)
@@ -257,7 +256,8 @@ class _Run:
             self.stats.repeated += 1
             return
         if verdict == CONFLICT:
-            self.quarantine(str(landing_file.path), line, f"trace id {row['trace_id']} already ingested with different content", excerpt)
+            reason = f"trace id {row['trace_id']} already ingested with different content"
+            self.quarantine(str(landing_file.path), line, reason, sources.excerpt(raw))
             return
         assert verdict == NEW
         row["session_id"], row["origin"] = origin_columns(context, self.options)
@@ -302,15 +302,14 @@ def _ingest_file(run: _Run, landing_file: LandingFile, workdir: Path) -> None:
             if isinstance(item, sources.Rejected):
                 run.quarantine(name, item.line, item.reason, item.excerpt)
                 continue
-            excerpt = sources.excerpt(item.raw)
             for outcome in adapter.outcomes(item.value, context):
                 if outcome.skipped:
                     run.stats.skipped[outcome.skipped] += 1
                 elif outcome.error:
                     reason = f"{outcome.where}: {outcome.error}" if outcome.where else outcome.error
-                    run.quarantine(name, item.line, reason, excerpt)
+                    run.quarantine(name, item.line, reason, sources.excerpt(item.raw))
                 else:
-                    run.call(outcome.row, outcome.piece, landing_file, item.line, excerpt)
+                    run.call(outcome.row, outcome.piece, landing_file, item.line, item.raw)
     finally:
         if context.batch_requests is not None:
             context.batch_requests.close()
@@ -355,11 +354,12 @@ def _ingest_planned(run: _Run, planned: list[LandingFile], workdir: Path, progre
                 run.quarantine(str(landing_file.path), 0, landing_file.problem)
         else:
             _ingest_file(run, landing_file, workdir)
+        kind = landing_file.format or ("unreadable" if landing_file.problem else "empty")
         run.stats.files_read += 1
-        run.stats.formats[landing_file.format or "unreadable"] += 1
+        run.stats.formats[kind] += 1
         calls, quarantined = run.stats.calls - before[0], run.stats.quarantined - before[1]
         ledger.record_file(landing_file.path, fingerprint, landing_file.format or "", run_id, calls, quarantined)
-        progress(f"{landing_file.path.name} ({landing_file.format or 'unreadable'}): {calls} new calls, {quarantined} quarantined")
+        progress(f"{landing_file.path.name} ({kind}): {calls} new calls, {quarantined} quarantined")
 
 
 @dataclass

@@ -213,9 +213,6 @@ def _keyed_digest(value: str, key: str) -> str:
     return f"anon-{digest[:20]}"
 
 
-def pseudonymize(values: pd.Series, key: str) -> pd.Series:
-    return values.map(lambda value: pseudonym(value, key))
-
 
 def new_keys() -> dict[str, str]:
     import secrets

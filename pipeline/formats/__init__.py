@@ -137,8 +137,3 @@ def one_call(piece: Any, build, where: str = "") -> Iterator[Outcome]:
     except MalformedCall as err:
         yield Outcome(error=str(err), piece=piece, where=where)
 
-
-def names() -> list[str]:
-    from pipeline.formats import registry
-
-    return list(registry.ADAPTERS)

@@ -79,7 +79,9 @@ class BatchRequests:
         self._db.close()
 
 
-def parse(result: Any, requests: BatchRequests) -> dict:
+def parse(result: Any, request: dict | MalformedCall | None) -> dict:
+    """One batch result as a call; `request` is its request body looked up in the input file, or
+    why it could not be (raised only once the result itself is found sound)."""
     require(isinstance(result, dict), f"line is a JSON {type(result).__name__}, not an object")
     custom_id = result.get("custom_id")
     require(isinstance(custom_id, str) and custom_id != "", "custom_id is missing or not a string")
@@ -91,7 +93,8 @@ def parse(result: Any, requests: BatchRequests) -> dict:
     require(status == 200, f"batch request failed with HTTP status {status}")
     body = response.get("body")
     require(isinstance(body, dict), "response.body is missing or not an object")
-    url, request = requests.request(custom_id)
+    if isinstance(request, MalformedCall):
+        raise request
     require(isinstance(request, dict), "the batch request has no body")
     choices = body.get("choices")
     require(isinstance(choices, list) and len(choices) > 0 and isinstance(choices[0], dict), "response has no choices")
@@ -115,12 +118,13 @@ def parse(result: Any, requests: BatchRequests) -> dict:
 
 
 def outcomes(record: Any, source) -> Iterator[Outcome]:
+    request: dict | MalformedCall | None = None
     if isinstance(record, dict) and record.get("custom_id") is not None:
         try:
-            url, _ = source.batch_requests.request(str(record["custom_id"]))
-        except MalformedCall:
-            url = CHAT_URL  # parse() says what is missing
+            url, request = source.batch_requests.request(str(record["custom_id"]))
+        except MalformedCall as missing:
+            url, request = CHAT_URL, missing  # parse() reports it after checking the result
         if url != CHAT_URL:
             yield Outcome(skipped=f"batch request to {url}", piece=record)
             return
-    yield from one_call(record, partial(parse, requests=source.batch_requests))
+    yield from one_call(record, partial(parse, request=request))
