@@ -94,8 +94,8 @@ def assign_clusters(embeddings: np.ndarray, min_cluster_size: int, min_samples: 
 # A noise point joins its nearest cluster when its similarity to the cluster's centroid is at
 # least edge - tolerance * (mean - edge), where edge is the least similar member's similarity and
 # mean the members' average: it may lie outside the cluster's edge by at most `tolerance` times
-# the cluster's own spread. On the sample, members of a step lie at 0.80-0.93 of their centroid
-# and calls of other steps at most 0.41, so 1.0 takes back stragglers and never another step.
+# the cluster's own spread. On the sample, 1.0 takes back most of each cluster's farthest members
+# and never gives a call to another step's cluster (tests/test_cluster.py checks both).
 NOISE_TOLERANCE = 1.0
 
 
@@ -127,7 +127,8 @@ def attach_noise(embeddings: np.ndarray, cluster_ids: np.ndarray, tolerance: flo
 
 
 # A cluster of this run is the cluster of an earlier run when their centroids are this similar
-# (cosine). Steps of the sample lie at most 0.41 apart and the same step on other days 0.99+.
+# (cosine). On the sample, each step's clusters from runs on different days match at this level
+# and no two steps do (tests/test_cluster.py).
 IDENTITY_MIN_SIMILARITY = 0.9
 
 
