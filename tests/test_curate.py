@@ -119,6 +119,37 @@ def test_tool_call_arguments_are_scrubbed_and_stay_valid_json():
     assert arguments == {"to": "<EMAIL_ADDRESS_1>", "cc": ["<PHONE_NUMBER_1>"], "count": 3}
 
 
+def _tool_call(name: str, arguments: dict) -> dict:
+    call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+def test_names_found_in_arguments_for_places_and_products_stay_in_the_whole_call():
+    # the small NER model calls "Austin" and "Animal Crossing" persons; the parameters say otherwise
+    messages = [{"role": "user", "content": "Is the Yamaha guitar in stock in Austin? Ask Jennifer Walsh."}]
+    answer = _tool_call("check_stock", {"city": "Austin", "product": "Yamaha guitar", "contact": "Jennifer Walsh"})
+    traces = pd.DataFrame({"messages": [json.dumps(messages)], "response_message": [json.dumps(answer)]})
+    scrubber = curate.Scrubber()
+    assert "PERSON" in scrubber.marked("Austin")  # what the model says on its own
+    scrubbed = curate.scrub_calls(traces, scrubber).iloc[0]
+    arguments = json.loads(json.loads(scrubbed["response_message"])["tool_calls"][0]["function"]["arguments"])
+    assert arguments["city"] == "Austin" and "Austin" in scrubbed["messages"]  # the pair stays coherent
+    assert arguments["contact"] == "<PERSON_1>" and "Jennifer" not in scrubbed["messages"]
+
+
+def test_parameters_named_for_people_and_free_text_keep_every_finding():
+    answer = _tool_call("send", {"artist": "Taylor Swift", "body": "Dear Ingrid Jones, see you", "game_name": "Zelda"})
+    released = curate.released_names([answer], curate.Scrubber().marked)
+    assert "taylor swift" not in released and "ingrid jones" not in released
+    assert curate._parameter_words("gameName") == curate._parameter_words("Game-Name") == {"game", "name"}
+
+
+def test_code_identifiers_are_not_persons():
+    scrubber = curate.Scrubber()
+    for identifier in ("myContainer", "userInputField"):
+        assert scrubber.scrub(f"Restart {identifier} on myNode now.") == f"Restart {identifier} on myNode now."
+
+
 def test_exact_and_near_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
     removed = curation.removed[curation.removed["reason"].isin(["exact duplicate", "near duplicate"])]
     for kind in ("exact", "near"):
@@ -155,6 +186,6 @@ def test_scrubbing_leaves_the_gold_answers_of_the_steps_intact(ingested, curatio
     # intents, numbers, dates, times and counts carry no personal data: scrubbing leaves them
     assert intact["by_step"]["classify_intent"] == 1.0 and intact["by_step"]["solve_math"] == 1.0
     assert intact["by_step"]["extract_slots"] >= 0.99
-    # tool arguments lose e-mail addresses on purpose, and capitalized names the small NER model
-    # calls persons (celebrities, some products and places): measured 0.90 on the sample
-    assert intact["by_step"]["call_tool"] >= 0.88
+    # tool arguments lose e-mail addresses and people's names on purpose, celebrities included
+    # (NER cannot tell them from users): measured 0.96 on the sample
+    assert intact["by_step"]["call_tool"] >= 0.95
