@@ -1,5 +1,6 @@
 """Steps 1-3 as assets: raw_traces -> curated_traces -> task_clusters."""
 
+import base64
 import os
 
 import dagster as dg
@@ -7,7 +8,7 @@ import dagster as dg
 from assets.metadata import markdown_table
 from assets.resources import PipelineStore, RawZoneKeys
 from pipeline import cluster, curate, dedup, ingest, rawzone, sources
-from pipeline.store import read_json, read_table, write_json, write_table
+from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
 
 GROUP = "traces"
 
@@ -17,6 +18,7 @@ class IngestConfig(dg.Config):
     encrypt_raw: bool = True  # false stores raw tables unencrypted (never for real user data)
     pseudonymize_origins: bool = True  # false keeps origin fields as logged
     origin_fields: list[str] = list(ingest.DEFAULT_ORIGIN_FIELDS)  # metadata fields that say who called
+    step_tag_fields: list[str] = list(ingest.DEFAULT_STEP_TAG_FIELDS)  # metadata fields that name the agent's step
     formats: dict[str, str] = {}  # file glob -> format name, for files auto-detection gets wrong
     max_record_bytes: int = sources.DEFAULT_MAX_RECORD_BYTES  # a longer line is quarantined
     raw_retention_days: int = 30  # raw parts are deleted this long after ingestion; 0 keeps them
@@ -59,6 +61,7 @@ def raw_traces(
     options = ingest.IngestOptions(
         formats=dict(config.formats),
         origin_fields=tuple(config.origin_fields),
+        step_tag_fields=tuple(config.step_tag_fields),
         pseudonym_key=pseudonym_key,
         max_record_bytes=config.max_record_bytes,
     )
@@ -163,17 +166,22 @@ def no_known_pii_in_curated_traces(pipeline_store: PipelineStore) -> dg.AssetChe
 
 class ClusteringConfig(dg.Config):
     embedding_model: str = cluster.BUNDLED_EMBEDDER  # or any sentence-transformers id or path
-    min_cluster_size: int = 0  # 0: 1% of calls, at least 15
+    signature: str = cluster.DEFAULT_SIGNATURE  # what text stands for a call's task (cluster.SIGNATURES)
+    reduced_dimensions: int = cluster.REDUCED_DIMENSIONS  # PCA before HDBSCAN; 0 keeps all
+    max_fit_calls: int = cluster.MAX_FIT_CALLS  # HDBSCAN's sample; the other calls join by centroid
+    min_cluster_size: int = 0  # 0: 1% of the fitted calls, at least 15
     min_samples: int = 0  # 0: HDBSCAN's default (min_cluster_size)
     attach_noise: bool = True  # noise calls near a cluster's edge join it; the others stay on the LLM
     noise_tolerance: float = cluster.NOISE_TOLERANCE  # how far outside a cluster's edge, in its own spreads
+    use_step_tags: bool = True  # where calls carry the agent's own step tag, the tags make the clusters
 
 
 @dg.asset(group_name=GROUP, deps=[curated_traces], kinds={"parquet", "hdbscan"})
 def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
     """Each call's task type: embeddings of what it asks, grouped by HDBSCAN, with a readable
-    label and example calls per cluster. Cluster ids are stable across runs (matched by centroid;
-    new, returned and vanished clusters are reported). Calls in no cluster stay on the LLM."""
+    label, answer statistics and example calls per cluster, a 2-D map and a report file
+    (`store/task_clusters.md`). Cluster ids are stable across runs (matched by centroid; new,
+    returned and vanished clusters are reported). Calls in no cluster stay on the LLM."""
     store = pipeline_store.store()
     curated = read_table(store.table("curated_traces"))
     context.log.info(f"embedding and clustering {len(curated)} calls")
@@ -186,23 +194,41 @@ def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, p
         min_samples=config.min_samples or None,
         noise_tolerance=config.noise_tolerance if config.attach_noise else None,
         known_clusters=read_json(known_path) if known_path.exists() else None,
+        use_step_tags=config.use_step_tags,
+        signature=config.signature,
+        reduced_dimensions=config.reduced_dimensions or None,
+        max_fit_calls=config.max_fit_calls,
+        progress=context.log.info,
     )
     write_json(known_path, result.known_clusters)
     if result.identity["new"] or result.identity["vanished"]:
         context.log.info(f"clusters new: {result.identity['new']}, vanished: {result.identity['vanished']}")
     write_table(store.table("task_clusters"), result.assignments)
     write_json(store.stats("task_clusters"), result.clusters)
+    map_path = store.tables / "task_clusters_map.png"
+    write_bytes(map_path, result.map_png)
+    report_path = store.tables / "task_clusters.md"
+    write_bytes(report_path, cluster.cluster_report(result, map_path.name).encode())
     return dg.MaterializeResult(
         metadata={
             "clusters": len(result.clusters),
             "unclustered_share": round(result.unclustered_share, 4),
             "attached_from_noise": int(result.assignments["attached_from_noise"].sum()),
+            "fitted_calls": result.fitted_calls,
             "cluster_identity": dg.MetadataValue.json(result.identity),
             "cluster_table": markdown_table(
-                ["id", "label", "calls", "share"],
-                [[c["cluster_id"], c["label"], c["size"], f"{c['share']:.1%}"] for c in result.clusters],
+                ["id", "label", "calls", "share", "answers", "distinct answers"],
+                [
+                    [c["cluster_id"], c["label"], c["size"], f"{c['share']:.1%}", c["outputs"]["answer_shape"], f"{c['outputs']['distinct_answer_share']:.0%}"]
+                    for c in result.clusters
+                ],
             ),
+            # the UI renders Markdown images; a data URI keeps the map inside the event
+            "cluster_map": dg.MetadataValue.md(f"![clusters](data:image/png;base64,{base64.b64encode(result.map_png).decode()})"),
+            "report": dg.MetadataValue.path(str(report_path)),
             "examples": dg.MetadataValue.json({c["cluster_id"]: c["examples"] for c in result.clusters}),
+            "outputs": dg.MetadataValue.json({c["cluster_id"]: c["outputs"] for c in result.clusters}),
+            **({"step_tags": dg.MetadataValue.json(result.tag_report)} if result.tag_report else {}),
         }
     )
 

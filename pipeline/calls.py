@@ -123,8 +123,3 @@ def signature_parts(messages_json: str, tools_json: str | None, max_chars: int =
         ("tools: " + ", ".join(names)) if names else "no tools",
         users[-1][: max_chars // 2] if users else "no request",
     )
-
-
-def task_signature(messages_json: str, tools_json: str | None) -> str:
-    """The signature parts as one readable text (for labels and examples)."""
-    return "\n".join(signature_parts(messages_json, tools_json))

@@ -1,20 +1,26 @@
 """Step 3, task clustering: group calls by what they ask the model to do.
 
-Each call's task signature (see `pipeline.calls.task_signature`) is embedded with
-sentence-transformers (the bundled all-MiniLM-L6-v2 by default) and the embeddings are grouped
-with HDBSCAN. A call HDBSCAN leaves as noise joins its nearest cluster when it lies close to that
-cluster's edge (see `attach_noise`); the others are "unclustered" and stay on the LLM.
+Each call's task signature (see `pipeline.calls.signature_parts` and `SIGNATURES`) is embedded
+with sentence-transformers (the bundled all-MiniLM-L6-v2 by default), once per distinct
+signature. HDBSCAN groups the embeddings, reduced by PCA, of at most `MAX_FIT_CALLS` calls drawn
+at random; every other call, and every call HDBSCAN leaves as noise, joins its nearest cluster
+when it lies close to that cluster's edge (see `attach_noise`). The rest are "unclustered" and
+stay on the LLM. Nothing is quadratic in the number of calls: work after embedding is linear in
+the calls and the fit is bounded by `MAX_FIT_CALLS`.
 """
 
 from __future__ import annotations
 
 import functools
+import io
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from pipeline.calls import signature_parts, task_signature
+from pipeline.calls import baseline_answer, signature_parts
+from pipeline.scoring import FREE_TEXT, answer_shape
 
 UNCLUSTERED = -1
 BUNDLED_EMBEDDER = "bundled:all-MiniLM-L6-v2"
@@ -53,27 +59,95 @@ def embed_texts(texts: list[str], model_name: str = BUNDLED_EMBEDDER) -> np.ndar
     return np.asarray(vectors)[[index[t] for t in texts]]
 
 
-# How much each signature part counts in the distance between two calls. Instructions weigh
-# most: they say which step of the agent this is. With equal weights on the shared sample, the
-# varied user requests and tool names of the tool-calling step scattered it into noise
-# (adjusted Rand index 0.54 against the true step labels); with these weights it is 0.999.
-SIGNATURE_WEIGHTS = (2.0, 1.0, 1.0)
+# Task signatures: what text stands for a call's task. Only what a call carries when it arrives
+# counts (instructions, tools, the request): the router must place a new call in its cluster
+# before any answer exists, so the answer's shape is reported per cluster but never clustered on.
+# A signature is the weights of its three parts (instructions, tool names, last user request),
+# each embedded apart, or None for the parts joined into one text embedded whole.
+# bench/cluster_bench.py compares them on the sample's true steps (bench/README.md): the
+# default gives instructions most weight, as they say which step of the agent a call is; with
+# equal weights the varied requests and tool names of the tool-calling step scatter it.
+SIGNATURES: dict[str, tuple[float, float, float] | None] = {
+    "weighted_parts": (2.0, 1.0, 1.0),
+    "equal_parts": (1.0, 1.0, 1.0),
+    "instructions_and_tools": (1.0, 1.0, 0.0),
+    "request_only": (0.0, 0.0, 1.0),
+    "joined_text": None,
+}
+DEFAULT_SIGNATURE = "weighted_parts"
+
+
+@dataclass
+class SignatureEmbeddings:
+    """One unit vector per distinct signature (`vectors`), and for each call the row of its own
+    signature (`rows`). Calls repeat signatures; everything after embedding works on rows."""
+
+    vectors: np.ndarray
+    rows: np.ndarray
+    parts: list[tuple[str, str, str]]  # the distinct signatures, in the order of `vectors`
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.rows, minlength=len(self.vectors))
+
+    def per_call(self) -> np.ndarray:
+        return self.vectors[self.rows]
 
 
 def embed_signatures(
-    messages: list[str], tools: list[str | None], model_name: str, weights=SIGNATURE_WEIGHTS
-) -> np.ndarray:
-    """One unit vector per call: its signature parts embedded apart, weighted and joined."""
-    parts = [signature_parts(m, t) for m, t in zip(messages, tools)]
-    blocks = [
-        embed_texts([p[i] for p in parts], model_name) * weight for i, weight in enumerate(weights)
-    ]
-    return np.hstack(blocks) / np.sqrt(sum(w * w for w in weights))
+    messages: list[str], tools: list[str | None], model_name: str = BUNDLED_EMBEDDER, signature: str = DEFAULT_SIGNATURE
+) -> SignatureEmbeddings:
+    """Embed each distinct signature once, the way `signature` (a key of SIGNATURES) says."""
+    if signature not in SIGNATURES:
+        raise ValueError(f"unknown task signature {signature!r}; choose one of {sorted(SIGNATURES)}")
+    index: dict[tuple[str, str, str], int] = {}
+    seen: dict[tuple[str, str | None], int] = {}  # raw call -> row: a repeated call is parsed once
+    rows = np.empty(len(messages), dtype=np.int64)
+    for i, raw in enumerate(zip(messages, tools)):
+        if raw not in seen:
+            seen[raw] = index.setdefault(signature_parts(*raw), len(index))
+        rows[i] = seen[raw]
+    parts = list(index)
+    weights = SIGNATURES[signature]
+    if weights is None:
+        vectors = embed_texts(["\n".join(p) for p in parts], model_name)
+    else:
+        blocks = [embed_texts([p[i] for p in parts], model_name) * w for i, w in enumerate(weights) if w]
+        vectors = np.hstack(blocks) / np.sqrt(sum(w * w for w in weights))
+    return SignatureEmbeddings(vectors.astype(np.float32), rows, parts)
 
 
 def default_min_cluster_size(n_calls: int) -> int:
-    """A step type needs enough calls to train and judge a model: 1% of traffic, at least 15."""
+    """A step type needs enough calls to train and judge a model: 1% of traffic, at least 15.
+
+    The rule, not a number tuned to one data set: a cluster smaller than this would go to the LLM
+    anyway (too few calls to fine-tune on and to judge), so HDBSCAN need not find it."""
     return max(15, n_calls // 100)
+
+
+# HDBSCAN's cost grows faster than linearly with the number of points and with their dimensions:
+# it is fitted on at most this many calls drawn at random (a step of 1% of traffic still has 200
+# of them), and on embeddings reduced by PCA to REDUCED_DIMENSIONS (bench/cluster_bench.py
+# measures both on the sample: same clusters, less time).
+MAX_FIT_CALLS = 20_000
+REDUCED_DIMENSIONS = 32
+
+
+def fit_sample(n_calls: int, max_fit_calls: int = MAX_FIT_CALLS, seed: int = 0) -> np.ndarray:
+    """The calls HDBSCAN is fitted on: all of them, or `max_fit_calls` drawn at random."""
+    if n_calls <= max_fit_calls:
+        return np.arange(n_calls)
+    return np.sort(np.random.default_rng(seed).choice(n_calls, size=max_fit_calls, replace=False))
+
+
+def reduce_dimensions(points: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Points projected on their `dimensions` principal components (no change when 0/None or
+    when they have no more dimensions than that)."""
+    if not dimensions or points.shape[1] <= dimensions or len(points) <= dimensions:
+        return points
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=dimensions, random_state=0).fit_transform(points)
 
 
 def assign_clusters(embeddings: np.ndarray, min_cluster_size: int, min_samples: int | None) -> np.ndarray:
@@ -99,26 +173,51 @@ def assign_clusters(embeddings: np.ndarray, min_cluster_size: int, min_samples: 
 NOISE_TOLERANCE = 1.0
 
 
-def attach_noise(embeddings: np.ndarray, cluster_ids: np.ndarray, tolerance: float = NOISE_TOLERANCE) -> np.ndarray:
+def centroids_of(embeddings: np.ndarray, cluster_ids: np.ndarray, weights: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Each cluster's (weighted) mean embedding, one pass over the points."""
+    weights = np.ones(len(embeddings)) if weights is None else np.asarray(weights, dtype=np.float64)
+    clusters = sorted(set(cluster_ids.tolist()) - {UNCLUSTERED})
+    return {
+        c: (embeddings[cluster_ids == c] * weights[cluster_ids == c, None]).sum(axis=0) / weights[cluster_ids == c].sum()
+        for c in clusters
+    }
+
+
+def weighted_rows_mean(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The mean of `vectors[rows]` without building it: each distinct row weighted by its count."""
+    counts = np.bincount(rows, minlength=len(vectors)).astype(np.float64)
+    return counts @ vectors / max(counts.sum(), 1.0)
+
+
+def attach_noise(
+    embeddings: np.ndarray,
+    cluster_ids: np.ndarray,
+    tolerance: float = NOISE_TOLERANCE,
+    weights: np.ndarray | None = None,
+    may_attach: np.ndarray | None = None,
+) -> np.ndarray:
     """Cluster ids with the noise points that are close enough given to their nearest cluster.
 
-    Linear in the number of calls: every noise point is compared with one centroid per cluster.
-    Points that are not close enough to any cluster stay unclustered (on the LLM).
+    `weights`: how many calls each point stands for (distinct signatures); `may_attach`: which
+    noise points may join a cluster (default: all of them). Linear in the number of points:
+    every noise point is compared with one centroid per cluster. Points that are not close enough
+    to any cluster stay unclustered (on the LLM).
     """
-    clusters = sorted(set(cluster_ids.tolist()) - {UNCLUSTERED})
-    noise = np.flatnonzero(cluster_ids == UNCLUSTERED)
-    if not clusters or len(noise) == 0:
+    weights = np.ones(len(embeddings)) if weights is None else np.asarray(weights, dtype=np.float64)
+    centroids = centroids_of(embeddings, cluster_ids, weights)
+    noise = np.flatnonzero((cluster_ids == UNCLUSTERED) & (True if may_attach is None else may_attach))
+    if not centroids or len(noise) == 0:
         return cluster_ids
-    centroids, thresholds = [], []
-    for cluster_id in clusters:
-        members = embeddings[cluster_ids == cluster_id]
-        centroid = members.mean(axis=0)
-        centroid /= np.linalg.norm(centroid) or 1.0
-        centroids.append(centroid)
-        similarity = members @ centroid
+    clusters = sorted(centroids)
+    units = np.stack([_unit(centroids[c]) for c in clusters])
+    thresholds = []
+    for cluster_id, centroid in zip(clusters, units):
+        members = cluster_ids == cluster_id
+        similarity = embeddings[members] @ centroid
         edge = similarity.min()
-        thresholds.append(edge - tolerance * (similarity.mean() - edge))
-    similarity = embeddings[noise] @ np.stack(centroids).T
+        mean = np.average(similarity, weights=weights[members])
+        thresholds.append(edge - tolerance * (mean - edge))
+    similarity = embeddings[noise] @ units.T
     nearest = similarity.argmax(axis=1)
     close_enough = similarity[np.arange(len(noise)), nearest] >= np.asarray(thresholds)[nearest]
     attached = cluster_ids.copy()
@@ -172,33 +271,147 @@ def match_identities(centroids: dict[int, np.ndarray], known: list[dict]) -> tup
     return mapping, [updated[i] for i in sorted(updated)], report
 
 
-def _cluster_labels(signatures: pd.Series, cluster_ids: np.ndarray, n_terms: int = 4) -> dict[int, str]:
+# A step tag or an embedding cluster counts as lying in another's territory from this share of
+# its calls on: less is the odd call, reported one by one.
+DISAGREEMENT_SHARE = 0.05
+
+
+def clusters_from_tags(tags: pd.Series, embedding_ids: np.ndarray, n_examples: int = 10) -> tuple[np.ndarray, dict]:
+    """Clusters from the agent's own step tags, and where the embeddings disagree with them.
+
+    A tagged call's cluster is its tag's (run label = the tag's rank among the tags). An untagged
+    call takes the tag most of its embedding cluster's tagged calls have, or stays unclustered.
+    The report: agreement (adjusted Rand index of tags and embedding clusters, over tagged calls),
+    tags split over several embedding clusters (or partly unclustered), embedding clusters that
+    join several tags, and the tagged calls whose embedding cluster mostly carries another tag.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    tagged = tags.notna().to_numpy()
+    names = sorted(tags[tagged].astype(str).unique())
+    rank = {name: i for i, name in enumerate(names)}
+    run_ids = np.full(len(tags), UNCLUSTERED)
+    run_ids[tagged] = [rank[t] for t in tags[tagged].astype(str)]
+
+    table = pd.crosstab(embedding_ids[tagged], run_ids[tagged])  # embedding cluster x tag: calls
+    majority = {c: t for c, t in table.idxmax(axis=1).items() if c != UNCLUSTERED}  # cluster -> its main tag
+    untagged = ~tagged
+    run_ids[untagged] = [majority.get(c, UNCLUSTERED) for c in embedding_ids[untagged]]
+
+    by_tag = table / table.sum(axis=0)  # share of each tag's calls in each embedding cluster
+    by_cluster = table.div(table.sum(axis=1), axis=0)  # share of each embedding cluster's calls with each tag
+    split = {
+        names[t]: {("unclustered" if c == UNCLUSTERED else str(c)): round(float(share), 3) for c, share in by_tag[t].items() if share >= DISAGREEMENT_SHARE}
+        for t in table.columns
+        if (by_tag[t] >= DISAGREEMENT_SHARE).sum() > 1 or by_tag[t].get(UNCLUSTERED, 0) >= DISAGREEMENT_SHARE
+    }
+    joined = {
+        str(c): {names[t]: round(float(share), 3) for t, share in by_cluster.loc[c].items() if share >= DISAGREEMENT_SHARE}
+        for c in table.index
+        if c != UNCLUSTERED and (by_cluster.loc[c] >= DISAGREEMENT_SHARE).sum() > 1
+    }
+    tagged_index = np.flatnonzero(tagged)
+    expected = np.array([majority.get(c, UNCLUSTERED) for c in embedding_ids[tagged]])
+    disagreeing = tagged_index[expected != run_ids[tagged]]
+    report = {
+        "tagged_calls": int(tagged.sum()),
+        "untagged_calls": int(untagged.sum()),
+        "tags": len(names),
+        "tag_names": names,
+        "agreement_ari": round(float(adjusted_rand_score(run_ids[tagged], embedding_ids[tagged])), 4),
+        "tags_split_across_embedding_clusters": split,  # embedding clusters by their run label
+        "embedding_clusters_joining_tags": joined,
+        "disagreeing_calls": int(len(disagreeing)),
+        "disagreeing_examples": [int(i) for i in disagreeing[:n_examples]],  # positions; the caller names them
+    }
+    return run_ids, report
+
+
+def _cluster_labels(signatures: dict[int, list[str]], n_terms: int = 4) -> dict[int, str]:
     """A readable label per cluster: the terms that most set its calls apart from the others."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    clusters = sorted(c for c in set(cluster_ids) if c != UNCLUSTERED)
+    clusters = sorted(signatures)
     if not clusters:
         return {}
-    documents = [" ".join(signatures[cluster_ids == c]) for c in clusters]
+    documents = [" ".join(signatures[c]) for c in clusters]
     vectorizer = TfidfVectorizer(stop_words="english", max_features=20000, token_pattern=r"[A-Za-z_]{3,}")
     weights = vectorizer.fit_transform(documents).toarray()
     terms = np.array(vectorizer.get_feature_names_out())
     return {c: " ".join(terms[np.argsort(-weights[i])[:n_terms]]) for i, c in enumerate(clusters)}
 
 
+def output_statistics(responses: list[str]) -> dict:
+    """What a cluster's logged answers look like: length, shape (tool call, JSON object, label
+    set, worked number, free text) and how varied they are."""
+    answers = [baseline_answer(r) for r in responses]
+    shapes = Counter(answer_shape(a) for a in answers)
+    lengths = np.array([len(a) for a in answers]) if answers else np.zeros(1)
+    return {
+        "answers": len(answers),
+        "answer_shape": shapes.most_common(1)[0][0] if shapes else FREE_TEXT,
+        "answer_shapes": {shape: round(n / len(answers), 3) for shape, n in shapes.most_common()},
+        "mean_answer_chars": round(float(lengths.mean()), 1),
+        "p95_answer_chars": int(np.percentile(lengths, 95)),
+        "distinct_answer_share": round(len(set(answers)) / max(len(answers), 1), 3),
+    }
+
+
+MAP_CALLS = 5000  # calls drawn on the 2-D map, at random
+
+
+def cluster_map_png(points: np.ndarray, ids: np.ndarray, labels: dict[int, str], total_calls: int) -> bytes:
+    """A 2-D map of calls (their first two principal components), one colour per cluster and
+    grey for unclustered calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    xy = reduce_dimensions(points, 2) if points.shape[1] > 2 else points
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=100)
+    unclustered = ids == UNCLUSTERED
+    if unclustered.any():
+        axes.scatter(xy[unclustered, 0], xy[unclustered, 1], s=6, c="lightgrey", label="unclustered")
+    for cluster_id in sorted(set(ids.tolist()) - {UNCLUSTERED}):
+        members = ids == cluster_id
+        axes.scatter(xy[members, 0], xy[members, 1], s=6, label=f"{cluster_id}: {labels.get(cluster_id, '')}"[:48])
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title(f"Task clusters ({len(points)} of {total_calls} calls, 2 principal components)")
+    axes.legend(loc="best", fontsize=7, markerscale=2)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 @dataclass
 class ClusteringResult:
-    assignments: pd.DataFrame  # trace_id, cluster_id, attached_from_noise, signature
+    assignments: pd.DataFrame  # trace_id, cluster_id, attached_from_noise, signature_id
     clusters: list[dict]  # one summary per cluster
-    embeddings: np.ndarray | None = None  # one row per call, in the order of `assignments`
+    signature_embeddings: SignatureEmbeddings | None = None
     known_clusters: list[dict] = field(default_factory=list)  # every cluster id ever used, for the next run
     identity: dict = field(default_factory=dict)  # kept / new / returned / vanished cluster ids
+    fitted_calls: int = 0  # calls HDBSCAN was fitted on (the others joined by centroid)
+    map_png: bytes = b""  # 2-D map of the clusters
+    tag_report: dict | None = None  # where step tags and embeddings disagree (see clusters_from_tags)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """One row per call, in the order of `assignments`."""
+        return self.signature_embeddings.per_call()
 
     @property
     def unclustered_share(self) -> float:
         if len(self.assignments) == 0:
             return 0.0
         return float((self.assignments["cluster_id"] == UNCLUSTERED).mean())
+
+
+# Summaries (labels, output statistics) read at most this many calls of a cluster, at random.
+SUMMARY_CALLS = 2000
 
 
 def cluster_calls(
@@ -209,53 +422,146 @@ def cluster_calls(
     n_examples: int = 3,
     noise_tolerance: float | None = NOISE_TOLERANCE,
     known_clusters: list[dict] | None = None,
+    use_step_tags: bool = True,
+    signature: str = DEFAULT_SIGNATURE,
+    reduced_dimensions: int | None = REDUCED_DIMENSIONS,
+    max_fit_calls: int = MAX_FIT_CALLS,
+    progress=None,
 ) -> ClusteringResult:
-    """Cluster calls by task signature; `noise_tolerance=None` leaves HDBSCAN's noise as it is.
+    """Cluster calls by task signature.
 
-    `known_clusters` (the `known_clusters` of earlier runs) keeps cluster ids stable across runs.
+    `noise_tolerance=None` leaves HDBSCAN's noise as it is (calls outside the fitted sample still
+    join their nearest cluster by the default rule). `min_cluster_size` counts calls of the fitted
+    sample. `known_clusters` (the `known_clusters` of earlier runs) keeps cluster ids stable.
+    Where calls carry the agent's own step tag (`step_tag` column) and `use_step_tags`, the tags
+    make the clusters and the embeddings' disagreements with them are reported (`tag_report`).
     """
-    signatures = pd.Series(
-        [task_signature(m, t) for m, t in zip(curated["messages"], curated["tools"])],
-        index=curated.index,
-    )
-    embeddings = embed_signatures(list(curated["messages"]), list(curated["tools"]), model_name)
-    size = min_cluster_size or default_min_cluster_size(len(curated))
-    density_ids = assign_clusters(embeddings, size, min_samples)
-    run_ids = density_ids if noise_tolerance is None else attach_noise(embeddings, density_ids, noise_tolerance)
-    was_noise = density_ids == UNCLUSTERED
-    centroids = {int(c): embeddings[run_ids == c].mean(axis=0) for c in set(run_ids.tolist()) - {UNCLUSTERED}}
+    say = progress or (lambda message: None)
+    signatures = embed_signatures(list(curated["messages"]), list(curated["tools"]), model_name, signature)
+    vectors, rows, counts = signatures.vectors, signatures.rows, signatures.counts
+    say(f"embedded {len(vectors)} distinct task signatures of {len(curated)} calls")
+
+    # HDBSCAN on a sample of calls (repeats included, so density is the traffic's), reduced by PCA
+    sample = fit_sample(len(curated), max_fit_calls)
+    size = min_cluster_size or default_min_cluster_size(len(sample))
+    sample_ids = assign_clusters(reduce_dimensions(vectors[rows[sample]], reduced_dimensions), size, min_samples)
+    say(f"HDBSCAN fitted on {len(sample)} calls: {len(set(sample_ids.tolist()) - {UNCLUSTERED})} clusters")
+
+    # from calls back to distinct signatures (a signature's calls share one point and one label)
+    density_ids = np.full(len(vectors), UNCLUSTERED)
+    density_ids[rows[sample]] = sample_ids
+    fitted = np.zeros(len(vectors), dtype=bool)
+    fitted[rows[sample]] = True
+    if noise_tolerance is None:
+        row_ids = attach_noise(vectors, density_ids, NOISE_TOLERANCE, counts, may_attach=~fitted)
+    else:
+        row_ids = attach_noise(vectors, density_ids, noise_tolerance, counts)
+
+    call_ids = row_ids[rows]  # run labels, per call
+    joined_later = (density_ids == UNCLUSTERED)[rows] & (call_ids != UNCLUSTERED)
+    tag_report, tags_of = None, {}
+    if use_step_tags and "step_tag" in curated and curated["step_tag"].notna().any():
+        tags = curated["step_tag"].reset_index(drop=True)
+        call_ids, tag_report = clusters_from_tags(tags, call_ids)
+        tag_report["disagreeing_examples"] = [curated["trace_id"].iloc[i] for i in tag_report["disagreeing_examples"]]
+        joined_later = tags.isna().to_numpy() & (call_ids != UNCLUSTERED)
+        say(f"clusters from {tag_report['tags']} step tags; {tag_report['disagreeing_calls']} tagged calls disagree with the embeddings")
+
+    centroids = {c: weighted_rows_mean(vectors, rows[call_ids == c]) for c in sorted(set(call_ids.tolist()) - {UNCLUSTERED})}
     mapping, known, identity = match_identities(centroids, known_clusters or [])
-    cluster_ids = np.array([mapping.get(int(c), UNCLUSTERED) for c in run_ids], dtype=int)
-    labels = _cluster_labels(signatures.reset_index(drop=True), cluster_ids)
+    cluster_ids = np.array([mapping.get(int(c), UNCLUSTERED) for c in call_ids], dtype=int)
+    centroids = {mapping[c]: centroid for c, centroid in centroids.items()}
+    if tag_report:
+        tags_of = {mapping[rank]: name for rank, name in enumerate(tag_report["tag_names"]) if rank in mapping}
+
+    texts = ["\n".join(p) for p in signatures.parts]
+    rng = np.random.default_rng(0)
+    members_of = {
+        c: np.flatnonzero(cluster_ids == c) for c in sorted(set(cluster_ids.tolist()) - {UNCLUSTERED})
+    }
+    summarized = {
+        c: members if len(members) <= SUMMARY_CALLS else np.sort(rng.choice(members, SUMMARY_CALLS, replace=False))
+        for c, members in members_of.items()
+    }
+    labels = _cluster_labels({c: [texts[rows[i]] for i in picked] for c, picked in summarized.items()})
+    first_call = {}
+    for i, row in enumerate(rows.tolist()):
+        first_call.setdefault(row, i)
 
     clusters = []
-    for cluster_id in sorted(labels):
-        members = np.flatnonzero(cluster_ids == cluster_id)
-        centroid = embeddings[members].mean(axis=0)
-        closest = members[np.argsort(-(embeddings[members] @ centroid))[:n_examples]]
+    for cluster_id, members in members_of.items():
+        member_rows = np.unique(rows[members])
+        closest = member_rows[np.argsort(-(vectors[member_rows] @ centroids[cluster_id]))[:n_examples]]
         clusters.append(
             {
                 "cluster_id": int(cluster_id),
                 "label": labels[cluster_id],
+                **({"step_tag": tags_of[cluster_id]} if cluster_id in tags_of else {}),
                 "size": int(len(members)),
                 "share": round(len(members) / len(curated), 4),
-                "attached_from_noise": int((was_noise & (cluster_ids == cluster_id)).sum()),
+                "attached_from_noise": int(joined_later[members].sum()),
+                "outputs": output_statistics(list(curated["response_message"].iloc[summarized[cluster_id]])),
                 "examples": [
-                    {"trace_id": curated["trace_id"].iloc[i], "signature": signatures.iloc[i][-200:]}
-                    for i in closest
+                    {"trace_id": curated["trace_id"].iloc[first_call[row]], "signature": texts[row][-200:]}
+                    for row in closest
                 ],
-                "centroid": [round(float(x), 6) for x in centroid],
+                "centroid": [round(float(x), 6) for x in centroids[cluster_id]],
             }
         )
     assignments = pd.DataFrame(
         {
             "trace_id": curated["trace_id"].to_numpy(),
             "cluster_id": cluster_ids.astype(int),
-            "attached_from_noise": was_noise & (cluster_ids != UNCLUSTERED),
-            "signature": signatures.to_numpy(),
+            "attached_from_noise": joined_later,
+            "signature_id": rows,  # the row of signature_embeddings.parts
         }
     )
-    return ClusteringResult(assignments, clusters, embeddings, known_clusters=known, identity=identity)
+    shown = fit_sample(len(rows), MAP_CALLS, seed=1)
+    return ClusteringResult(
+        assignments,
+        clusters,
+        signatures,
+        known_clusters=known,
+        identity=identity,
+        fitted_calls=len(sample),
+        tag_report=tag_report,
+        map_png=cluster_map_png(vectors[rows[shown]], cluster_ids[shown], labels, len(rows)) if len(curated) else b"",
+    )
+
+
+def cluster_report(result: ClusteringResult, map_file: str) -> str:
+    """The clustering as a Markdown report: one row per cluster, then each cluster's
+    representative calls; `map_file` is the 2-D map's file name beside the report."""
+    assignments = result.assignments
+    lines = [
+        "# Task clusters",
+        "",
+        f"{len(assignments)} calls, {len(result.clusters)} clusters, "
+        f"{result.unclustered_share:.1%} unclustered (they stay on the LLM). "
+        f"HDBSCAN fitted on {result.fitted_calls} calls; {int(assignments['attached_from_noise'].sum())} "
+        "calls joined a cluster by centroid afterwards.",
+        "",
+        "Cluster ids since the last run: "
+        + ", ".join(f"{kind} {ids or 'none'}" for kind, ids in result.identity.items()),
+        "",
+        f"![2-D map of the clusters]({map_file})",
+        "",
+        "| id | label | calls | share | answers | mean answer chars | distinct answers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in result.clusters:
+        outputs = c["outputs"]
+        shapes = ", ".join(f"{shape} {share:.0%}" for shape, share in outputs["answer_shapes"].items())
+        lines.append(
+            f"| {c['cluster_id']} | {c['label']} | {c['size']} | {c['share']:.1%} | {shapes} | "
+            f"{outputs['mean_answer_chars']:.0f} | {outputs['distinct_answer_share']:.0%} |"
+        )
+    for c in result.clusters:
+        lines += ["", f"## Cluster {c['cluster_id']}: {c['label']}", ""]
+        for example in c["examples"]:
+            signature = example["signature"].replace("\n", " / ")
+            lines.append(f"- `{example['trace_id']}`: {signature}")
+    return "\n".join(lines) + "\n"
 
 
 def cluster_key(cluster_id: int) -> str:

@@ -40,6 +40,7 @@ TRACE_SCHEMA = pa.schema(
         ("trace_id", pa.string()),
         ("called_at", pa.timestamp("us", tz="UTC")),
         ("agent", pa.string()),
+        ("step_tag", pa.string()),  # the agent's own name for the step, where its logs carry one
         ("session_id", pa.string()),
         ("origin", pa.string()),  # JSON: the configured origin fields, pseudonymized
         ("model", pa.string()),
@@ -77,6 +78,10 @@ DEFAULT_ORIGIN_FIELDS = (
     "client_id", "client.id", "client.address", "client_ip", "ip", "ip_address", "source.address",
     "tenant_id", "tenantId", "tenant.id", "org_id", "organization_id",
 )
+# Fields in which an agent's own instrumentation names the step a call belongs to (matched without
+# regard to case). Clustering uses the tag where there is one and reports where it disagrees with
+# the embeddings.
+DEFAULT_STEP_TAG_FIELDS = ("step_type", "step_name", "step", "task_type", "task_name")
 # The first of these that a call has becomes its session_id: the field that groups its calls.
 SESSION_FIELDS = ("session_id", "sessionid", "session.id", "gen_ai.conversation.id", "conversation_id", "thread_id")
 
@@ -85,6 +90,7 @@ SESSION_FIELDS = ("session_id", "sessionid", "session.id", "gen_ai.conversation.
 class IngestOptions:
     formats: dict[str, str] = field(default_factory=dict)  # file glob -> format name; others auto
     origin_fields: tuple[str, ...] = DEFAULT_ORIGIN_FIELDS
+    step_tag_fields: tuple[str, ...] = DEFAULT_STEP_TAG_FIELDS
     pseudonym_key: str | None = None  # None keeps origin values as logged
     max_record_bytes: int = sources.DEFAULT_MAX_RECORD_BYTES
 
@@ -209,6 +215,12 @@ def record_hash(record: Any) -> str:
     return hashlib.sha256(json_text(record, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def step_tag(context: dict[str, Any], options: IngestOptions) -> str | None:
+    """The call's step as the agent named it: the first configured step-tag field it has."""
+    by_name = {k.lower(): v for k, v in context.items()}
+    return next((str(by_name[f.lower()]) for f in options.step_tag_fields if f.lower() in by_name), None)
+
+
 def origin_columns(context: dict[str, Any], options: IngestOptions) -> tuple[str | None, str | None]:
     """(session_id, origin JSON) from a call's metadata: only the configured origin fields, each
     replaced by its keyed pseudonym when a key is given."""
@@ -261,6 +273,7 @@ class _Run:
             return
         assert verdict == NEW
         row["session_id"], row["origin"] = origin_columns(context, self.options)
+        row["step_tag"] = step_tag(context, self.options)
         row.update(
             source_format=landing_file.format, source_file=str(landing_file.path), source_line=line, ingested_at=self.now
         )

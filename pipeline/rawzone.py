@@ -97,7 +97,9 @@ def read_zone(root: Path, kind: str, schema: pa.Schema, encryption_key: str | No
     tables = [read_part(p, encryption_key) for p in part_files(root, kind)]
     if not tables:
         return schema.empty_table().to_pandas()
-    return pa.concat_tables(tables).to_pandas()
+    # parts written before a column was added lack it: it reads as empty there
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    return frame.reindex(columns=[*schema.names, *(c for c in frame.columns if c not in schema.names)])
 
 
 def new_run_id(now: datetime) -> str:

@@ -8,34 +8,32 @@ carries its reason and the features behind it.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.calls import baseline_answer
+from pipeline.cluster import output_statistics
 from pipeline.models import Candidate, availability
-from pipeline.scoring import FINAL_NUMBER, FREE_TEXT, answer_shape
+from pipeline.scoring import FINAL_NUMBER, FREE_TEXT
 
 FINE_TUNE, KEEP_ON_LLM = "fine-tune", "keep on LLM"
 
 
 def cluster_features(calls: pd.DataFrame) -> dict:
     """What a cluster's work looks like: volume, sizes, answer shape and diversity."""
-    answers = [baseline_answer(r) for r in calls["response_message"]]
-    shapes = Counter(answer_shape(a) for a in answers)
+    outputs = output_statistics(list(calls["response_message"]))
     prompt_tokens = calls["prompt_tokens"].dropna()
     completion_tokens = calls["completion_tokens"].dropna()
     total = calls["total_tokens"].dropna()
     return {
         "calls": int(len(calls)),
-        "answer_shape": shapes.most_common(1)[0][0] if shapes else FREE_TEXT,
-        "answer_shapes": dict(shapes),
+        "answer_shape": outputs["answer_shape"],
+        "answer_shapes": outputs["answer_shapes"],
         "mean_prompt_tokens": round(float(prompt_tokens.mean()), 1) if len(prompt_tokens) else None,
         "mean_completion_tokens": round(float(completion_tokens.mean()), 1) if len(completion_tokens) else None,
         "p95_total_tokens": int(np.percentile(total, 95)) if len(total) else None,
-        "distinct_answer_share": round(len(set(answers)) / max(len(answers), 1), 3),
+        "distinct_answer_share": outputs["distinct_answer_share"],
     }
 
 

@@ -53,6 +53,19 @@ def gold_intact(before: pd.DataFrame, after: pd.DataFrame, labels: dict) -> dict
     return {"overall": round(sum(intact.values()) / max(sum(held.values()), 1), 4), "by_step": per_step}
 
 
+def clustering_quality(assignments: pd.DataFrame, labels: dict) -> dict:
+    """Clusters against the true steps: adjusted Rand index (unclustered calls count as one
+    group), purity of the clustered calls, share left unclustered."""
+    steps = assignments["trace_id"].map(lambda i: labels["records"][i]["step"])
+    clustered = assignments["cluster_id"] != -1
+    purity = pd.crosstab(assignments.loc[clustered, "cluster_id"], steps[clustered]).max(axis=1).sum() / max(clustered.sum(), 1)
+    return {
+        "adjusted_rand_index": round(adjusted_rand_score(steps, assignments["cluster_id"]), 4),
+        "purity": round(float(purity), 4),
+        "unclustered_share": round(float((~clustered).mean()), 4),
+    }
+
+
 def score(output_dir: Path) -> dict:
     labels = json.loads((FIXTURES / "labels.json").read_text())
     store = Store(output_dir)
@@ -81,11 +94,6 @@ def score(output_dir: Path) -> dict:
     copies = {kind: {copy for _, copy in labels["dups"][kind]} for kind in ("exact", "near")}
     in_pairs = {trace_id for kind in ("exact", "near") for pair in labels["dups"][kind] for trace_id in pair}
     distinct = set(labels["records"]) - in_pairs
-    steps = assignments["trace_id"].map(lambda i: labels["records"][i]["step"])
-    clustered = assignments["cluster_id"] != -1
-    purity = (
-        pd.crosstab(assignments.loc[clustered, "cluster_id"], steps[clustered]).max(axis=1).sum() / max(clustered.sum(), 1)
-    )
     return {
         "quarantined_non_empty_lines": raw_stats["quarantined"] - raw_stats["quarantine_reasons"].get("empty line", 0),
         "labelled_malformed_lines": labels["malformed_lines"],
@@ -95,9 +103,7 @@ def score(output_dir: Path) -> dict:
         "near_duplicates_caught": f"{len(copies['near'] & dropped)}/{len(copies['near'])}",
         "distinct_calls_merged": f"{len(dropped & distinct)}/{len(distinct)}",
         "gold_answers_intact_after_scrubbing": gold_intact(read_calls(find_landing_files(SAMPLE)).traces, curated, labels),
-        "adjusted_rand_index": round(adjusted_rand_score(steps, assignments["cluster_id"]), 4),
-        "purity": round(float(purity), 4),
-        "unclustered_share": round(float((~clustered).mean()), 4),
+        **clustering_quality(assignments, labels),
     }
 
 

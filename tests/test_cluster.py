@@ -1,7 +1,12 @@
+import json
+
 import numpy as np
+import pandas as pd
+import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from pipeline import cluster
+from tests.conftest import FORMATS
 
 
 def test_clusters_match_the_true_step_types(clustering, labels):
@@ -87,3 +92,91 @@ def test_cluster_ids_stay_stable_across_nightly_runs_on_different_days(curation,
     mapping, _, report = cluster.match_identities({**centroids, 9: new_step}, known)
     assert mapping[math_id] == math_id and report["returned"] == [math_id]
     assert mapping[9] == 4 and report["new"] == [4]
+
+
+def test_each_cluster_reports_what_its_answers_look_like(clustering, labels):
+    expected = {"classify_intent": "label_set", "solve_math": "final_number", "extract_slots": "json_object", "call_tool": "tool_call"}
+    for summary in clustering.clusters:
+        step = labels["records"][summary["examples"][0]["trace_id"]]["step"]
+        outputs = summary["outputs"]
+        assert outputs["answer_shape"] == expected[step]
+        assert outputs["answers"] == summary["size"] and 0 < outputs["distinct_answer_share"] <= 1
+        assert 0 < outputs["mean_answer_chars"] <= outputs["p95_answer_chars"]
+    math = next(c for c in clustering.clusters if c["outputs"]["answer_shape"] == "final_number")
+    intents = next(c for c in clustering.clusters if c["outputs"]["answer_shape"] == "label_set")
+    assert math["outputs"]["mean_answer_chars"] > 5 * intents["outputs"]["mean_answer_chars"]
+    assert intents["outputs"]["distinct_answer_share"] < math["outputs"]["distinct_answer_share"]
+
+
+def test_the_map_is_a_png_and_the_report_names_every_cluster(clustering):
+    assert clustering.map_png.startswith(b"\x89PNG\r\n\x1a\n") and len(clustering.map_png) > 10_000
+    report = cluster.cluster_report(clustering, "map.png")
+    assert "![2-D map of the clusters](map.png)" in report
+    for summary in clustering.clusters:
+        assert f"## Cluster {summary['cluster_id']}: {summary['label']}" in report
+        assert all(example["trace_id"] in report for example in summary["examples"])
+
+
+def test_fitting_on_a_sample_of_the_calls_finds_the_same_steps(curation, clustering, labels):
+    # HDBSCAN sees 800 of the calls; all the others join their cluster by centroid
+    sampled = cluster.cluster_calls(curation.curated, max_fit_calls=800)
+    assert sampled.fitted_calls == 800
+    assert adjusted_rand_score(clustering.assignments["cluster_id"], sampled.assignments["cluster_id"]) >= 0.95
+    assert sampled.unclustered_share < 0.05
+    assert sampled.assignments["attached_from_noise"].sum() >= len(curation.curated) - 800 - 50
+
+
+def test_repeated_calls_are_embedded_once_and_an_unknown_signature_is_refused(curation):
+    calls = curation.curated.iloc[:50]
+    repeated = pd.concat([calls] * 3, ignore_index=True)
+    embedded = cluster.embed_signatures(list(repeated["messages"]), list(repeated["tools"]))
+    assert len(embedded.vectors) <= 50 and embedded.counts.sum() == 150
+    assert np.allclose(np.linalg.norm(embedded.vectors, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown task signature 'template'"):
+        cluster.embed_signatures(list(calls["messages"]), list(calls["tools"]), signature="template")
+
+
+def test_pca_keeps_the_main_directions_and_leaves_small_inputs_alone():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(200, 64))
+    assert cluster.reduce_dimensions(points, 8).shape == (200, 8)
+    assert cluster.reduce_dimensions(points, None) is points
+    few = points[:5]
+    assert cluster.reduce_dimensions(few, 8) is few  # fewer points than dimensions asked: unchanged
+
+
+def test_step_tags_from_the_agent_make_the_clusters_and_disagreements_are_reported(curation, labels):
+    calls = curation.curated.reset_index(drop=True)
+    steps = calls["trace_id"].map(lambda i: labels["records"][i]["step"])
+    tags = steps.copy()
+    mislabelled = steps.index[steps == "solve_math"][:30]  # the agent's instrumentation got these wrong
+    tags[mislabelled] = "extract_slots"
+    tags[steps.index[::10]] = None  # and some calls carry no tag
+    result = cluster.cluster_calls(calls.assign(step_tag=tags))
+
+    report = result.tag_report
+    assert report["tags"] == 4 and report["untagged_calls"] == len(steps.index[::10])
+    assert report["disagreeing_calls"] == len(set(mislabelled) - set(steps.index[::10]))
+    assert set(report["disagreeing_examples"]) <= set(calls["trace_id"].iloc[mislabelled])
+    # the math calls' embedding cluster carries two tags (27 of its 400 calls say extract_slots)
+    assert {"solve_math", "extract_slots"} in [set(tags) for tags in report["embedding_clusters_joining_tags"].values()]
+    assert report["agreement_ari"] < 1.0
+    # the tags win for tagged calls; untagged calls take their embedding cluster's tag
+    cluster_tag = {c["cluster_id"]: c["step_tag"] for c in result.clusters}
+    final = result.assignments["cluster_id"].map(cluster_tag)
+    assert (final[tags.notna()] == tags[tags.notna()]).all()
+    assert (final[tags.isna()] == steps[tags.isna()]).mean() >= 0.99
+
+
+def test_step_tags_are_read_from_the_configured_metadata_field(tmp_path):
+    from pipeline import ingest
+
+    record = json.loads((FORMATS / "openai_chat_multiturn.jsonl").read_text().splitlines()[0])
+    record["metadata"] = {**record.get("metadata", {}), "Step_Type": "classify_intent", "phase": "triage"}
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "calls.jsonl").write_text(json.dumps(record) + "\n")
+    files = ingest.find_landing_files(landing)
+    assert ingest.read_calls(files).traces["step_tag"].tolist() == ["classify_intent"]
+    custom = ingest.IngestOptions(step_tag_fields=("phase",))
+    assert ingest.read_calls(files, custom).traces["step_tag"].tolist() == ["triage"]
