@@ -123,6 +123,9 @@ class CurationConfig(dg.Config):
     entities: list[str] = list(curate.DEFAULT_ENTITIES)  # Presidio entity types to scrub
     score_threshold: float = 0.4
     near_duplicate_threshold: float = dedup.NEAR_THRESHOLD  # Jaccard similarity of word 3-grams
+    # keep what was found in each text (types and positions, keyed by a keyed hash, no text) so
+    # that nightly reruns analyze only new texts; needs SLM_PSEUDONYM_KEY for the hash
+    reuse_findings: bool = True
 
 
 @dg.asset(group_name=GROUP, deps=[raw_traces], kinds={"parquet", "presidio"})
@@ -135,12 +138,16 @@ def curated_traces(
     trainable. From here on nothing is raw: downstream stages read only this table."""
     store = pipeline_store.store()
     raw = ingest.stored_traces(store.raw, raw_zone_keys.encryption_key or None)
+    cache = None
+    if config.reuse_findings and raw_zone_keys.pseudonym_key:
+        settings = curate.scrubbing_settings(tuple(config.entities), config.score_threshold)
+        cache = curate.FindingsCache(store.tables / "scrub_findings.sqlite", raw_zone_keys.pseudonym_key, settings)
     result = curate.curate(
-        raw, tuple(config.entities), config.score_threshold, config.near_duplicate_threshold, progress=context.log.info
+        raw, tuple(config.entities), config.score_threshold, config.near_duplicate_threshold, progress=context.log.info, cache=cache
     )
     write_table(store.table("curated_traces"), result.curated)
     write_table(store.table("curation_removed"), result.removed)
-    counts = {"raw": len(raw), **result.counts()}
+    counts = {"raw": len(raw), **result.counts(), "texts_reused_from_earlier_runs": result.reused_texts}
     removal_reasons = result.removal_reasons()
     write_json(store.stats("curated_traces"), {**counts, "removal_reasons": removal_reasons, "pii_findings": result.findings})
     return dg.MaterializeResult(

@@ -4,17 +4,22 @@ Scrubbing uses Presidio's analyzer with the offline spaCy model `en_core_web_sm_
 pattern recognizers for what agent logs leak beyond Presidio's defaults (API keys, US phone
 numbers written as `(205) 638-4234`). Findings are replaced by typed placeholders such as
 `<EMAIL_ADDRESS>` with Presidio's anonymizer, in every message text and in every string value of
-tool-call arguments (which stay valid JSON).
+tool-call arguments (which stay valid JSON). Each distinct text is analyzed once per run, spread
+over worker processes, and with a `FindingsCache` once across runs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
 import multiprocessing
 import os
+import sqlite3
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
@@ -214,9 +219,12 @@ def _kept(text: str, result) -> bool:
     return any(c.isupper() for c in span) and not any(_CODE_IDENTIFIER.fullmatch(word) for word in span.split())
 
 
-def mark_texts(texts: list[str], entities: tuple[str, ...], score_threshold: float, batch_size: int) -> list[tuple[str, dict[str, int]]]:
-    """Analyze texts in this process: for each, the text with its findings replaced by markers,
-    and how many findings of each type it had.
+# A finding: (entity type, start, end, score) in the text it was found in.
+Finding = tuple[str, int, int, float]
+
+
+def find_personal_data(texts: list[str], entities: tuple[str, ...], score_threshold: float, batch_size: int) -> list[list[Finding]]:
+    """Analyze texts in this process: the findings kept in each.
 
     spaCy runs batched (`nlp.pipe`) and its NER only on texts where it can matter; Presidio's
     recognizers then run on each text with the spaCy results (its `nlp_artifacts`)."""
@@ -229,35 +237,109 @@ def mark_texts(texts: list[str], entities: tuple[str, ...], score_threshold: flo
     artifacts = dict(nlp_engine.process_batch(with_ner, language="en", batch_size=batch_size))
     with nlp.select_pipes(disable=[name for name in ("ner",) if name in nlp.pipe_names]):
         artifacts.update(nlp_engine.process_batch(without_ner, language="en", batch_size=batch_size))
-    marked = []
+    found = []
     for text in texts:
-        found = analyzer.analyze(
+        results = analyzer.analyze(
             text=text, language="en", entities=list(entities), score_threshold=score_threshold, nlp_artifacts=artifacts[text]
         )
-        found = [r for r in found if _kept(text, r)]
-        counts: dict[str, int] = {}
-        for result in found:
-            counts[result.entity_type] = counts.get(result.entity_type, 0) + 1
-        # the anonymizer resolves overlapping findings; the markers carry what it kept
-        if found:
-            text = _anonymizer().anonymize(text=text, analyzer_results=found, operators=_marker_operators(entities)).text
-        marked.append((text, counts))
-    return marked
+        found.append([(r.entity_type, r.start, r.end, r.score) for r in results if _kept(text, r)])
+    return found
 
 
-def _mark_chunk(args) -> list[tuple[str, dict[str, int]]]:
-    return mark_texts(*args)
+def _find_in_chunk(args) -> list[list[Finding]]:
+    return find_personal_data(*args)
+
+
+def mark(text: str, findings: list[Finding], entities: tuple[str, ...]) -> str:
+    """The text with each finding replaced by a marker of its type and value."""
+    if not findings:
+        return text
+    from presidio_analyzer import RecognizerResult
+
+    results = [RecognizerResult(entity, start, end, score) for entity, start, end, score in findings]
+    # the anonymizer resolves overlapping findings; the markers carry what it kept
+    return _anonymizer().anonymize(text=text, analyzer_results=results, operators=_marker_operators(entities)).text
+
+
+class FindingsCache:
+    """The findings of texts analyzed in earlier runs, so that a nightly rerun over the whole raw
+    zone analyzes only the texts it has not seen before.
+
+    No text is stored: an entry is keyed by a keyed hash (HMAC-SHA256) of the text and holds the
+    types and positions of its findings. Entries belong to one set of scrubbing settings (entity
+    types, threshold, recognizers, model); other settings never see them. Entries no run has used
+    for `max_idle_days` are deleted.
+    """
+
+    def __init__(self, path: Path, key: str, settings: dict, max_idle_days: int = 30):
+        # a key of its own, derived: the same secret also keys the origin pseudonyms
+        self._key = hmac.new(key.encode(), b"slm-convert findings cache", hashlib.sha256).digest()
+        self._settings = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS findings (settings TEXT, text_hash TEXT, findings TEXT, used_on TEXT,"
+            " PRIMARY KEY (settings, text_hash))"
+        )
+        self._db.execute("DELETE FROM findings WHERE used_on < date('now', ?)", (f"-{max_idle_days} days",))
+        self._db.commit()
+        os.chmod(path, 0o600)
+
+    def _hash(self, text: str) -> str:
+        return hmac.new(self._key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def lookup(self, texts: list[str]) -> dict[str, list[Finding]]:
+        hashes = {self._hash(t): t for t in texts}
+        known: dict[str, list[Finding]] = {}
+        keys = list(hashes)
+        for start in range(0, len(keys), 500):  # SQLite's limit on query parameters
+            chunk = keys[start : start + 500]
+            rows = self._db.execute(
+                f"SELECT text_hash, findings FROM findings WHERE settings = ? AND text_hash IN ({','.join('?' * len(chunk))})",
+                (self._settings, *chunk),
+            )
+            known.update({hashes[h]: [tuple(f) for f in json.loads(found)] for h, found in rows})
+        self._db.executemany(
+            "UPDATE findings SET used_on = date('now') WHERE settings = ? AND text_hash = ?",
+            [(self._settings, self._hash(t)) for t in known],
+        )
+        self._db.commit()
+        return known
+
+    def store(self, found: dict[str, list[Finding]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO findings VALUES (?, ?, ?, date('now'))",
+            [(self._settings, self._hash(t), json.dumps(f)) for t, f in found.items()],
+        )
+        self._db.commit()
+
+
+def scrubbing_settings(entities: tuple[str, ...], score_threshold: float) -> dict:
+    """What decides a text's findings: a findings cache is only valid for the same settings."""
+    from importlib.metadata import version
+
+    return {
+        "entities": sorted(entities),
+        "score_threshold": score_threshold,
+        "patterns": {**SECRET_PATTERNS, "phone": US_PHONE_PATTERN, "name": INTRODUCED_NAME_PATTERN},
+        "model": SPACY_MODEL,
+        "versions": [version(p) for p in ("presidio-analyzer", "spacy", "phonenumbers")],
+        "rules": 2,  # bump when _kept or the NER gating changes what is kept
+    }
 
 
 @dataclass
 class Scrubber:
-    """Finds personal data in texts; each distinct text is analyzed once."""
+    """Finds personal data in texts; each distinct text is analyzed once (once ever, with a
+    `cache`)."""
 
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     score_threshold: float = 0.4
     batch_size: int = 256  # texts per spaCy batch: larger batches make its matrix products faster
     processes: int = 0  # worker processes; 0: one per core (at most 8)
+    cache: FindingsCache | None = None
     findings: dict[str, int] = field(default_factory=dict)
+    reused: int = 0  # texts whose findings came from the cache
     _marked: dict[str, str] = field(default_factory=dict, repr=False)
 
     # Starting workers costs a second or two: worth it for a run's thousands of texts only.
@@ -268,29 +350,31 @@ class Scrubber:
 
         Each worker runs the whole analysis (spaCy and Presidio's recognizers) on its share, so
         every part of it uses all cores."""
+        todo = {t for t in texts if t and t not in self._marked}
+        known = self.cache.lookup(sorted(todo)) if self.cache and todo else {}
+        self.reused += len(known)
         # longest first, dealt round-robin: every worker gets a similar amount of text
-        todo = sorted({t for t in texts if t and t not in self._marked}, key=len, reverse=True)
-        if not todo:
-            return
+        fresh = sorted(todo - known.keys(), key=len, reverse=True)
+        found = dict(known)
         processes = self.processes or min(os.cpu_count() or 1, 8)
-        if processes < 2 or len(todo) < self.MIN_TEXTS_FOR_WORKERS:
-            self._store(todo, mark_texts(todo, self.entities, self.score_threshold, self.batch_size))
-            return
-        build_analyzer()  # loaded before the workers fork, so that they share it
-        chunks = [todo[i :: processes * 8] for i in range(processes * 8)]
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-            work = [(chunk, self.entities, self.score_threshold, self.batch_size) for chunk in chunks]
-            for done, (chunk, marked) in enumerate(zip(chunks, pool.map(_mark_chunk, work)), start=1):
-                self._store(chunk, marked)
-                if progress:
-                    progress(f"scrubbed {done}/{len(chunks)} shares of {len(todo)} texts")
-
-    def _store(self, texts: list[str], marked: list[tuple[str, dict[str, int]]]) -> None:
-        for text, (marked_text, counts) in zip(texts, marked):
-            self._marked[text] = marked_text
-            for entity, count in counts.items():
-                self.findings[entity] = self.findings.get(entity, 0) + count
+        if fresh and (processes < 2 or len(fresh) < self.MIN_TEXTS_FOR_WORKERS):
+            found.update(zip(fresh, find_personal_data(fresh, self.entities, self.score_threshold, self.batch_size)))
+        elif fresh:
+            build_analyzer()  # loaded before the workers fork, so that they share it
+            chunks = [fresh[i :: processes * 8] for i in range(processes * 8)]
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+                work = [(chunk, self.entities, self.score_threshold, self.batch_size) for chunk in chunks]
+                for done, (chunk, results) in enumerate(zip(chunks, pool.map(_find_in_chunk, work)), start=1):
+                    found.update(zip(chunk, results))
+                    if progress:
+                        progress(f"scrubbed {done}/{len(chunks)} shares of {len(fresh)} texts")
+        if self.cache and fresh:
+            self.cache.store({t: found[t] for t in fresh})
+        for text, findings in found.items():
+            self._marked[text] = mark(text, findings, self.entities)
+            for entity, *_ in findings:
+                self.findings[entity] = self.findings.get(entity, 0) + 1
 
     def marked(self, text: str) -> str:
         """The text with each finding replaced by a marker of its type and value."""
@@ -463,6 +547,7 @@ class CurationResult:
     curated: pd.DataFrame  # scrubbed calls; `trainable` is False where feedback said the answer was wrong
     removed: pd.DataFrame  # trace_id, reason, duplicate_of, similarity
     findings: dict[str, int]
+    reused_texts: int = 0  # texts whose findings came from earlier runs (FindingsCache)
 
     def counts(self) -> dict[str, int]:
         reasons = self.removed["reason"].value_counts()
@@ -485,10 +570,12 @@ def curate(
     score_threshold: float = 0.4,
     near_threshold: float = dedup.NEAR_THRESHOLD,
     progress=None,
+    cache: FindingsCache | None = None,
 ) -> CurationResult:
     """Filter unusable calls, drop exact and near duplicates (keeping the earliest), scrub what is
     left. Calls whose answer the agent's feedback marked incorrect stay for evaluation but are
-    marked not trainable: a model must not learn a wrong answer."""
+    marked not trainable: a model must not learn a wrong answer. With a `cache`, texts analyzed
+    in earlier runs are not analyzed again."""
     reasons = pd.Series(
         [unusable_reason(r, f) for r, f in zip(traces["response_message"], traces["finish_reason"])],
         index=traces.index,
@@ -496,7 +583,7 @@ def curate(
     )
     unusable = traces.assign(reason=reasons)[reasons.notna()]
     duplicates = dedup.find_duplicates(traces[reasons.isna()], near_threshold)
-    scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold)
+    scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold, cache=cache)
     curated = scrub_calls(duplicates.kept, scrubber, progress=progress)
     curated = curated.assign(trainable=curated["feedback"].fillna("") != "incorrect")
 
@@ -504,7 +591,7 @@ def curate(
         [unusable[["trace_id", "reason"]].assign(duplicate_of=None, similarity=None), duplicates.removed],
         ignore_index=True,
     )[["trace_id", "reason", "duplicate_of", "similarity"]]
-    return CurationResult(curated=curated, removed=removed, findings=dict(scrubber.findings))
+    return CurationResult(curated=curated, removed=removed, findings=dict(scrubber.findings), reused_texts=scrubber.reused)
 
 
 # Patterns a scrubbed table must never contain; the asset check scans for them on every run.

@@ -189,3 +189,34 @@ def test_scrubbing_leaves_the_gold_answers_of_the_steps_intact(ingested, curatio
     # tool arguments lose e-mail addresses and people's names on purpose, celebrities included
     # (NER cannot tell them from users): measured 0.96 on the sample
     assert intact["by_step"]["call_tool"] >= 0.95
+
+
+def test_a_rerun_reuses_earlier_findings_without_storing_any_text(tmp_path, ingested, curation, labels):
+    calls = ingested.traces.iloc[:300]
+    settings = curate.scrubbing_settings(curate.DEFAULT_ENTITIES, 0.4)
+    path = tmp_path / "findings.sqlite"
+    first = curate.Scrubber(cache=curate.FindingsCache(path, "key-1", settings))
+    scrubbed = curate.scrub_calls(calls, first)
+    again = curate.Scrubber(cache=curate.FindingsCache(path, "key-1", settings))
+    rescrubbed = curate.scrub_calls(calls, again)
+    assert first.reused == 0 and again.reused == len(first._marked)  # nothing analyzed the second time
+    assert rescrubbed.equals(scrubbed) and again.findings == first.findings
+    stored = path.read_bytes()
+    present = [c for c in labels["canaries"] if c in "\n".join([*calls["messages"], *calls["response_message"]])]
+    assert present and not any(c.encode() in stored for c in present)
+    assert path.stat().st_mode & 0o077 == 0
+    # other settings or another key never see these entries
+    other = curate.scrubbing_settings(("EMAIL_ADDRESS",), 0.4)
+    assert curate.FindingsCache(path, "key-1", other).lookup(list(first._marked)) == {}
+    assert curate.FindingsCache(path, "key-2", settings).lookup(list(first._marked)) == {}
+
+
+def test_findings_no_run_used_for_a_while_are_deleted(tmp_path):
+    settings = curate.scrubbing_settings(curate.DEFAULT_ENTITIES, 0.4)
+    path = tmp_path / "findings.sqlite"
+    cache = curate.FindingsCache(path, "key", settings)
+    cache.store({"old text": [], "recent text": [("PERSON", 0, 3, 0.85)]})
+    cache._db.execute("UPDATE findings SET used_on = date('now', '-40 days') WHERE findings = '[]'")
+    cache._db.commit()
+    reopened = curate.FindingsCache(path, "key", settings, max_idle_days=30)
+    assert reopened.lookup(["old text", "recent text"]) == {"recent text": [("PERSON", 0, 3, 0.85)]}
