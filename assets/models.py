@@ -21,6 +21,11 @@ class SelectionConfig(dg.Config):
     candidates_file: str = str(REPO_ROOT / "configs" / "candidates.yaml")
     min_calls: int = 40  # fewer calls than this cannot train and judge an SLM
     max_mean_completion_tokens: int = 60  # longer reasoning or free text stays on the LLM
+    probe: bool = True  # each qualifying candidate answers a few calls zero- and few-shot before the choice
+    probe_calls: int = select.ProbeSettings.calls  # calls of a cluster each candidate answers
+    probe_shots: int = select.ProbeSettings.shots  # solved calls in the few-shot prompt
+    probe_margin: float = select.ProbeSettings.margin  # a larger candidate must beat the smallest by more
+    probe_max_new_tokens: int = select.ProbeSettings.max_new_tokens_cap  # longest probe answer
 
 
 @dg.asset(group_name=GROUP, deps=[curated_traces, task_clusters], kinds={"python"})
@@ -29,6 +34,9 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
     the cluster's work behind it. Unavailable candidates are listed with why."""
     store = pipeline_store.store()
     candidates = models.load_candidates(Path(config.candidates_file))
+    # probe results of earlier runs: the same calls are not probed twice
+    known_path = store.stats("probe_results")
+    known_probes = read_json(known_path) if known_path.exists() else {}
     choices, unavailable = select.select_models(
         read_table(store.table("curated_traces")),
         read_table(store.table("task_clusters")),
@@ -37,7 +45,13 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
         pipeline_store.model_cache(),
         min_calls=config.min_calls,
         max_mean_completion_tokens=config.max_mean_completion_tokens,
+        probe_settings=select.ProbeSettings(
+            calls=config.probe_calls, shots=config.probe_shots, margin=config.probe_margin, max_new_tokens_cap=config.probe_max_new_tokens
+        ) if config.probe else None,
+        progress=context.log.info,
+        known_probes=known_probes,
     )
+    write_json(known_path, known_probes)
     write_json(
         store.stats("slm_candidates"),
         {"choices": choices, "unavailable": unavailable, "candidates": [asdict(c) for c in candidates]},
@@ -52,6 +66,7 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
                 [[c["cluster_id"], c["label"], c["decision"], c["candidate"] or "-", c["reason"]] for c in choices],
             ),
             "unavailable_candidates": dg.MetadataValue.json(unavailable),
+            "probe_scores": dg.MetadataValue.json({c["cluster_id"]: c.get("probe") for c in choices}),
         }
     )
 

@@ -1,21 +1,32 @@
 """Step 4, SLM selection: for each cluster, which candidate to fine-tune, or keep it on the LLM.
 
-First version: the features of a cluster's work decide. A cluster with too few calls, or whose
+The features of a cluster's work give a first ranking: a cluster with too few calls, or whose
 answers are long multi-step reasoning or open-ended text, stays on the LLM; otherwise the
-smallest available candidate whose context holds the cluster's calls is chosen. Every decision
-carries its reason and the features behind it.
+available candidates whose context holds the cluster's calls qualify, smallest first. Then a
+measured probe (`ProbeSettings`): each qualifying candidate answers a few of the cluster's calls
+zero-shot and few-shot, scored with the shadow evaluation's scorers, and the smallest candidate
+within `margin` of the best few-shot score is chosen (fine-tuning then lifts each candidate
+from where it starts, so a larger one is worth its cost only when it starts clearly higher).
+Clusters kept on the LLM are probed too, with the smallest candidate, as evidence. Every
+decision carries its reason, the features and the probe scores behind it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from pipeline import evaluate
+from pipeline.calls import baseline_answer, prompt_messages
 from pipeline.cluster import output_statistics
-from pipeline.models import Candidate, availability
-from pipeline.scoring import FINAL_NUMBER, FREE_TEXT
+from pipeline.models import Candidate, availability, resolve_model_dir
+from pipeline.scoring import FINAL_NUMBER, FREE_TEXT, score_answer
 
 FINE_TUNE, KEEP_ON_LLM = "fine-tune", "keep on LLM"
 
@@ -77,6 +88,7 @@ def decide(
     return {
         "decision": FINE_TUNE,
         "candidate": chosen.name,
+        "ranking": fitting,  # the qualifying candidates, smallest first (for the probe)
         "reason": (
             f"{features['answer_shape'].replace('_', ' ')} answers of "
             f"{features['mean_completion_tokens']:.0f} tokens on average: the smallest available "
@@ -84,6 +96,98 @@ def decide(
             f"holds the p95 call of {features['p95_total_tokens']} tokens"
         ),
     }
+
+
+@dataclass
+class ProbeSettings:
+    calls: int = 12  # calls of a cluster each candidate answers
+    shots: int = 3  # solved calls shown in the few-shot prompt
+    margin: float = 0.1  # a larger candidate is chosen only if its few-shot score is higher by more
+    max_new_tokens_cap: int = 128
+    batch_size: int = 8
+
+
+def probe_calls(members: pd.DataFrame, settings: ProbeSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(shots, probe): the cluster's earliest calls, never the latest ones that shadow evaluation
+    holds out (at most half the cluster)."""
+    ordered = members.sort_values(["called_at", "trace_id"], kind="stable")
+    ordered = ordered.iloc[: max(len(ordered) // 2, 1)]
+    return ordered.iloc[: settings.shots], ordered.iloc[settings.shots : settings.shots + settings.calls]
+
+
+def few_shot_prompt(prompt: list[dict], examples: list[tuple[list[dict], str]]) -> list[dict]:
+    """The prompt with solved calls as earlier turns: their messages, then the answer given."""
+    system = [m for m in prompt[:1] if m["role"] == "system"]
+    turns = []
+    for example, answer in examples:
+        turns += [m for m in example if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
+    return system + turns + prompt[len(system) :]
+
+
+def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> dict:
+    """Mean score of the model's zero-shot and few-shot answers on a few of the cluster's calls."""
+    shots, calls = probe_calls(members, settings)
+    if calls.empty:
+        return {"calls": 0, "zero_shot": None, "few_shot": None}
+    prompts = [prompt_messages(m, t) for m, t in zip(calls["messages"], calls["tools"])]
+    examples = [(prompt_messages(m, t), baseline_answer(r)) for m, t, r in zip(shots["messages"], shots["tools"], shots["response_message"])]
+    baselines = [baseline_answer(r) for r in calls["response_message"]]
+    budget = evaluate.answer_token_budget(tokenizer, baselines, settings.max_new_tokens_cap)
+
+    def mean_score(arm_prompts: list[list[dict]]) -> float:
+        answers = evaluate.generate_answers(model, tokenizer, arm_prompts, budget, settings.batch_size)
+        return round(float(np.mean([score_answer(b, a)[1] for b, (a, _) in zip(baselines, answers)])), 4)
+
+    return {
+        "calls": len(calls),
+        "zero_shot": mean_score(prompts),
+        "few_shot": mean_score([few_shot_prompt(p, examples) for p in prompts]),
+    }
+
+
+def choose_by_probe(ranking: list[Candidate], probes: dict[str, dict], margin: float) -> Candidate:
+    """The smallest candidate whose few-shot score is within `margin` of the best one."""
+    scored = [c for c in ranking if probes.get(c.name, {}).get("few_shot") is not None]
+    if not scored:
+        return ranking[0]
+    best = max(probes[c.name]["few_shot"] for c in scored)
+    return next(c for c in scored if probes[c.name]["few_shot"] >= best - margin)
+
+
+def probe_key(candidate: Candidate, members: pd.DataFrame, settings: ProbeSettings) -> str:
+    """Same candidate, same probe calls, same settings: same scores (generation is greedy)."""
+    shots, calls = probe_calls(members, settings)
+    what = [candidate.name, asdict(settings), sorted(shots["trace_id"]), sorted(calls["trace_id"])]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:20]
+
+
+def run_probes(
+    calls: pd.DataFrame, plan: dict[int, list[Candidate]], model_cache: Path, settings: ProbeSettings,
+    progress: Callable[[str], None] | None = None, known: dict[str, dict] | None = None,
+) -> dict[int, dict[str, dict]]:
+    """cluster -> candidate name -> probe scores; each candidate is loaded once, and only when a
+    cluster's probe is not in `known` (earlier runs' results by `probe_key`; new ones are added):
+    the probe calls are a cluster's earliest, so night after night they rarely change."""
+    known = {} if known is None else known
+    todo: dict[str, tuple[Candidate, list[tuple[int, str]]]] = {}
+    results: dict[int, dict[str, dict]] = {cluster_id: {} for cluster_id in plan}
+    for cluster_id, candidates in plan.items():
+        members = calls[calls["cluster_id"] == cluster_id]
+        for candidate in candidates:
+            key = probe_key(candidate, members, settings)
+            if key in known:
+                results[cluster_id][candidate.name] = known[key]
+            else:
+                todo.setdefault(candidate.name, (candidate, []))[1].append((cluster_id, key))
+    for candidate, work in todo.values():
+        model, tokenizer = evaluate.load_adapter_model(resolve_model_dir(candidate, model_cache), None)
+        for cluster_id, key in work:
+            known[key] = probe(model, tokenizer, calls[calls["cluster_id"] == cluster_id], settings)
+            results[cluster_id][candidate.name] = known[key]
+            if progress:
+                progress(f"probe {candidate.name} on cluster {cluster_id}: {known[key]}")
+        del model
+    return results
 
 
 def select_models(
@@ -94,9 +198,16 @@ def select_models(
     model_cache: Path,
     min_calls: int = 40,
     max_mean_completion_tokens: int = 60,
+    probe_settings: ProbeSettings | None = None,
+    progress: Callable[[str], None] | None = None,
+    known_probes: dict[str, dict] | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
-    """One choice per cluster, and the unavailable candidates with the reason for each."""
+    """One choice per cluster, and the unavailable candidates with the reason for each.
+
+    `probe_settings=None` decides on the features alone (no model is loaded); `known_probes`
+    holds earlier runs' probe results (see `run_probes`) and receives this run's."""
     unavailable = {c.name: reason for c in candidates if (reason := availability(c, model_cache))}
+    available = sorted((c for c in candidates if c.name not in unavailable), key=lambda c: c.params_millions)
     calls = curated.merge(assignments[["trace_id", "cluster_id"]], on="trace_id")
     choices = []
     for cluster in clusters:
@@ -106,4 +217,29 @@ def select_models(
         choices.append(
             {"cluster_id": cluster["cluster_id"], "label": cluster["label"], **choice, "features": features}
         )
+    rankings = {choice["cluster_id"]: choice.pop("ranking", []) for choice in choices}
+    if probe_settings is None or not available:
+        return choices, unavailable
+
+    # what to probe: every qualifying candidate of a cluster to fine-tune; the smallest available
+    # one on a cluster kept on the LLM with calls enough (evidence for the decision)
+    plan = {}
+    for choice in choices:
+        if choice["decision"] == FINE_TUNE:
+            plan[choice["cluster_id"]] = rankings[choice["cluster_id"]]
+        elif choice["features"]["calls"] >= min_calls:
+            plan[choice["cluster_id"]] = available[:1]
+    probes = run_probes(calls, plan, model_cache, probe_settings, progress, known_probes)
+    for choice in choices:
+        if choice["cluster_id"] not in probes:
+            continue
+        choice["probe"] = probes[choice["cluster_id"]]
+        evidence = "; ".join(
+            f"{name} zero-shot {p['zero_shot']}, few-shot {p['few_shot']} on {p['calls']} calls" for name, p in choice["probe"].items()
+        )
+        if choice["decision"] == FINE_TUNE:
+            ranking = [c for c in available if c.name in choice["probe"]]
+            chosen = choose_by_probe(ranking, choice["probe"], probe_settings.margin)
+            choice["candidate"] = chosen.name
+        choice["reason"] += f"; probe: {evidence}"
     return choices, unavailable

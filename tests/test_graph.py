@@ -18,6 +18,7 @@ ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates"
 # Tiny settings: the point here is the wiring, not the quality of a one-step adapter.
 QUICK = {
     "ops": {
+        "slm_candidates": {"config": {"probe_calls": 2, "probe_shots": 1, "probe_max_new_tokens": 8}},
         "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 2, "max_length": 512, "min_holdout": 4, "max_holdout": 4}},
         "shadow_eval": {"config": {"max_calls_per_cluster": 4, "max_new_tokens_cap": 24, "quality_floor": 0.0}},
         "router_config": {"config": {"min_holdout": 4}},
