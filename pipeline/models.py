@@ -26,6 +26,7 @@ class Candidate:
     params_millions: int
     context_length: int
     licence: str
+    chat_template: str | None = None  # the prompt format it was trained with (informative)
     model_id: str | None = None
     path: str | None = None
     package: str | None = None

@@ -100,10 +100,11 @@ def decide(
 
 @dataclass
 class ProbeSettings:
-    calls: int = 12  # calls of a cluster each candidate answers
-    shots: int = 3  # solved calls shown in the few-shot prompt
+    # small by default, so that a CPU run stays within minutes (configs/gpu.yaml probes more)
+    calls: int = 8  # calls of a cluster each candidate answers
+    shots: int = 2  # solved calls shown in the few-shot prompt
     margin: float = 0.1  # a larger candidate is chosen only if its few-shot score is higher by more
-    max_new_tokens_cap: int = 128
+    max_new_tokens_cap: int = 64
     batch_size: int = 8
 
 
