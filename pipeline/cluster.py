@@ -173,20 +173,17 @@ def assign_clusters(embeddings: np.ndarray, min_cluster_size: int, min_samples: 
 NOISE_TOLERANCE = 1.0
 
 
+def weighted_mean(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The mean of the vectors, each counting `weights` times (zero: not at all)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    return weights @ vectors / weights.sum()
+
+
 def centroids_of(embeddings: np.ndarray, cluster_ids: np.ndarray, weights: np.ndarray | None = None) -> dict[int, np.ndarray]:
-    """Each cluster's (weighted) mean embedding, one pass over the points."""
+    """Each cluster's (weighted) mean embedding."""
     weights = np.ones(len(embeddings)) if weights is None else np.asarray(weights, dtype=np.float64)
     clusters = sorted(set(cluster_ids.tolist()) - {UNCLUSTERED})
-    return {
-        c: (embeddings[cluster_ids == c] * weights[cluster_ids == c, None]).sum(axis=0) / weights[cluster_ids == c].sum()
-        for c in clusters
-    }
-
-
-def weighted_rows_mean(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The mean of `vectors[rows]` without building it: each distinct row weighted by its count."""
-    counts = np.bincount(rows, minlength=len(vectors)).astype(np.float64)
-    return counts @ vectors / max(counts.sum(), 1.0)
+    return {c: weighted_mean(embeddings, np.where(cluster_ids == c, weights, 0.0)) for c in clusters}
 
 
 def attach_noise(
@@ -467,7 +464,11 @@ def cluster_calls(
         joined_later = tags.isna().to_numpy() & (call_ids != UNCLUSTERED)
         say(f"clusters from {tag_report['tags']} step tags; {tag_report['disagreeing_calls']} tagged calls disagree with the embeddings")
 
-    centroids = {c: weighted_rows_mean(vectors, rows[call_ids == c]) for c in sorted(set(call_ids.tolist()) - {UNCLUSTERED})}
+    # a cluster's centroid over its calls, from the distinct signatures weighted by its calls of each
+    centroids = {
+        c: weighted_mean(vectors, np.bincount(rows[call_ids == c], minlength=len(vectors)))
+        for c in sorted(set(call_ids.tolist()) - {UNCLUSTERED})
+    }
     mapping, known, identity = match_identities(centroids, known_clusters or [])
     cluster_ids = np.array([mapping.get(int(c), UNCLUSTERED) for c in call_ids], dtype=int)
     centroids = {mapping[c]: centroid for c, centroid in centroids.items()}
@@ -484,9 +485,7 @@ def cluster_calls(
         for c, members in members_of.items()
     }
     labels = _cluster_labels({c: [texts[rows[i]] for i in picked] for c, picked in summarized.items()})
-    first_call = {}
-    for i, row in enumerate(rows.tolist()):
-        first_call.setdefault(row, i)
+    first_call = np.unique(rows, return_index=True)[1]  # each signature's first call (each has one)
 
     clusters = []
     for cluster_id, members in members_of.items():

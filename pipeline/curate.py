@@ -232,8 +232,9 @@ def find_personal_data(texts: list[str], entities: tuple[str, ...], score_thresh
     nlp_engine, nlp = analyzer.nlp_engine, analyzer.nlp_engine.nlp["en"]
     spacy_recognizer = next(r for r in analyzer.registry.recognizers if type(r).__name__ == "SpacyRecognizer")
     ner_entities = frozenset(entities) & frozenset(spacy_recognizer.supported_entities)
-    with_ner = [t for t in texts if _needs_ner(t, ner_entities)]
-    without_ner = [t for t in texts if not _needs_ner(t, ner_entities)]
+    needs_ner = [_needs_ner(t, ner_entities) for t in texts]
+    with_ner = [t for t, needed in zip(texts, needs_ner) if needed]
+    without_ner = [t for t, needed in zip(texts, needs_ner) if not needed]
     artifacts = dict(nlp_engine.process_batch(with_ner, language="en", batch_size=batch_size))
     with nlp.select_pipes(disable=[name for name in ("ner",) if name in nlp.pipe_names]):
         artifacts.update(nlp_engine.process_batch(without_ner, language="en", batch_size=batch_size))
@@ -301,7 +302,7 @@ class FindingsCache:
             known.update({hashes[h]: [tuple(f) for f in json.loads(found)] for h, found in rows})
         self._db.executemany(
             "UPDATE findings SET used_on = date('now') WHERE settings = ? AND text_hash = ?",
-            [(self._settings, self._hash(t)) for t in known],
+            [(self._settings, h) for h, t in hashes.items() if t in known],
         )
         self._db.commit()
         return known
@@ -393,25 +394,44 @@ class Scrubber:
 # Walking a call's texts: every message content and every string inside tool-call arguments.
 
 
-def _map_arguments(arguments: Any, fn: Callable[[str], str]) -> Any:
+# A function over the strings inside tool-call arguments: (text, name of the parameter holding
+# it) -> new text. The name lets scrubbing read what an argument is for (see `released_names`).
+ArgumentFn = Callable[[str, str], str]
+
+
+def _map_arguments(arguments: Any, fn: ArgumentFn, name: str = "") -> Any:
     if isinstance(arguments, str):
-        return fn(arguments)
+        return fn(arguments, name)
     if isinstance(arguments, list):
-        return [_map_arguments(a, fn) for a in arguments]
+        return [_map_arguments(a, fn, name) for a in arguments]
     if isinstance(arguments, dict):
-        return {k: _map_arguments(v, fn) for k, v in arguments.items()}
+        return {k: _map_arguments(v, fn, str(k)) for k, v in arguments.items()}
     return arguments
 
 
-def _map_tool_call_arguments(raw: Any, fn: Callable[[str], str]) -> Any:
-    """Tool-call arguments are a JSON string; scrub its string values and keep it valid JSON."""
+def _map_tool_call_arguments(raw: Any, fn: ArgumentFn) -> Any:
+    """Tool-call arguments are a JSON string; map its string values and keep it valid JSON."""
     if not isinstance(raw, str):
         return _map_arguments(raw, fn)
     try:
         parsed = json.loads(raw)
     except json.JSONDecodeError:
-        return fn(raw)
+        return fn(raw, "")
     return json.dumps(_map_arguments(parsed, fn), ensure_ascii=False)
+
+
+def _map_tool_calls(tool_calls: list, fn: ArgumentFn) -> list:
+    """Copies of tool calls with `fn` applied to every string in their arguments."""
+    calls = []
+    for call in tool_calls:
+        call = dict(call)
+        if isinstance(call.get("function"), dict):
+            function = dict(call["function"])
+            if "arguments" in function:
+                function["arguments"] = _map_tool_call_arguments(function["arguments"], fn)
+            call["function"] = function
+        calls.append(call)
+    return calls
 
 
 def map_message_texts(message: dict, fn: Callable[[str], str]) -> dict:
@@ -428,16 +448,7 @@ def map_message_texts(message: dict, fn: Callable[[str], str]) -> dict:
             for part in content
         ]
     if isinstance(message.get("tool_calls"), list):
-        calls = []
-        for call in message["tool_calls"]:
-            call = dict(call)
-            if isinstance(call.get("function"), dict):
-                function = dict(call["function"])
-                if "arguments" in function:
-                    function["arguments"] = _map_tool_call_arguments(function["arguments"], fn)
-                call["function"] = function
-            calls.append(call)
-        out["tool_calls"] = calls
+        out["tool_calls"] = _map_tool_calls(message["tool_calls"], lambda text, _name: fn(text))
     return out
 
 
@@ -462,34 +473,19 @@ def _parameter_words(name: str) -> set[str]:
     return {word.lower() for word in regex.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name)}
 
 
-def _named_argument_values(arguments: Any, name: str = "") -> Iterable[tuple[str, str]]:
-    """Every string inside tool-call arguments with the name of the parameter that holds it."""
-    if isinstance(arguments, str):
-        yield name, arguments
-    elif isinstance(arguments, list):
-        for item in arguments:
-            yield from _named_argument_values(item, name)
-    elif isinstance(arguments, dict):
-        for key, value in arguments.items():
-            yield from _named_argument_values(value, str(key))
-
-
 def released_names(messages: list[dict], marked: Callable[[str], str]) -> frozenset[str]:
     """Values the NER called persons inside tool-call arguments whose parameter names a place,
     organization, product or work (`NOT_PERSON_PARAMETER_WORDS`), casefolded."""
     released = set()
+
+    def collect(value: str, name: str) -> str:
+        if _parameter_words(name) & NOT_PERSON_PARAMETER_WORDS:
+            released.update(m.group(2).casefold() for m in _MARKER.finditer(marked(value)) if m.group(1) == "PERSON")
+        return value
+
     for message in messages:
-        for call in message.get("tool_calls") or []:
-            raw = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
-            try:
-                arguments = json.loads(raw) if isinstance(raw, str) else raw
-            except json.JSONDecodeError:
-                continue
-            for name, value in _named_argument_values(arguments):
-                if _parameter_words(name) & NOT_PERSON_PARAMETER_WORDS:
-                    released.update(
-                        m.group(2).casefold() for m in _MARKER.finditer(marked(value)) if m.group(1) == "PERSON"
-                    )
+        if isinstance(message.get("tool_calls"), list):
+            _map_tool_calls(message["tool_calls"], collect)
     return frozenset(released)
 
 

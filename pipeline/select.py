@@ -170,7 +170,7 @@ def run_probes(
     cluster's probe is not in `known` (earlier runs' results by `probe_key`; new ones are added):
     the probe calls are a cluster's earliest, so night after night they rarely change."""
     known = {} if known is None else known
-    todo: dict[str, tuple[Candidate, list[tuple[int, str]]]] = {}
+    todo: dict[str, tuple[Candidate, list[tuple[int, pd.DataFrame, str]]]] = {}
     results: dict[int, dict[str, dict]] = {cluster_id: {} for cluster_id in plan}
     for cluster_id, candidates in plan.items():
         members = calls[calls["cluster_id"] == cluster_id]
@@ -179,11 +179,11 @@ def run_probes(
             if key in known:
                 results[cluster_id][candidate.name] = known[key]
             else:
-                todo.setdefault(candidate.name, (candidate, []))[1].append((cluster_id, key))
+                todo.setdefault(candidate.name, (candidate, []))[1].append((cluster_id, members, key))
     for candidate, work in todo.values():
         model, tokenizer = evaluate.load_adapter_model(resolve_model_dir(candidate, model_cache), None)
-        for cluster_id, key in work:
-            known[key] = probe(model, tokenizer, calls[calls["cluster_id"] == cluster_id], settings)
+        for cluster_id, members, key in work:
+            known[key] = probe(model, tokenizer, members, settings)
             results[cluster_id][candidate.name] = known[key]
             if progress:
                 progress(f"probe {candidate.name} on cluster {cluster_id}: {known[key]}")
