@@ -2,6 +2,7 @@
 
     python -m bench.curation_bench                  # the bundled sample's calls, both ways (~3 min)
     python -m bench.curation_bench --naive-calls 400  # naive on the first 400 only (quicker)
+    python -m bench.curation_bench --breakdown        # where one core's analysis time goes
 
 Naive: every text of every call (message contents, tool-call arguments, the answer) goes through
 `AnalyzerEngine.analyze` one at a time on spaCy's full pipeline, as a first implementation would
@@ -46,16 +47,58 @@ def naive_scrub(traces, entities) -> tuple[list[str], float]:
     return out, time.perf_counter() - started
 
 
+def breakdown(traces) -> dict:
+    """Where one core's time goes in the pipeline's analysis of the distinct texts: spaCy with
+    the NER (texts with a capital letter), spaCy without it (the others), Presidio's phone
+    recognizer, and its other recognizers."""
+    from pipeline import curate
+
+    analyzer = curate.build_analyzer()
+    engine, nlp = analyzer.nlp_engine, analyzer.nlp_engine.nlp["en"]
+    texts = sorted({t for m, r in zip(traces["messages"], traces["response_message"])
+                    for t in curate.texts_of_call(json.loads(m), json.loads(r)) if t})
+    with_ner = [t for t in texts if any(c.isupper() for c in t)]
+    without_ner = [t for t in texts if not any(c.isupper() for c in t)]
+    started = time.perf_counter()
+    artifacts = dict(engine.process_batch(with_ner, language="en", batch_size=256))
+    ner_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    with nlp.select_pipes(disable=["ner"]):
+        artifacts.update(engine.process_batch(without_ner, language="en", batch_size=256))
+    tokenize_seconds = time.perf_counter() - started
+
+    def recognizers(entities) -> float:
+        started = time.perf_counter()
+        for text in texts:
+            analyzer.analyze(text=text, language="en", entities=entities, score_threshold=0.4, nlp_artifacts=artifacts[text])
+        return time.perf_counter() - started
+
+    all_entities = list(curate.DEFAULT_ENTITIES)
+    without_phone = recognizers([e for e in all_entities if e != "PHONE_NUMBER"])
+    return {
+        "distinct_texts": len(texts),
+        "texts_with_ner": len(with_ner),
+        "spacy_with_ner_seconds": round(ner_seconds, 1),
+        "spacy_without_ner_seconds": round(tokenize_seconds, 1),
+        "phone_recognizer_seconds": round(recognizers(all_entities) - without_phone, 1),
+        "other_recognizers_seconds": round(without_phone, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--naive-calls", type=int, default=0, help="calls the naive way runs on (default: all; it is slow)")
     parser.add_argument("--processes", type=int, default=0, help="worker processes of the pipeline (default: one per core)")
+    parser.add_argument("--breakdown", action="store_true", help="only time the parts of the analysis, on one core")
     args = parser.parse_args()
 
     from pipeline import curate, ingest
 
     labels = json.loads((REPO / "tests" / "fixtures" / "labels.json").read_text())
     traces = ingest.read_calls(ingest.find_landing_files(REPO / "data" / "landing")).traces
+    if args.breakdown:
+        results.record("curation_breakdown", breakdown(traces))
+        return
     curate.build_analyzer(), curate.build_analyzer(lean_pipeline=False)  # both start with models loaded
 
     scrubber = curate.Scrubber(processes=args.processes)
