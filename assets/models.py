@@ -83,7 +83,7 @@ class FinetuneConfig(dg.Config):
     """LoRA settings; the defaults are a short CPU run (see configs/gpu.yaml for a GPU)."""
 
     max_steps: int = 6
-    batch_size: int = 4
+    batch_size: int = 2  # rows of max_length tokens, each packed with whole calls
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
     lora_r: int = 16
@@ -91,6 +91,8 @@ class FinetuneConfig(dg.Config):
     lora_dropout: float = 0.05
     max_length: int = 768
     quantization: str = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
+    kernels: str = "auto"  # "liger": Liger's fused kernels (CUDA); "none"; auto: Liger where it runs
+    compile: bool = False  # torch.compile each decoder layer (CUDA; the fastest on an H100)
     holdout_fraction: float = 0.2  # latest share of each cluster's calls, kept for shadow eval
     min_holdout: int = 10
     max_holdout: int = 200

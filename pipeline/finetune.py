@@ -19,12 +19,20 @@ import pandas as pd
 from pipeline.calls import baseline_answer, prompt_messages
 
 
+PACKED_ATTENTION = "packed"
+
+
 @dataclass
 class TrainSettings:
-    """Training knobs. The defaults fit a short CPU run; raise max_steps on a GPU."""
+    """Training knobs. The defaults fit a short CPU run; configs/gpu.yaml raises them for a GPU.
+
+    Training is padding-free: the calls are packed best-fit into rows of `max_length` tokens,
+    `batch_size` rows make a step, and each call attends only to itself (`packed_attention`),
+    so no step computes on padding.
+    """
 
     max_steps: int = 30
-    batch_size: int = 4
+    batch_size: int = 2  # packed rows of max_length tokens per step
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
     lora_r: int = 16
@@ -33,6 +41,14 @@ class TrainSettings:
     max_length: int = 768
     seed: int = 0
     quantization: str = "none"  # "4bit" for QLoRA (CUDA only)
+    # "liger": Liger's fused RMSNorm, SwiGLU and RoPE kernels (CUDA, `pip install liger-kernel`);
+    # "none": the model's own; "auto": Liger where it can run.
+    kernels: str = "auto"
+    compile: bool = False  # torch.compile each decoder layer (CUDA; pays off on long runs)
+    # "packed": variable-length attention inside each packed call (`packed_attention`);
+    # "flex_attention" or "sdpa": transformers' own, given the packed calls' position ids.
+    attention: str = PACKED_ATTENTION
+    logging_steps: int = 0  # loss and speed logged every this many steps; 0: ten times a run
 
 
 @dataclass
@@ -70,16 +86,112 @@ def training_examples(calls: pd.DataFrame) -> list[dict]:
     ]
 
 
+def calls_cut_by_max_length(tokenizer, examples: list[dict], max_length: int) -> tuple[int, int]:
+    """(calls whose answer is cut short, calls with no answer token left) at this max_length.
+
+    Packing truncates each call to max_length tokens, prompt first: a call whose prompt alone
+    fills the row trains on nothing, silently. This counts them so a run can say so.
+    """
+    cut = lost = 0
+    for example in examples:
+        prompt = len(tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False))
+        answer = len(tokenizer(example["completion"][0]["content"], add_special_tokens=False)["input_ids"]) + 2
+        cut += prompt + answer > max_length
+        lost += prompt >= max_length
+    return cut, lost
+
+
 def training_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_base_for_training(base_dir: Path, settings: TrainSettings):
+# --- Packed attention -------------------------------------------------------------------------
+# A padding-free batch is one long row holding many calls back to back. Plain SDPA would need a
+# dense block-diagonal mask over the whole row (quadratic in the row's length, and it computes
+# every masked block); a variable-length kernel instead runs causal attention inside each call.
+
+
+def _varlen_kernel():
+    """PyTorch's variable-length flash attention, where this build has it, else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed sequence; transformers' attention-function interface.
+
+    query/key/value are (1, heads, tokens, head_dim); `cu_seq_lens_q` (from TRL's padding-free
+    collator) holds where each sequence starts. Without it (a padded batch, generation) this is
+    plain SDPA.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = kwargs.get("cu_seq_lens_q")
+    if starts is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    groups = heads // key.shape[1]
+    q = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    varlen = _varlen_kernel()
+    if query.is_cuda and varlen is not None:
+        out = _varlen_causal(varlen, q, k, v, starts, int(kwargs["max_length_q"]), scaling, groups)
+    else:
+        # CPU: one causal SDPA per sequence (a CPU batch holds a handful of them)
+        bounds = starts.tolist()
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
+            ).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        ])
+    return out.reshape(1, length, heads, head_dim), None
+
+
+def _varlen_causal(varlen, q, k, v, starts, max_length, scaling, groups):
+    import inspect
+
+    import torch
+
+    options = inspect.signature(varlen).parameters
+    kwargs = {}
+    if "scale" in options:
+        kwargs["scale"] = scaling
+    if "window_size" in options:  # PyTorch >= 2.10 spells causal as a window
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if groups > 1 and "enable_gqa" in options:
+        kwargs["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    starts = starts.to(device=q.device, dtype=torch.int32)
+    return varlen(q, k, v, starts, starts, max_length, max_length, **kwargs)
+
+
+def register_packed_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+# --- Loading ----------------------------------------------------------------------------------
+
+
+def _load_base_for_training(base_dir: Path, settings: TrainSettings, attention: str = PACKED_ATTENTION):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if attention == PACKED_ATTENTION:
+        register_packed_attention()
     device = training_device()
     if settings.quantization == "4bit":
         if device != "cuda":
@@ -92,30 +204,228 @@ def _load_base_for_training(base_dir: Path, settings: TrainSettings):
             bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=quantization, dtype=torch.bfloat16, attn_implementation=attention
+        )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation=attention)
 
 
-def _progress_callback(progress: Callable[[str], None], max_steps: int):
-    from transformers import TrainerCallback
+def apply_kernels(model, settings: TrainSettings) -> str:
+    """Swap in fused kernels where asked and possible; returns what was applied.
 
-    class ReportProgress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.monotonic()
+    Liger's kernels are Triton autograd functions that torch.compile cannot trace, and a
+    compiled layer fuses the same work itself, so "auto" means Liger only for eager runs.
+    """
+    cuda = training_device() == "cuda"
+    if settings.kernels not in ("auto", "liger", "none"):
+        raise ValueError(f"kernels is {settings.kernels!r}; expected auto, liger or none")
+    if settings.kernels == "liger" and settings.compile:
+        raise ValueError("kernels: liger and compile: true do not go together (Liger's kernels do not compile); "
+                         "choose one (compile was the faster on an H100, see bench/README.md)")
+    if settings.kernels == "liger" and not cuda:
+        raise RuntimeError("kernels: liger needs a CUDA GPU; use kernels: auto or none on CPU")
+    if settings.kernels == "none" or not cuda or settings.compile:
+        return "none"
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        if settings.kernels == "liger":
+            raise RuntimeError("kernels: liger needs the liger-kernel package (`pip install -e '.[gpu]'`)") from err
+        return "none"
+    # The LM head is TRL's own chunked one; Liger fuses the layers' norms, MLP activation and RoPE.
+    _apply_liger_kernel_to_instance(
+        model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    return "liger"
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            elapsed = time.monotonic() - self.started
-            eta = elapsed / max(state.global_step, 1) * (max_steps - state.global_step)
-            tokens = logs.get("num_tokens")
-            speed = f", {tokens / elapsed:,.0f} tokens/s" if tokens else ""
-            progress(
-                f"step {state.global_step}/{max_steps}, loss {logs['loss']:.3f}{speed}, ETA {eta:.0f}s"
-            )
 
-    return ReportProgress()
+def decoder_layers(model) -> list:
+    """The repeated decoder blocks of a (PEFT-wrapped) causal LM: the unit worth compiling."""
+    import torch
+
+    return next(m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList))
+
+
+# --- Measuring --------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peak, from the vendors' datasheets (SXM parts unless named).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12,
+                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name in device_name:
+            return flops
+    return None
+
+
+def lora_training_flops(config, tokens: int, attended_pairs: int, lora_r: int) -> float:
+    """Model FLOPs of LoRA training on `tokens` tokens (PaLM-style: what the math needs,
+    not what a kernel recomputes).
+
+    Frozen weights (every projection and the LM head) cost a forward and an input-gradient
+    matmul: 4 FLOPs per weight per token. LoRA's A and B add the same plus their weight
+    gradients: 6. Attention costs 4 * head_dim * heads per attended (query, key) pair forward,
+    twice that backward; `attended_pairs` counts the causal pairs inside each packed sequence.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q_out, kv_out, mlp = heads * head_dim, kv_heads * head_dim, config.intermediate_size
+    projections = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden),
+                   (hidden, mlp), (hidden, mlp), (mlp, hidden)]
+    frozen = layers * sum(a * b for a, b in projections) + hidden * config.vocab_size
+    lora = layers * sum(lora_r * (a + b) for a, b in projections)
+    attention = 12 * layers * heads * head_dim * attended_pairs
+    return tokens * (4 * frozen + 6 * lora) + attention
+
+
+class TrainingMeter:
+    """Counts the tokens each step trains on and times the steps: tokens/s, ETA, MFU, memory.
+
+    It wraps the trainer's collator (to see each batch's sequence lengths) and is the trainer's
+    progress callback. Speed is measured after `warmup_steps`, so one-off costs (kernel
+    autotuning, compilation, the first CUDA allocations) are reported apart.
+    """
+
+    def __init__(self, max_steps: int, progress: Callable[[str], None], warmup_steps: int = 3):
+        self.max_steps, self.progress, self.warmup_steps = max_steps, progress, warmup_steps
+        # (tokens, attended pairs) of each batch collated; the data loader collates one batch
+        # ahead, so a step's count is the sum over the batches it consumed.
+        self.batches: list[tuple[int, int]] = []
+        self.batches_per_step = 1
+        self.marks: dict[int, tuple[float, int, int]] = {}
+
+    def through(self, step: int) -> tuple[int, int]:
+        consumed = self.batches[: step * self.batches_per_step]
+        return sum(t for t, _ in consumed), sum(p for _, p in consumed)
+
+    @property
+    def tokens(self) -> int:
+        return self.marks[max(self.marks)][1] if self.marks else 0
+
+    def attach(self, trainer):
+        from transformers import TrainerCallback
+
+        meter, collate = self, trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            if "cu_seq_lens_q" in batch:
+                lengths = batch["cu_seq_lens_q"].diff().tolist()
+            elif "attention_mask" in batch:
+                lengths = batch["attention_mask"].sum(dim=1).tolist()
+            else:
+                lengths = [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+            meter.batches.append((sum(lengths), sum(n * (n + 1) // 2 for n in lengths)))
+            return batch
+
+        class Progress(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                meter.mark(0)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step in (meter.warmup_steps, meter.max_steps):
+                    meter.mark(state.global_step)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    meter.report(state.global_step, logs["loss"])
+
+        trainer.data_collator = counting_collator
+        trainer.add_callback(Progress())
+        self.batches_per_step = trainer.args.gradient_accumulation_steps
+        self.config = trainer.model.config
+        return self
+
+    def mark(self, step: int):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # device work is asynchronous: only time finished steps
+        self.marks[step] = (time.perf_counter(), *self.through(step))
+
+    def report(self, step: int, loss: float):
+        started = self.marks[0][0]
+        elapsed = time.perf_counter() - started
+        eta = elapsed / max(step, 1) * (self.max_steps - step)
+        tokens, _ = self.through(step)
+        self.progress(
+            f"step {step}/{self.max_steps}, loss {loss:.3f}, {tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s"
+        )
+
+    def summary(self, lora_r: int) -> dict:
+        import torch
+
+        end_step = max(self.marks)
+        start_step = self.warmup_steps if self.warmup_steps in self.marks and self.warmup_steps < end_step else 0
+        (t0, tokens0, pairs0), (t1, tokens1, pairs1) = self.marks[start_step], self.marks[end_step]
+        seconds, tokens = t1 - t0, tokens1 - tokens0
+        flops = lora_training_flops(self.config, tokens, pairs1 - pairs0, lora_r)
+        measured = {
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "timed_steps": f"{start_step + 1}-{end_step}",
+            "model_tflops_per_second": round(flops / seconds / 1e12, 2) if seconds > 0 else None,
+        }
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            peak = peak_flops(name)
+            measured["gpu"] = name
+            measured["mfu"] = round(flops / seconds / peak, 4) if peak and seconds > 0 else None
+            measured["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return measured
+
+
+# --- Training ---------------------------------------------------------------------------------
+
+
+def sft_config(output_dir: Path, settings: TrainSettings, **overrides):
+    """TRL's SFTConfig for our runs: completion-only loss on packed, padding-free rows."""
+    from trl import SFTConfig
+
+    device = training_device()
+    options = dict(
+        output_dir=str(output_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.max_steps // 10),
+        logging_steps=settings.logging_steps or max(1, settings.max_steps // 10),
+        max_length=settings.max_length,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        report_to="none",
+        seed=settings.seed,
+        # A 135M-3B model's activations for a few packed rows fit in GPU memory many times
+        # over; recomputing them (TRL's default) only costs time.
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    return SFTConfig(**options)
+
+
+def lora_config(settings: TrainSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
 
 
 def train_adapter(
@@ -124,68 +434,55 @@ def train_adapter(
     output_dir: Path,
     settings: TrainSettings,
     progress: Callable[[str], None] = print,
+    warmup_steps: int = 3,
+    callbacks: list | tuple = (),
 ) -> dict:
-    """Train one LoRA adapter; returns training metrics. The adapter lands in output_dir."""
+    """Train one LoRA adapter; returns training metrics. The adapter lands in output_dir.
+
+    Speed (tokens/s, MFU) is measured over the steps after `warmup_steps`.
+    """
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from datasets.utils.logging import disable_progress_bar
     from transformers import AutoTokenizer, PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = Dataset.from_list(training_examples(train_calls))
+    examples = training_examples(train_calls)
+    cut, lost = calls_cut_by_max_length(tokenizer, examples, settings.max_length)
+    if lost == len(examples):
+        raise ValueError(f"max_length {settings.max_length} is shorter than every call's prompt: nothing would be "
+                         "trained; raise max_length")
+    if cut:
+        progress(f"{cut} of {len(examples)} calls are longer than max_length {settings.max_length} tokens "
+                 f"({lost} without any answer token left): their answers are cut; raise max_length to keep them")
+    dataset = Dataset.from_list(examples)
     device = training_device()
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
-    config = SFTConfig(
-        output_dir=str(checkpoints),
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, settings.max_steps // 10),
-        logging_steps=max(1, settings.max_steps // 10),
-        max_length=settings.max_length,
-        completion_only_loss=True,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
-        save_strategy="no",
-        report_to="none",
-        seed=settings.seed,
-        # A 135M-500M model's activations fit in memory many times over; recomputing them
-        # (TRL's default) only costs time.
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    peft_config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
+    model = _load_base_for_training(base_dir, settings, settings.attention)
+    kernels = apply_kernels(model, settings)
     trainer = SFTTrainer(
-        model=_load_base_for_training(base_dir, settings),
-        args=config,
+        model=model,
+        args=sft_config(checkpoints, settings),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[_progress_callback(progress, settings.max_steps)],
+        peft_config=lora_config(settings),
+        callbacks=list(callbacks),
     )
-    # Our callback reports progress; the default printer would dump every log dict to stdout.
+    # The meter reports progress; the default printer would dump every log dict to stdout.
     trainer.remove_callback(PrinterCallback)
+    meter = TrainingMeter(settings.max_steps, progress, warmup_steps).attach(trainer)
+    if settings.compile and device == "cuda":
+        for layer in decoder_layers(trainer.model):
+            layer.compile(dynamic=True)
     started = time.monotonic()
     result = trainer.train()
+    meter.mark(result.global_step)
     seconds = time.monotonic() - started
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    tokens = trainer.state.num_input_tokens_seen or next(
-        (log["num_tokens"] for log in reversed(trainer.state.log_history) if "num_tokens" in log), 0
-    )
 
     # Written aside and renamed, so a killed run never leaves a half-written adapter in place.
     staging = output_dir.with_name(output_dir.name + ".partial")
@@ -200,8 +497,11 @@ def train_adapter(
         "train_calls": int(len(train_calls)),
         "steps": int(result.global_step),
         "seconds": round(seconds, 1),
-        "tokens": int(tokens),
-        "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
+        "tokens": int(meter.tokens),
+        **meter.summary(settings.lora_r),
+        "kernels": kernels,
+        "compiled": bool(settings.compile and device == "cuda"),
+        "calls_cut_by_max_length": cut,
         "first_loss": round(losses[0], 4) if losses else None,
         "final_loss": round(losses[-1], 4) if losses else None,
         "loss_curve": [round(x, 4) for x in losses],

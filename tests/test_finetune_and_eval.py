@@ -67,3 +67,72 @@ def test_threshold_is_the_lowest_confidence_that_keeps_the_floor():
     threshold, coverage = evaluate.calibrate_threshold(scored, quality_floor=0.8)
     assert threshold == 0.7 and coverage == 0.75  # (1 + 1 + 0.5) / 3 >= 0.8 > 2.5 / 4
     assert evaluate.calibrate_threshold(scored.assign(score=0.0), 0.8) == (None, 0.0)
+
+
+def test_packed_attention_keeps_each_call_to_itself(base_model_dir):
+    """A padding-free row of four calls gives each call the logits it gets alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    finetune.register_packed_attention()
+    packed = AutoModelForCausalLM.from_pretrained(base_model_dir, attn_implementation=finetune.PACKED_ATTENTION)
+    alone = AutoModelForCausalLM.from_pretrained(base_model_dir, attn_implementation="sdpa")
+    lengths = [7, 30, 1, 12]
+    generator = torch.Generator().manual_seed(0)
+    calls = [torch.randint(0, packed.config.vocab_size, (n,), generator=generator) for n in lengths]
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        row = packed(
+            input_ids=torch.cat(calls)[None],
+            position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=max(lengths), max_length_k=max(lengths),
+        ).logits[0]
+        expected = torch.cat([alone(input_ids=c[None]).logits[0] for c in calls])
+    assert ((row - expected).norm() / expected.norm()).item() < 1e-5
+    # and a call that attended across its neighbour's boundary would differ by far more
+    with torch.no_grad():
+        unpacked = alone(input_ids=torch.cat(calls)[None]).logits[0]
+    assert ((unpacked - expected).norm() / expected.norm()).item() > 1e-2
+
+
+def test_training_flops_count_every_weight_of_the_model(base_model_dir):
+    """4 FLOPs per frozen weight and 6 per LoRA weight per token: checked against the real
+    parameter counts of SmolLM2 and of PEFT's adapter, not against the formula itself."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    # every matrix (tied: the embedding is the LM head); norms' scales are not matmul weights
+    frozen = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    peft_model = get_peft_model(model, finetune.lora_config(finetune.TrainSettings(lora_r=16)))
+    lora, _ = peft_model.get_nb_trainable_parameters()
+    assert finetune.lora_training_flops(model.config, 1, 0, 16) == 4 * frozen + 6 * lora
+    # attention: 12 * layers * heads * head_dim FLOPs per attended pair (forward and backward)
+    config = model.config
+    per_pair = 12 * config.num_hidden_layers * config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    assert finetune.lora_training_flops(config, 0, 10, 16) == 10 * per_pair
+    assert finetune.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert finetune.peak_flops("NVIDIA H100 PCIe") == 756e12 and finetune.peak_flops("Some CPU") is None
+
+
+def test_calls_longer_than_max_length_are_counted_and_a_useless_max_length_refused(intent_calls, base_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    examples = finetune.training_examples(intent_calls.iloc[:20])
+    assert finetune.calls_cut_by_max_length(tokenizer, examples, 4096) == (0, 0)
+    cut, lost = finetune.calls_cut_by_max_length(tokenizer, examples, 16)
+    assert cut == lost == 20
+    with pytest.raises(ValueError, match="raise max_length"):
+        finetune.train_adapter(base_model_dir, intent_calls.iloc[:4], tmp_path / "adapter",
+                               finetune.TrainSettings(max_steps=1, max_length=16))
+
+
+def test_kernel_choices_fail_clearly_where_they_cannot_run():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        finetune.apply_kernels(None, finetune.TrainSettings(kernels="liger"))
+    with pytest.raises(ValueError, match="do not go together"):
+        finetune.apply_kernels(None, finetune.TrainSettings(kernels="liger", compile=True))
+    with pytest.raises(ValueError, match="expected auto, liger or none"):
+        finetune.apply_kernels(None, finetune.TrainSettings(kernels="fast"))
+    assert finetune.apply_kernels(None, finetune.TrainSettings()) == "none"  # auto on CPU
