@@ -23,6 +23,7 @@ all_checks = [
     data.at_least_one_cluster,
     models.chosen_candidates_available,
     models.adapters_are_complete,
+    models.no_known_pii_in_adapters,
     promotion.holdout_never_trained_on,
     promotion.routes_point_at_adapters,
 ]

@@ -1,7 +1,6 @@
 """Steps 4-5 as assets: slm_candidates -> finetuned_adapters."""
 
-import hashlib
-import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import dagster as dg
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
-from pipeline import finetune, models, select
+from pipeline import curate, finetune, models, select
 from pipeline.cluster import cluster_key
 from pipeline.store import read_json, read_table, write_json
 
@@ -93,6 +92,8 @@ class FinetuneConfig(dg.Config):
     quantization: str = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
     kernels: str = "auto"  # "liger": Liger's fused kernels (CUDA); "none"; auto: Liger where it runs
     compile: bool = False  # torch.compile each decoder layer (CUDA; the fastest on an H100)
+    save_steps: int = 0  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
+    merged_weights: bool = False  # also write the base model with the adapter merged in (servers without LoRA)
     holdout_fraction: float = 0.2  # latest share of each cluster's calls, kept for shadow eval
     min_holdout: int = 10
     max_holdout: int = 200
@@ -103,12 +104,6 @@ class FinetuneConfig(dg.Config):
 
     def split_settings(self) -> finetune.SplitSettings:
         return finetune.SplitSettings(self.holdout_fraction, self.min_holdout, self.max_holdout)
-
-
-def _fingerprint(base: str, train_ids: list[str], settings: finetune.TrainSettings) -> str:
-    """Changes whenever the data or the settings of a cluster's training change."""
-    payload = json.dumps([base, sorted(train_ids), asdict(settings)], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dg.asset(group_name=GROUP, deps=[slm_candidates], kinds={"pytorch"})
@@ -130,27 +125,43 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         members = calls[calls["cluster_id"] == choice["cluster_id"]]
         train, holdout = finetune.split_by_time(members, config.split_settings())
         base_dir = models.resolve_model_dir(candidates[choice["candidate"]], pipeline_store.model_cache())
-        fingerprint = _fingerprint(choice["candidate"], list(train["trace_id"]), settings)
-        adapter_dir = store.adapters / key / "adapter"
+        fingerprint = finetune.training_fingerprint(choice["candidate"], list(train["trace_id"]), settings)
+        adapter_dir, merged_dir = store.adapters / key / "adapter", store.adapters / key / "merged"
         record_path = store.adapters / key / "training.json"
-        if record_path.exists() and adapter_dir.exists() and read_json(record_path).get("fingerprint") == fingerprint:
+        kept = read_json(record_path) if record_path.exists() and adapter_dir.exists() else None
+        if kept and kept.get("fingerprint") == fingerprint:
             context.log.info(f"{key}: data and settings unchanged, keeping its adapter")
-            trained.append(read_json(record_path))
-            continue
-        context.log.info(f"{key}: training {choice['candidate']} on {len(train)} calls, {len(holdout)} held out")
-        metrics = finetune.train_adapter(base_dir, train, adapter_dir, settings, progress=lambda m, k=key: context.log.info(f"{k}: {m}"))
-        record = {
-            "cluster_id": choice["cluster_id"],
-            "label": choice["label"],
-            "candidate": choice["candidate"],
-            "base_dir": str(base_dir),
-            "adapter_dir": str(adapter_dir),
-            "fingerprint": fingerprint,
-            "train_ids": list(train["trace_id"]),
-            "holdout_ids": list(holdout["trace_id"]),
-            "metrics": metrics,
-        }
-        write_json(record_path, record)
+            record = kept
+        else:
+            context.log.info(f"{key}: training {choice['candidate']} on {len(train)} calls, {len(holdout)} held out")
+            card = finetune.ModelCard(
+                base_model=choice["candidate"], licence=candidates[choice["candidate"]].licence,
+                task=choice["label"], cluster_id=int(choice["cluster_id"]),
+            )
+            metrics = finetune.train_adapter(
+                base_dir, train, adapter_dir, settings, progress=lambda m, k=key: context.log.info(f"{k}: {m}"),
+                card=card, fingerprint=fingerprint,
+            )
+            shutil.rmtree(merged_dir, ignore_errors=True)  # merged from the previous adapter
+            record = {
+                "cluster_id": choice["cluster_id"],
+                "label": choice["label"],
+                "candidate": choice["candidate"],
+                "base_dir": str(base_dir),
+                "adapter_dir": str(adapter_dir),
+                "fingerprint": fingerprint,
+                "train_ids": list(train["trace_id"]),
+                "holdout_ids": list(holdout["trace_id"]),
+                "metrics": metrics,
+            }
+        if config.merged_weights and not (merged_dir / "config.json").is_file():
+            context.log.info(f"{key}: merging the adapter into {choice['candidate']}'s weights")
+            finetune.merge_adapter(base_dir, adapter_dir, merged_dir)
+        elif not config.merged_weights:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+        record = {**record, "merged_dir": str(merged_dir) if config.merged_weights else None}
+        if record != kept:  # a kept adapter's record stays untouched
+            write_json(record_path, record)
         trained.append(record)
 
     write_json(store.stats("finetuned_adapters"), [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in trained])
@@ -158,10 +169,11 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         metadata={
             "adapters": len(trained),
             "training": markdown_table(
-                ["cluster", "model", "train calls", "steps", "loss first → last", "tokens/s"],
+                ["cluster", "model", "train calls", "steps", "loss first → last", "tokens/s", "MFU", "peak GiB"],
                 [
                     [r["cluster_id"], r["candidate"], r["metrics"]["train_calls"], r["metrics"]["steps"],
-                     f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"]["tokens_per_second"]]
+                     f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"]["tokens_per_second"],
+                     r["metrics"].get("mfu", "–"), r["metrics"].get("peak_memory_gib", "–")]
                     for r in trained
                 ],
             ),
@@ -178,3 +190,19 @@ def adapters_are_complete(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
         or not (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file()
     ]
     return dg.AssetCheckResult(passed=not incomplete, metadata={"adapters": len(records), "incomplete": incomplete})
+
+
+@dg.asset_check(
+    asset=finetuned_adapters,
+    blocking=True,
+    description="No e-mail, card number, US phone number, API key, token, private key or password pattern in the text that ships with an adapter (model card, metrics, configs, chat template).",
+)
+def no_known_pii_in_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
+    records = read_json(pipeline_store.store().stats("finetuned_adapters"))
+    # the vocabulary files come unchanged from the base model and are left out
+    written = ("README.md", "training_metrics.json", "adapter_config.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json")
+    files = [Path(r["adapter_dir"]) / name for r in records for name in written
+             if (Path(r["adapter_dir"]) / name).is_file()]
+    leaks = {str(f): found for f in files if sum((found := curate.find_leaks([f.read_text(errors="replace")])).values())}
+    return dg.AssetCheckResult(passed=not leaks, metadata={"files_scanned": len(files), "files_with_leaks": dg.MetadataValue.json(leaks)})

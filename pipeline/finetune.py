@@ -7,6 +7,8 @@ split by time first: the latest ones are held out for shadow evaluation and neve
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -49,6 +51,7 @@ class TrainSettings:
     # "flex_attention" or "sdpa": transformers' own, given the packed calls' position ids.
     attention: str = PACKED_ATTENTION
     logging_steps: int = 0  # loss and speed logged every this many steps; 0: ten times a run
+    save_steps: int = 0  # a checkpoint every this many steps (resume point); 0: every tenth, >= 10
 
 
 @dataclass
@@ -297,10 +300,12 @@ class TrainingMeter:
         # ahead, so a step's count is the sum over the batches it consumed.
         self.batches: list[tuple[int, int]] = []
         self.batches_per_step = 1
+        self.first_step = 0  # where this run starts: a resumed run starts at its checkpoint
         self.marks: dict[int, tuple[float, int, int]] = {}
 
     def through(self, step: int) -> tuple[int, int]:
-        consumed = self.batches[: step * self.batches_per_step]
+        """(tokens, attended pairs) this run trained on up to the end of `step`."""
+        consumed = self.batches[: (step - self.first_step) * self.batches_per_step]
         return sum(t for t, _ in consumed), sum(p for _, p in consumed)
 
     @property
@@ -325,10 +330,11 @@ class TrainingMeter:
 
         class Progress(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                meter.mark(0)
+                meter.first_step = state.global_step
+                meter.mark(state.global_step)
 
             def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step in (meter.warmup_steps, meter.max_steps):
+                if state.global_step in (meter.first_step + meter.warmup_steps, meter.max_steps):
                     meter.mark(state.global_step)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -349,9 +355,9 @@ class TrainingMeter:
         self.marks[step] = (time.perf_counter(), *self.through(step))
 
     def report(self, step: int, loss: float):
-        started = self.marks[0][0]
+        started = self.marks[self.first_step][0]
         elapsed = time.perf_counter() - started
-        eta = elapsed / max(step, 1) * (self.max_steps - step)
+        eta = elapsed / max(step - self.first_step, 1) * (self.max_steps - step)
         tokens, _ = self.through(step)
         self.progress(
             f"step {step}/{self.max_steps}, loss {loss:.3f}, {tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s"
@@ -361,7 +367,8 @@ class TrainingMeter:
         import torch
 
         end_step = max(self.marks)
-        start_step = self.warmup_steps if self.warmup_steps in self.marks and self.warmup_steps < end_step else 0
+        start_step = self.first_step + self.warmup_steps
+        start_step = start_step if start_step in self.marks and start_step < end_step else self.first_step
         (t0, tokens0, pairs0), (t1, tokens1, pairs1) = self.marks[start_step], self.marks[end_step]
         seconds, tokens = t1 - t0, tokens1 - tokens0
         flops = lora_training_flops(self.config, tokens, pairs1 - pairs0, lora_r)
@@ -428,6 +435,93 @@ def lora_config(settings: TrainSettings):
     )
 
 
+def training_fingerprint(base_model: str, train_ids: list[str], settings: TrainSettings) -> str:
+    """Changes whenever a cluster's training data or settings change: an adapter (or a half-done
+    run's checkpoint) with the same fingerprint is the one this training would produce."""
+    payload = json.dumps([base_model, sorted(train_ids), asdict(settings)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def resumable_checkpoint(checkpoints: Path, fingerprint: str) -> Path | None:
+    """The last checkpoint a killed run of the same training left, if any; checkpoints of any
+    other training (data or settings changed since) are removed."""
+    marker = checkpoints / "fingerprint"
+    if checkpoints.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        shutil.rmtree(checkpoints)
+    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    # a checkpoint is complete once the trainer state, written last, is there
+    complete = [c for c in saved if (c / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+@dataclass
+class ModelCard:
+    """What an adapter's README says about where it came from (no training examples)."""
+
+    base_model: str
+    licence: str
+    task: str  # the cluster's label
+    cluster_id: int
+
+
+def write_model_card(adapter_dir: Path, card: ModelCard, metrics: dict) -> None:
+    settings = metrics["settings"]
+    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    first, last = metrics.get("first_called_at", "?"), metrics.get("last_called_at", "?")
+    text = f"""---
+base_model: {card.base_model}
+library_name: peft
+license: {card.licence.lower()}
+tags: [slm-convert, lora]
+---
+# LoRA adapter for task cluster {card.cluster_id}: {card.task}
+
+Trained by slm-convert to take over this step of an agent from the frontier model that served
+it. Whether it may answer live traffic is decided by shadow evaluation and the promotion gate,
+not by this card.
+
+## Data
+- {metrics["train_calls"]} logged calls of the cluster, {first} to {last}; the cluster's latest
+  calls are held out for evaluation and were not trained on.
+- {metrics["tokens"]:,} tokens trained on ({metrics["steps"]} steps); {metrics["calls_cut_by_max_length"]} calls
+  longer than max_length {settings["max_length"]} had their answers cut.
+- Curated before training: personal data and secrets replaced by typed placeholders,
+  duplicates and calls with errored, truncated or rejected answers removed. This card holds no
+  training example.
+
+## Training
+- Base model: {card.base_model} (licence: {card.licence}); LoRA on all linear layers;
+  loss on the logged answers only.
+- Device: {metrics["device"]}{", " + metrics["gpu"] if metrics.get("gpu") else ""}; {metrics["seconds"]} s;
+  {metrics["tokens_per_second"]} tokens/s; loss {metrics["first_loss"]} -> {metrics["final_loss"]}.
+
+| setting | value |
+|---|---|
+{rows}
+"""
+    (adapter_dir / "README.md").write_text(text)
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
+    """The base model with the adapter folded into its weights, for servers without LoRA.
+
+    Merged from a full-precision copy of the base, also after QLoRA (4-bit weights cannot hold
+    the sum); written aside and renamed like the adapter.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
 def train_adapter(
     base_dir: Path,
     train_calls: pd.DataFrame,
@@ -436,10 +530,14 @@ def train_adapter(
     progress: Callable[[str], None] = print,
     warmup_steps: int = 3,
     callbacks: list | tuple = (),
+    card: ModelCard | None = None,
+    fingerprint: str | None = None,
 ) -> dict:
     """Train one LoRA adapter; returns training metrics. The adapter lands in output_dir.
 
-    Speed (tokens/s, MFU) is measured over the steps after `warmup_steps`.
+    Checkpoints go to a folder beside output_dir every `save_steps`; a run killed midway
+    resumes from its last one when called again with the same data and settings. Speed
+    (tokens/s, MFU) is measured over the steps after `warmup_steps`.
     """
     import torch
     from datasets import Dataset
@@ -459,15 +557,21 @@ def train_adapter(
     if cut:
         progress(f"{cut} of {len(examples)} calls are longer than max_length {settings.max_length} tokens "
                  f"({lost} without any answer token left): their answers are cut; raise max_length to keep them")
-    dataset = Dataset.from_list(examples)
     device = training_device()
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
+    fingerprint = fingerprint or training_fingerprint(str(base_dir), list(train_calls["trace_id"]), settings)
+    resume = resumable_checkpoint(checkpoints, fingerprint)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "fingerprint").write_text(fingerprint)
+    if resume:
+        progress(f"resuming from {resume.name}, left by a run that did not finish")
     model = _load_base_for_training(base_dir, settings, settings.attention)
     kernels = apply_kernels(model, settings)
+    save_steps = settings.save_steps or max(10, settings.max_steps // 10)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(checkpoints, settings),
-        train_dataset=dataset,
+        args=sft_config(checkpoints, settings, save_strategy="steps", save_steps=save_steps, save_total_limit=1),
+        train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
         peft_config=lora_config(settings),
         callbacks=list(callbacks),
@@ -479,23 +583,20 @@ def train_adapter(
         for layer in decoder_layers(trainer.model):
             layer.compile(dynamic=True)
     started = time.monotonic()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     meter.mark(result.global_step)
     seconds = time.monotonic() - started
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    if not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"training diverged: loss curve {[round(x, 4) for x in losses]}")
 
-    # Written aside and renamed, so a killed run never leaves a half-written adapter in place.
-    staging = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
     metrics = {
         "device": device,
         "train_calls": int(len(train_calls)),
+        "first_called_at": str(train_calls["called_at"].min())[:10],
+        "last_called_at": str(train_calls["called_at"].max())[:10],
         "steps": int(result.global_step),
+        "resumed_from_step": meter.first_step,
         "seconds": round(seconds, 1),
         "tokens": int(meter.tokens),
         **meter.summary(settings.lora_r),
@@ -505,10 +606,21 @@ def train_adapter(
         "first_loss": round(losses[0], 4) if losses else None,
         "final_loss": round(losses[-1], 4) if losses else None,
         "loss_curve": [round(x, 4) for x in losses],
+        "fingerprint": fingerprint,
         "settings": asdict(settings),
     }
-    if not all(math.isfinite(x) for x in losses):
-        raise RuntimeError(f"training diverged: loss curve {metrics['loss_curve']}")
+    # Written aside and renamed, so a killed run never leaves a half-written adapter in place.
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if card is not None:
+        write_model_card(staging, card, metrics)  # replaces PEFT's empty template
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     del trainer
     if device == "cuda":
         torch.cuda.empty_cache()

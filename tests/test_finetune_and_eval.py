@@ -1,6 +1,7 @@
 """Steps 5 and 6 on a real cluster of the sample, with the bundled base model (CPU, short)."""
 
 import math
+from json import loads as json_loads
 
 import pandas as pd
 import pytest
@@ -136,3 +137,92 @@ def test_kernel_choices_fail_clearly_where_they_cannot_run():
     with pytest.raises(ValueError, match="expected auto, liger or none"):
         finetune.apply_kernels(None, finetune.TrainSettings(kernels="fast"))
     assert finetune.apply_kernels(None, finetune.TrainSettings()) == "none"  # auto on CPU
+
+
+def test_checkpoints_of_other_training_are_not_resumed(tmp_path):
+    checkpoints = tmp_path / ".adapter.checkpoints"
+
+    def checkpoint(step: int, complete: bool = True):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+    checkpoint(5)
+    (checkpoints / "fingerprint").write_text("data or settings since changed")
+    assert finetune.resumable_checkpoint(checkpoints, "this training") is None and not checkpoints.exists()
+    checkpoint(5)
+    checkpoint(10)
+    checkpoint(15, complete=False)  # killed while writing it
+    (checkpoints / "fingerprint").write_text("this training")
+    assert finetune.resumable_checkpoint(checkpoints, "this training").name == "checkpoint-10"
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resumed_training(intent_calls, base_model_dir, tmp_path_factory):
+    """The same 4-step training twice: once straight through, once killed after step 3 (its
+    last checkpoint at step 2) and run again."""
+    from transformers import TrainerCallback
+
+    class KillAfterStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Killed()
+
+    train = intent_calls.iloc[:16]
+    settings = finetune.TrainSettings(max_steps=4, batch_size=1, max_length=384, save_steps=2, logging_steps=1)
+    card = finetune.ModelCard(base_model="SmolLM2-135M-Instruct", licence="Apache-2.0", task="classify intent", cluster_id=3)
+    straight = tmp_path_factory.mktemp("straight")
+    straight_metrics = finetune.train_adapter(base_model_dir, train, straight / "adapter", settings, progress=lambda m: None)
+    killed = tmp_path_factory.mktemp("killed")
+    with pytest.raises(_Killed):
+        finetune.train_adapter(base_model_dir, train, killed / "adapter", settings, progress=lambda m: None,
+                               callbacks=[KillAfterStep3()], card=card)
+    left = sorted(p.name for p in (killed / ".adapter.checkpoints").glob("checkpoint-*"))
+    adapter_after_kill = (killed / "adapter").exists()
+    messages = []
+    metrics = finetune.train_adapter(base_model_dir, train, killed / "adapter", settings, progress=messages.append, card=card)
+    return {"straight": straight / "adapter", "straight_metrics": straight_metrics, "resumed": killed / "adapter",
+            "metrics": metrics, "messages": messages, "left": left, "adapter_after_kill": adapter_after_kill,
+            "train": train}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_run_does(resumed_training):
+    from safetensors.torch import load_file
+
+    run = resumed_training
+    assert run["left"] == ["checkpoint-2"] and not run["adapter_after_kill"]
+    assert any("resuming from checkpoint-2" in m for m in run["messages"])
+    assert run["metrics"]["resumed_from_step"] == 2 and run["metrics"]["steps"] == 4
+    assert not (run["resumed"].parent / ".adapter.checkpoints").exists()
+    assert run["metrics"]["loss_curve"] == pytest.approx(run["straight_metrics"]["loss_curve"], abs=1e-4)
+    straight = load_file(run["straight"] / "adapter_model.safetensors")
+    resumed = load_file(run["resumed"] / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all((straight[k] - resumed[k]).abs().max() < 1e-5 for k in straight)
+
+
+@pytest.mark.slow
+def test_adapter_ships_a_model_card_without_training_text_and_merges_into_its_base(resumed_training, base_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter = resumed_training["resumed"]
+    card = (adapter / "README.md").read_text()
+    assert "base_model: SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    assert "task cluster 3: classify intent" in card and "16 logged calls" in card
+    user_texts = [m["content"] for p in finetune.training_examples(resumed_training["train"]) for m in p["prompt"]
+                  if m["role"] == "user"]
+    assert not any(text[:40] in card for text in user_texts)
+    assert json_loads((adapter / "training_metrics.json").read_text())["steps"] == 4
+
+    merged_dir = finetune.merge_adapter(base_model_dir, adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    model, _ = evaluate.load_adapter_model(base_model_dir, adapter)
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)

@@ -87,6 +87,9 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     for route in router["routes"]:
         assert (out / "registry" / version / route["adapter"] / "adapter_model.safetensors").is_file()
         assert 0 <= route["confidence_threshold"] <= 1
+    for card in (out / "adapters").glob("*/adapter/README.md"):  # each adapter's model card, ours not PEFT's template
+        assert "base_model: smollm2-135m-instruct" in card.read_text() and "More Information Needed" not in card.read_text()
+    assert len(list((out / "adapters").glob("*/adapter/README.md"))) == len(trained)
     members = [i for c in summary["clusters"] for i in c["member_ids"]] + summary["unclustered_ids"]
     assert len(members) == len(set(members)) == summary["counts"]["curated_traces"]["curated"]
     assert summary["paths"]["router_config"] == str(out / "registry" / version / "router.yaml")
