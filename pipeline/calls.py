@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -67,19 +68,29 @@ def render_answer(message: dict) -> str:
 
 
 def parse_tool_calls(answer: str) -> list[dict] | None:
-    """The tool calls written in an answer, or None if it calls no tool (or garbles the call)."""
-    match = _TOOL_CALL_BLOCK.search(answer)
-    if not match:
+    """The tool calls written in an answer, or None if it calls no tool (or garbles the call).
+
+    Reads the formats models write: one `<tool_call>` block holding a JSON list (SmolLM2, and
+    our rendering of logged answers), one block per call holding an object (Qwen2.5, Hermes),
+    or a bare JSON object with "name" and "parameters" (Llama 3.x).
+    """
+    blocks = _TOOL_CALL_BLOCK.findall(answer)
+    if not blocks:
+        bare = answer.strip()
+        if not (bare.startswith("{") and '"name"' in bare and ('"parameters"' in bare or '"arguments"' in bare)):
+            return None
+        blocks = [bare]
+    calls: list = []
+    for block in blocks:
+        try:
+            parsed = json.loads(block)
+        except json.JSONDecodeError:
+            return None
+        calls += parsed if isinstance(parsed, list) else [parsed]
+    if not calls or not all(isinstance(c, dict) for c in calls):
         return None
-    try:
-        calls = json.loads(match.group(1))
-    except json.JSONDecodeError:
-        return None
-    if isinstance(calls, dict):
-        calls = [calls]
-    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-        return None
-    return calls
+    return [{"name": c.get("name"), "arguments": c.get("arguments", c.get("parameters", {}))}
+            if "parameters" in c and "arguments" not in c else c for c in calls]
 
 
 def prompt_messages(messages_json: str, tools_json: str | None) -> list[dict]:
@@ -98,6 +109,55 @@ def prompt_messages(messages_json: str, tools_json: str | None) -> list[dict]:
         else:
             prompt.insert(0, {"role": "system", "content": instruction.strip()})
     return prompt
+
+
+@dataclass
+class Chat:
+    """A call as a model's chat template takes it: messages, and tools where the template
+    renders tool definitions itself (else they are described in the system message)."""
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the model's own chat template writes tool definitions and tool calls (Qwen2.5,
+    Llama 3.x do; SmolLM2's does not, and learned them as text in the system message)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("tool_use") or template.get("default")
+    return isinstance(template, str) and "tools" in template and "tool_calls" in template
+
+
+def answer_message(message: dict, native_tools: bool) -> dict:
+    """An assistant message as the model should produce it."""
+    if native_tools and message.get("tool_calls"):
+        return {
+            "role": "assistant",
+            "content": content_text(message.get("content")).strip(),
+            "tool_calls": [{"type": "function", "function": call} for call in _tool_call_list(message["tool_calls"])],
+        }
+    return {"role": "assistant", "content": render_answer(message)}
+
+
+def chat_of_call(messages_json: str, tools_json: str | None, native_tools: bool = False) -> Chat:
+    """The call's prompt for a model: through its own template's tool support where it has one."""
+    if not native_tools:
+        return Chat(prompt_messages(messages_json, tools_json))
+    messages = []
+    for message in json.loads(messages_json):
+        role = message.get("role", "user")
+        if role == "assistant":
+            messages.append(answer_message(message, native_tools=True))
+        else:
+            messages.append({"role": role, "content": content_text(message.get("content"))})
+    tools = json.loads(tools_json) if isinstance(tools_json, str) else None
+    return Chat(messages, tools or None)
+
+
+def render_prompt(tokenizer, chat: Chat) -> str:
+    """The prompt text the model continues with its answer."""
+    return tokenizer.apply_chat_template(chat.messages, tools=chat.tools, tokenize=False, add_generation_prompt=True)
 
 
 def baseline_answer(response_json: str) -> str:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.calls import baseline_answer, prompt_messages
+from pipeline.calls import Chat, baseline_answer, chat_of_call, render_prompt, renders_tools
 from pipeline.scoring import score_answer
 
 
@@ -47,7 +47,7 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path | None):
 
 
 def generate_answers(
-    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+    model, tokenizer, prompts: list[Chat], max_new_tokens: int, batch_size: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[tuple[str, float]]:
     """(answer, confidence) per prompt, generated greedily in batches."""
@@ -56,7 +56,7 @@ def generate_answers(
     results: list[tuple[str, float]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
+        texts = [render_prompt(tokenizer, chat) for chat in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             out = model.generate(
@@ -127,7 +127,8 @@ def evaluate_cluster(
     settings: GenerationSettings, progress: Callable[[str], None] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Scored held-out answers and the cluster's summary figures."""
-    prompts = [prompt_messages(m, t) for m, t in zip(holdout["messages"], holdout["tools"])]
+    native_tools = renders_tools(tokenizer)
+    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(holdout["messages"], holdout["tools"])]
     budget = answer_token_budget(tokenizer, train_answers, settings.max_new_tokens_cap)
     generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress)
     scored = score_holdout(holdout, generated)

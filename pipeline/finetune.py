@@ -18,7 +18,7 @@ from typing import Callable
 
 import pandas as pd
 
-from pipeline.calls import baseline_answer, prompt_messages
+from pipeline.calls import answer_message, chat_of_call, renders_tools
 
 
 PACKED_ATTENTION = "packed"
@@ -78,30 +78,41 @@ def split_by_time(calls: pd.DataFrame, settings: SplitSettings) -> tuple[pd.Data
     return train, holdout
 
 
-def training_examples(calls: pd.DataFrame) -> list[dict]:
-    """Conversational prompt/completion pairs; TRL puts the loss on the completion only."""
-    return [
-        {
-            "prompt": prompt_messages(m, t),
-            "completion": [{"role": "assistant", "content": baseline_answer(r)}],
-        }
-        for m, t, r in zip(calls["messages"], calls["tools"], calls["response_message"])
-    ]
+def training_examples(calls: pd.DataFrame, native_tools: bool = False) -> list[dict]:
+    """Conversational prompt/completion pairs (and tools, where the model's template renders
+    them): the loss goes on the completion, the logged answer, only."""
+    examples = []
+    for m, t, r in zip(calls["messages"], calls["tools"], calls["response_message"]):
+        chat = chat_of_call(m, t, native_tools)
+        examples.append({"prompt": chat.messages, "completion": [answer_message(json.loads(r), native_tools)],
+                         "tools": chat.tools})
+    return examples
 
 
-def calls_cut_by_max_length(tokenizer, examples: list[dict], max_length: int) -> tuple[int, int]:
+def tokenize_examples(tokenizer, examples: list[dict]) -> list[dict]:
+    """Token ids of each example through the model's own chat template, with a mask of the
+    answer's tokens (its end-of-turn token included, so the model learns to stop)."""
+    tokenized = []
+    for example in examples:
+        prompt = tokenizer.apply_chat_template(example["prompt"], tools=example["tools"], tokenize=True,
+                                               add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tools=example["tools"],
+                                             tokenize=True, return_dict=False)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the chat template renders a prompt differently once the answer follows it; "
+                             "training needs the prompt's tokens to be a prefix of the whole call's")
+        tokenized.append({"input_ids": full, "completion_mask": [0] * len(prompt) + [1] * (len(full) - len(prompt))})
+    return tokenized
+
+
+def calls_cut_by_max_length(tokenized: list[dict], max_length: int) -> tuple[int, int]:
     """(calls whose answer is cut short, calls with no answer token left) at this max_length.
 
     Packing truncates each call to max_length tokens, prompt first: a call whose prompt alone
     fills the row trains on nothing, silently. This counts them so a run can say so.
     """
-    cut = lost = 0
-    for example in examples:
-        prompt = len(tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False))
-        answer = len(tokenizer(example["completion"][0]["content"], add_special_tokens=False)["input_ids"]) + 2
-        cut += prompt + answer > max_length
-        lost += prompt >= max_length
+    cut = sum(len(t["input_ids"]) > max_length for t in tokenized)
+    lost = sum(t["completion_mask"].index(1) >= max_length if 1 in t["completion_mask"] else True for t in tokenized)
     return cut, lost
 
 
@@ -549,13 +560,13 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = training_examples(train_calls)
-    cut, lost = calls_cut_by_max_length(tokenizer, examples, settings.max_length)
-    if lost == len(examples):
+    tokenized = tokenize_examples(tokenizer, training_examples(train_calls, renders_tools(tokenizer)))
+    cut, lost = calls_cut_by_max_length(tokenized, settings.max_length)
+    if lost == len(tokenized):
         raise ValueError(f"max_length {settings.max_length} is shorter than every call's prompt: nothing would be "
                          "trained; raise max_length")
     if cut:
-        progress(f"{cut} of {len(examples)} calls are longer than max_length {settings.max_length} tokens "
+        progress(f"{cut} of {len(tokenized)} calls are longer than max_length {settings.max_length} tokens "
                  f"({lost} without any answer token left): their answers are cut; raise max_length to keep them")
     device = training_device()
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
@@ -571,7 +582,7 @@ def train_adapter(
     trainer = SFTTrainer(
         model=model,
         args=sft_config(checkpoints, settings, save_strategy="steps", save_steps=save_steps, save_total_limit=1),
-        train_dataset=Dataset.from_list(examples),
+        train_dataset=Dataset.from_list(tokenized),  # tokenized already: TRL packs it as it is
         processing_class=tokenizer,
         peft_config=lora_config(settings),
         callbacks=list(callbacks),

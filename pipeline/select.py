@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import evaluate
-from pipeline.calls import baseline_answer, prompt_messages
+from pipeline.calls import Chat, answer_message, baseline_answer, chat_of_call, renders_tools
 from pipeline.cluster import output_statistics
 from pipeline.models import Candidate, availability, resolve_model_dir
 from pipeline.scoring import FINAL_NUMBER, FREE_TEXT, score_answer
@@ -116,13 +116,13 @@ def probe_calls(members: pd.DataFrame, settings: ProbeSettings) -> tuple[pd.Data
     return ordered.iloc[: settings.shots], ordered.iloc[settings.shots : settings.shots + settings.calls]
 
 
-def few_shot_prompt(prompt: list[dict], examples: list[tuple[list[dict], str]]) -> list[dict]:
+def few_shot_prompt(prompt: Chat, examples: list[tuple[Chat, dict]]) -> Chat:
     """The prompt with solved calls as earlier turns: their messages, then the answer given."""
-    system = [m for m in prompt[:1] if m["role"] == "system"]
+    system = [m for m in prompt.messages[:1] if m["role"] == "system"]
     turns = []
     for example, answer in examples:
-        turns += [m for m in example if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
-    return system + turns + prompt[len(system) :]
+        turns += [m for m in example.messages if m["role"] != "system"] + [answer]
+    return Chat(system + turns + prompt.messages[len(system) :], prompt.tools)
 
 
 def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> dict:
@@ -130,12 +130,14 @@ def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> d
     shots, calls = probe_calls(members, settings)
     if calls.empty:
         return {"calls": 0, "zero_shot": None, "few_shot": None}
-    prompts = [prompt_messages(m, t) for m, t in zip(calls["messages"], calls["tools"])]
-    examples = [(prompt_messages(m, t), baseline_answer(r)) for m, t, r in zip(shots["messages"], shots["tools"], shots["response_message"])]
+    native_tools = renders_tools(tokenizer)
+    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(calls["messages"], calls["tools"])]
+    examples = [(chat_of_call(m, t, native_tools), answer_message(json.loads(r), native_tools))
+                for m, t, r in zip(shots["messages"], shots["tools"], shots["response_message"])]
     baselines = [baseline_answer(r) for r in calls["response_message"]]
     budget = evaluate.answer_token_budget(tokenizer, baselines, settings.max_new_tokens_cap)
 
-    def mean_score(arm_prompts: list[list[dict]]) -> float:
+    def mean_score(arm_prompts: list[Chat]) -> float:
         answers = evaluate.generate_answers(model, tokenizer, arm_prompts, budget, settings.batch_size)
         return round(float(np.mean([score_answer(b, a)[1] for b, (a, _) in zip(baselines, answers)])), 4)
 

@@ -120,10 +120,13 @@ def test_calls_longer_than_max_length_are_counted_and_a_useless_max_length_refus
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-    examples = finetune.training_examples(intent_calls.iloc[:20])
-    assert finetune.calls_cut_by_max_length(tokenizer, examples, 4096) == (0, 0)
-    cut, lost = finetune.calls_cut_by_max_length(tokenizer, examples, 16)
+    tokenized = finetune.tokenize_examples(tokenizer, finetune.training_examples(intent_calls.iloc[:20]))
+    assert finetune.calls_cut_by_max_length(tokenized, 4096) == (0, 0)
+    cut, lost = finetune.calls_cut_by_max_length(tokenized, 16)
     assert cut == lost == 20
+    lengths = [len(t["input_ids"]) for t in tokenized]
+    longest = max(lengths)  # only the longest calls lose the end of their answer
+    assert finetune.calls_cut_by_max_length(tokenized, longest - 1) == (lengths.count(longest), 0)
     with pytest.raises(ValueError, match="raise max_length"):
         finetune.train_adapter(base_model_dir, intent_calls.iloc[:4], tmp_path / "adapter",
                                finetune.TrainSettings(max_steps=1, max_length=16))

@@ -72,3 +72,59 @@ def test_prompts_describe_tools_and_answers_round_trip(ingested):
     assert [c["name"] for c in parsed] == [
         c["function"]["name"] for c in json.loads(row["response_message"])["tool_calls"]
     ]
+
+
+# A chat template that renders tools itself, in the Qwen2.5 / Hermes style (the real ones are not
+# on this machine): tool definitions in the system turn, one <tool_call> block per call.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}"
+    "# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}<|im_start|>{{ message.role }}\n"
+    "{%- if message.content %}{{ message.content }}{% endif %}"
+    "{%- for call in message.tool_calls or [] %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_tool_calls_are_read_in_every_format_models_write():
+    ours = '<tool_call>[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]</tool_call>'
+    qwen = '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>'
+    llama = '{"name": "a", "parameters": {"x": 1}}'
+    expected = [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]
+    assert calls.parse_tool_calls(ours) == expected == calls.parse_tool_calls(qwen)
+    assert calls.parse_tool_calls(llama) == expected[:1]
+    assert calls.parse_tool_calls('{"answer": "no tool"}') is None
+    assert calls.parse_tool_calls("<tool_call>[{broken</tool_call>") is None
+    assert scoring.score_answer(ours, qwen)[1] == 1.0
+
+
+def test_training_uses_the_models_own_template_for_tools_and_tool_calls(ingested, base_model_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline import finetune
+
+    traces = ingested.traces
+    row = traces[traces["finish_reason"] == "tool_calls"].iloc[[0]]
+    tool_name = json.loads(row["tools"].iloc[0])[0]["function"]["name"]
+    smollm = AutoTokenizer.from_pretrained(base_model_dir)
+    assert not calls.renders_tools(smollm)  # SmolLM2 learned tools as text in the system message
+    tool_aware = AutoTokenizer.from_pretrained(base_model_dir)
+    tool_aware.chat_template = TOOL_TEMPLATE
+    assert calls.renders_tools(tool_aware)
+
+    for tokenizer, native in ((smollm, False), (tool_aware, True)):
+        example = finetune.training_examples(row, native)[0]
+        tokenized = finetune.tokenize_examples(tokenizer, [example])[0]
+        text = tokenizer.decode(tokenized["input_ids"])
+        answer = tokenizer.decode([t for t, m in zip(tokenized["input_ids"], tokenized["completion_mask"]) if m])
+        assert f'"name": "{tool_name}"' in text  # the tool's definition is in the prompt
+        # the loss covers exactly the answer: the call of the tool, and the end of the turn
+        assert answer.startswith(("<tool_call>", "\n<tool_call>")) and answer.rstrip().endswith("<|im_end|>")
+        assert calls.parse_tool_calls(answer.replace("<|im_end|>", "")) == calls.parse_tool_calls(
+            calls.baseline_answer(row["response_message"].iloc[0]))
+        if native:
+            assert example["tools"] and "# Tools" in text and calls.TOOLS_INSTRUCTION[:20] not in text
+        else:
+            assert example["tools"] is None and "You can call these tools" in text

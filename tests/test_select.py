@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline import models, select
+from pipeline.calls import Chat
 from tests.conftest import REPO
 
 CANDIDATES = REPO / "configs" / "candidates.yaml"
@@ -72,12 +73,13 @@ def test_probe_calls_come_from_the_earliest_half_and_examples_precede_the_call(c
     ordered = members.sort_values(["called_at", "trace_id"], kind="stable")
     assert set(shots["trace_id"]) | set(calls["trace_id"]) <= set(ordered["trace_id"].iloc[:20])
     assert not set(shots["trace_id"]) & set(calls["trace_id"]) and len(calls) == 12
-    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    example = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}]
-    assert select.few_shot_prompt(prompt, [(example, "a1")]) == [
+    prompt = Chat([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tools=[{"name": "t"}])
+    example = Chat([{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}])
+    answer = {"role": "assistant", "content": "a1"}
+    assert select.few_shot_prompt(prompt, [(example, answer)]) == Chat([
         {"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "Q"},
-    ]
+    ], tools=[{"name": "t"}])
 
 
 def test_the_probe_measures_every_cluster_and_its_scores_are_evidence(curation, clustering, labels, base_model_dir, monkeypatch):
