@@ -84,11 +84,11 @@ class FinetuneConfig(dg.Config):
     max_steps: int = 6
     batch_size: int = 2  # rows of max_length tokens, each packed with whole calls
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-4
+    learning_rate: float = 0.0  # 0: by the base model's size (5e-4 up to 500M parameters, 2e-4 to 2B, 1e-4 above)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    max_length: int = 768
+    max_length: int = 768  # capped at the base model's context length
     quantization: str = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
     kernels: str = "auto"  # "liger": Liger's fused kernels (CUDA); "none"; auto: Liger where it runs
     compile: bool = False  # torch.compile each decoder layer (CUDA; the fastest on an H100)
@@ -98,9 +98,8 @@ class FinetuneConfig(dg.Config):
     min_holdout: int = 10
     max_holdout: int = 200
 
-    def train_settings(self) -> finetune.TrainSettings:
-        fields = finetune.TrainSettings.__dataclass_fields__
-        return finetune.TrainSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+    def train_settings(self, candidate: models.Candidate) -> finetune.TrainSettings:
+        return finetune.settings_for_model(self.model_dump(), candidate.params_millions, candidate.context_length)
 
     def split_settings(self) -> finetune.SplitSettings:
         return finetune.SplitSettings(self.holdout_fraction, self.min_holdout, self.max_holdout)
@@ -115,7 +114,6 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
     calls = curated.merge(read_table(store.table("task_clusters"))[["trace_id", "cluster_id"]], on="trace_id")
     selection = read_json(store.stats("slm_candidates"))
     candidates = {c.name: c for c in models.load_candidates_from_dicts(selection["candidates"])}
-    settings = config.train_settings()
 
     trained = []
     for choice in selection["choices"]:
@@ -125,6 +123,7 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         members = calls[calls["cluster_id"] == choice["cluster_id"]]
         train, holdout = finetune.split_by_time(members, config.split_settings())
         base_dir = models.resolve_model_dir(candidates[choice["candidate"]], pipeline_store.model_cache())
+        settings = config.train_settings(candidates[choice["candidate"]])
         fingerprint = finetune.training_fingerprint(choice["candidate"], list(train["trace_id"]), settings)
         adapter_dir, merged_dir = store.adapters / key / "adapter", store.adapters / key / "merged"
         record_path = store.adapters / key / "training.json"

@@ -54,6 +54,24 @@ class TrainSettings:
     save_steps: int = 0  # a checkpoint every this many steps (resume point); 0: every tenth, >= 10
 
 
+def learning_rate_for(params_millions: int) -> float:
+    """LoRA learning rate by base-model size: tiny models take larger steps; 2e-4 is the usual
+    LoRA/QLoRA rate for 1-7B models, halved above that size's lower half."""
+    if params_millions <= 500:
+        return 5e-4
+    return 2e-4 if params_millions <= 2000 else 1e-4
+
+
+def settings_for_model(overrides: dict, params_millions: int, context_length: int) -> TrainSettings:
+    """TrainSettings for one base model: what a run config sets, the size-dependent defaults for
+    what it leaves at 0 (learning rate), and max_length within the model's context."""
+    fields = {k: v for k, v in overrides.items() if k in TrainSettings.__dataclass_fields__}
+    if not fields.get("learning_rate"):
+        fields["learning_rate"] = learning_rate_for(params_millions)
+    fields["max_length"] = min(fields.get("max_length", TrainSettings.max_length), context_length)
+    return TrainSettings(**fields)
+
+
 @dataclass
 class SplitSettings:
     """The time split between training and shadow-evaluation calls of a cluster."""

@@ -229,3 +229,12 @@ def test_adapter_ships_a_model_card_without_training_text_and_merges_into_its_ba
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
+
+
+def test_settings_follow_the_base_models_size_unless_the_config_sets_them():
+    tiny = finetune.settings_for_model({"learning_rate": 0.0, "max_length": 768}, 135, 8192)
+    big = finetune.settings_for_model({"learning_rate": 0.0, "max_length": 768}, 3000, 8192)
+    assert (tiny.learning_rate, big.learning_rate) == (5e-4, 1e-4)
+    assert finetune.settings_for_model({"learning_rate": 3e-5}, 3000, 8192).learning_rate == 3e-5
+    assert finetune.settings_for_model({"max_length": 4096}, 135, 2048).max_length == 2048  # the model's context
+    assert finetune.settings_for_model({"max_steps": 9, "not_a_setting": 1}, 135, 2048).max_steps == 9
