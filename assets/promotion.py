@@ -90,6 +90,7 @@ def holdout_never_trained_on(pipeline_store: PipelineStore) -> dg.AssetCheckResu
 
 class PromotionConfig(dg.Config):
     min_holdout: int = 10  # fewer held-out calls than this are no evidence
+    confidence: float = 0.95  # a cluster is promoted when this lower bound of its score clears the floor
     fallback_model: str = "gpt-4.1"  # what the router escalates to
     fallback_base_url: str = "https://api.openai.com/v1"
 
@@ -109,7 +110,9 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
     routes, cluster_summaries = [], []
     for cluster in clusters:
         cid = cluster["cluster_id"]
-        decision, reason = promote.promotion_decision(evaluations.get(cid), report["quality_floor"], config.min_holdout)
+        decision, reason = promote.promotion_decision(
+            evaluations.get(cid), report["quality_floor"], config.min_holdout, config.confidence
+        )
         if decision == promote.PROMOTED:
             routes.append(
                 {

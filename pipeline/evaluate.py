@@ -142,6 +142,7 @@ def evaluate_cluster(
         "confidence_threshold": threshold,
         "coverage_at_threshold": round(coverage, 4),
         "score_at_threshold": round(float(answered["score"].mean()), 4) if len(answered) else None,
+        "answered_at_threshold": int(len(answered)),
         "max_new_tokens": budget,
     }
     return scored, summary

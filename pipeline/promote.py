@@ -15,8 +15,10 @@ never reads half a version.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
+from statistics import NormalDist
 
 import yaml
 
@@ -26,18 +28,44 @@ from pipeline.store import write_bytes, write_json
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
 
 
-def promotion_decision(evaluation: dict | None, quality_floor: float, min_holdout: int) -> tuple[str, str]:
-    """(decision, reason) for one cluster from its shadow-evaluation summary."""
+def quality_lower_bound(mean_score: float, calls: int, confidence: float) -> float:
+    """One-sided lower confidence bound of a mean score in [0, 1] over `calls` calls.
+
+    Wilson's score bound, treating each score as a success or failure: of all variables in
+    [0, 1] with a given mean, the 0/1 one has the largest variance, so partial scores only make
+    the true bound tighter than this one. A handful of lucky calls gives a low bound.
+    """
+    if calls <= 0:
+        return 0.0
+    z = NormalDist().inv_cdf(confidence)
+    p = min(max(mean_score, 0.0), 1.0)
+    spread = z * math.sqrt(p * (1 - p) / calls + z * z / (4 * calls * calls))
+    return max(0.0, (p + z * z / (2 * calls) - spread) / (1 + z * z / calls))
+
+
+def promotion_decision(
+    evaluation: dict | None, quality_floor: float, min_holdout: int, confidence: float = 0.95
+) -> tuple[str, str]:
+    """(decision, reason) for one cluster from its shadow-evaluation summary.
+
+    Non-inferiority: the SLM's score against the baseline on the calls it would answer (those
+    at or above its confidence threshold) must be at least `quality_floor` (1 - the margin
+    tolerated against the baseline) with `confidence`, not only on average.
+    """
     if evaluation is None:
         return NOT_PROMOTED, "not fine-tuned"
     if evaluation["holdout_calls"] < min_holdout:
         return NOT_PROMOTED, f"only {evaluation['holdout_calls']} held-out calls (< {min_holdout})"
-    score = evaluation["score_vs_baseline"]
-    if score < quality_floor:
-        return NOT_PROMOTED, f"shadow score {score:.3f} is below the floor {quality_floor:.3f}"
     if evaluation["confidence_threshold"] is None:
-        return NOT_PROMOTED, "no confidence threshold keeps the answered calls at the floor"
-    return PROMOTED, f"shadow score {score:.3f} meets the floor {quality_floor:.3f}"
+        score = evaluation["score_vs_baseline"]
+        return NOT_PROMOTED, f"shadow score {score:.3f}: no confidence threshold keeps the answered calls at the floor"
+    answered = evaluation["answered_at_threshold"]
+    score = evaluation["score_at_threshold"]
+    bound = quality_lower_bound(score, answered, confidence)
+    stated = f"score {score:.3f} on the {answered} calls it would answer, {confidence:.0%} lower bound {bound:.3f}"
+    if bound < quality_floor:
+        return NOT_PROMOTED, f"{stated} is below the floor {quality_floor:.3f}"
+    return PROMOTED, f"{stated} meets the floor {quality_floor:.3f}"
 
 
 def next_version(registry: Path) -> str:
