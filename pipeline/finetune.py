@@ -1,8 +1,16 @@
 """Step 5, fine-tuning: one LoRA adapter per chosen cluster, trained on its logged answers.
 
-Shaped like TRL's `sft.py`: a prompt/completion dataset, `SFTConfig`, a PEFT `LoraConfig` and
-`SFTTrainer`. The loss covers the completion (the logged answer) only. Each cluster's calls are
-split by time first: the latest ones are held out for shadow evaluation and never trained on.
+Shaped like TRL's `sft.py`: a dataset, `SFTConfig`, a PEFT `LoraConfig` and `SFTTrainer`. Each
+cluster's calls are split by time first: the latest ones are held out for shadow evaluation
+and never trained on. Then, in `train_adapter`:
+
+1. every call goes through the model's own chat template (`tokenize_examples`), with a mask
+   on the logged answer, the only tokens the loss covers;
+2. TRL packs the calls best-fit into rows of `max_length` tokens and trains padding-free:
+   `packed_attention` keeps each call's attention inside the call with a variable-length
+   flash kernel, which is what makes it fast on a GPU (bench/README.md has the profile);
+3. checkpoints are written as it goes, and a killed run resumes from the last one;
+4. the adapter, its tokenizer, metrics and model card are written aside and renamed into place.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ from typing import Callable
 import pandas as pd
 
 from pipeline.calls import answer_message, chat_of_call, renders_tools
-
 
 PACKED_ATTENTION = "packed"
 
