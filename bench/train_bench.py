@@ -115,6 +115,7 @@ def settings_for(variant: str, args):
         learning_rate=args.learning_rate,
         max_length=args.max_length,
         quantization=args.quantization,
+        seed=args.seed,
         kernels="liger" if "liger" in variant else "none",
         compile="compile" in variant,
         attention="flex_attention" if variant.startswith("flex") else finetune.PACKED_ATTENTION,
@@ -266,7 +267,8 @@ def run(args) -> None:
               f"{f'{curve[0]} → {curve[-1]}':>16} {r.get('mean_abs_loss_difference', ''):>8}")
 
 
-SHARED = ["calls", "base_dir", "steps", "batch_size", "max_length", "learning_rate", "quantization", "results_dir"]
+SHARED = ["calls", "base_dir", "steps", "batch_size", "max_length", "learning_rate", "quantization", "seed",
+          "results_dir"]
 
 
 def main() -> None:
@@ -281,6 +283,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--quantization", default="none", choices=["none", "4bit"])
+    parser.add_argument("--seed", type=int, default=0, help="another seed gives the seed-to-seed noise of the loss curve")
     parser.add_argument("--results-dir", default=os.environ.get("BENCH_RESULTS_DIR"))
     parser.add_argument("--profile", action="store_true",
                         help=f"profile steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1]} (CUDA) into profile-<variant>.txt")
