@@ -5,6 +5,7 @@
     python -m bench.train_bench run --base-dir DIR --variants trl,packed --quantization 4bit
     python -m bench.train_bench run --base-dir DIR --steps 12 --profile   # where the time goes
     python -m bench.train_bench check-attention     # packed attention vs per-call SDPA
+    python -m bench.train_bench check-compile --base-dir DIR   # compiled layers vs eager, one batch
 
 On the GPU machine of the `device` tool, set up by `bench/gpu_setup.sh` (its header says how).
 
@@ -101,9 +102,88 @@ def check_attention() -> None:
     report = {"device": device, "kernel": "varlen" if device == "cuda" and finetune._varlen_kernel() else "per-call SDPA",
               "out": error(out, ref), "dq": error(q.grad, ref_q.grad), "dk": error(k.grad, ref_k.grad),
               "dv": error(v.grad, ref_v.grad)}
-    print(json.dumps(report))
     if not all(report[x] < 2e-2 for x in ("out", "dq", "dk", "dv")):
         raise SystemExit("packed attention disagrees with per-call SDPA")
+
+
+def check_compile(args) -> None:
+    """The compiled training path against the eager one on one real packed batch.
+
+    1. Dropout off (eval mode), LoRA B made non-zero so every LoRA weight has a gradient: the loss
+       and each LoRA gradient, eager against compiled, next to eager against eager again (the
+       kernels' own run-to-run noise).
+    2. Dropout on (train mode): the mean and spread of the loss over `DROPOUT_PASSES` forward
+       passes, eager and compiled: a compiled layer must drop as often and scale as eager does.
+    """
+    import dataclasses
+    import statistics
+
+    import pandas as pd
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from pipeline import finetune
+
+    settings = dataclasses.replace(settings_for("packed", args), batch_size=min(args.batch_size, 8))
+    tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
+    calls = pd.read_parquet(args.calls)
+    tokenized = finetune.tokenize_examples(tokenizer, finetune.training_examples(calls))
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = SFTTrainer(
+            model=finetune._load_base_for_training(args.base_dir, settings),
+            args=finetune.sft_config(Path(scratch), settings),
+            train_dataset=Dataset.from_list(tokenized),
+            processing_class=tokenizer,
+            peft_config=finetune.lora_config(settings),
+        )
+    model = trainer.model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    generator = torch.Generator().manual_seed(args.seed)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def loss_and_gradients(train: bool):
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.item(), {name: p.grad.detach().float().clone() for name, p in lora.items()}
+
+    def gradient_error(a: dict, b: dict) -> dict:
+        errors = sorted(((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-12)).item() for n in a)
+        return {"median": round(errors[len(errors) // 2], 5), "max": round(errors[-1], 5)}
+
+    def dropout_losses():
+        losses = [loss_and_gradients(train=True)[0] for _ in range(DROPOUT_PASSES)]
+        return {"mean": round(statistics.mean(losses), 5), "stdev": round(statistics.stdev(losses), 5)}
+
+    eager_loss, eager_grads = loss_and_gradients(train=False)
+    again_loss, again_grads = loss_and_gradients(train=False)
+    eager_dropout = dropout_losses()
+    for layer in finetune.decoder_layers(model):
+        layer.compile(dynamic=True)
+    compiled_loss, compiled_grads = loss_and_gradients(train=False)
+    compiled_dropout = dropout_losses()
+    report = {
+        "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+        "tokens": int(batch["input_ids"].numel()),
+        "loss": {"eager": round(eager_loss, 5), "eager_again": round(again_loss, 5), "compiled": round(compiled_loss, 5)},
+        "gradient_relative_error": {"eager_again_vs_eager": gradient_error(again_grads, eager_grads),
+                                    "compiled_vs_eager": gradient_error(compiled_grads, eager_grads)},
+        f"loss_with_dropout_{DROPOUT_PASSES}_passes": {"eager": eager_dropout, "compiled": compiled_dropout},
+    }
+    if args.results_dir:
+        results.RESULTS = Path(args.results_dir)
+    results.record("training", {"benchmark": "compile_check", **report})
+
+
+DROPOUT_PASSES = 8
 
 
 def settings_for(variant: str, args):
@@ -273,7 +353,7 @@ SHARED = ["calls", "base_dir", "steps", "batch_size", "max_length", "learning_ra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "check-attention", "run", "one"])
+    parser.add_argument("command", choices=["prepare", "check-attention", "check-compile", "run", "one"])
     parser.add_argument("--calls", type=Path, default=TRAIN_CALLS)
     parser.add_argument("--base-dir", type=Path)
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -296,6 +376,8 @@ def main() -> None:
         parser.error("--base-dir (a transformers checkpoint folder) is needed to train")
     elif args.command == "run":
         run(args)
+    elif args.command == "check-compile":
+        check_compile(args)
     else:
         one(args)
 
