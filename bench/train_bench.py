@@ -126,6 +126,9 @@ def check_compile(args) -> None:
 
     from pipeline import finetune
 
+    if not torch.cuda.is_available():
+        # train_adapter compiles only on CUDA (and CPU Inductor fails on these dynamic shapes)
+        raise SystemExit("check-compile needs a CUDA GPU")
     settings = dataclasses.replace(settings_for("packed", args), batch_size=min(args.batch_size, 8))
     tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
     calls = pd.read_parquet(args.calls)
@@ -145,12 +148,11 @@ def check_compile(args) -> None:
         if "lora_B" in name:
             parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
 
     def loss_and_gradients(train: bool):
         model.train(train)
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainer.compute_loss(model, dict(batch))
         loss.backward()
         return loss.item(), {name: p.grad.detach().float().clone() for name, p in lora.items()}
@@ -171,7 +173,7 @@ def check_compile(args) -> None:
     compiled_loss, compiled_grads = loss_and_gradients(train=False)
     compiled_dropout = dropout_losses()
     report = {
-        "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(),
         "tokens": int(batch["input_ids"].numel()),
         "loss": {"eager": round(eager_loss, 5), "eager_again": round(again_loss, 5), "compiled": round(compiled_loss, 5)},
         "gradient_relative_error": {"eager_again_vs_eager": gradient_error(again_grads, eager_grads),
