@@ -155,6 +155,15 @@ def chat_of_call(messages_json: str, tools_json: str | None, native_tools: bool 
     return Chat(messages, tools or None)
 
 
+def few_shot_prompt(prompt: Chat, examples: list[tuple[Chat, dict]]) -> Chat:
+    """The prompt with solved calls as earlier turns: their messages, then the answer given."""
+    system = [m for m in prompt.messages[:1] if m["role"] == "system"]
+    turns = []
+    for example, answer in examples:
+        turns += [m for m in example.messages if m["role"] != "system"] + [answer]
+    return Chat(system + turns + prompt.messages[len(system) :], prompt.tools)
+
+
 def render_prompt(tokenizer, chat: Chat) -> str:
     """The prompt text the model continues with its answer."""
     return tokenizer.apply_chat_template(chat.messages, tools=chat.tools, tokenize=False, add_generation_prompt=True)

@@ -2,14 +2,20 @@
 
 Generation is batched (left padding, KV cache, greedy). Each answer is scored against the logged
 baseline answer with the scorer its shape calls for (`pipeline.scoring`), and gets a confidence:
-the geometric mean of the probabilities of the tokens it generated. A confidence threshold is
-calibrated on the held-out answers: the lowest one at which the answers kept still meet the
-quality floor. Below it the router escalates to the LLM.
+the geometric mean of the probabilities of the tokens it generated.
+
+The held-out calls are split by time once more. On the earlier part (calibration) the confidence
+threshold is chosen: the lowest one at which the answers kept still meet the quality floor; below
+it the router escalates to the LLM. The later part (test) is never looked at while choosing, so
+the coverage and score reported at that threshold, and the promotion bound computed from them,
+are not flattered by the choice.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +23,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.calls import Chat, baseline_answer, chat_of_call, render_prompt, renders_tools
+from pipeline.calls import (
+    Chat, answer_message, baseline_answer, chat_of_call, few_shot_prompt, render_prompt, renders_tools, signature_parts,
+)
 from pipeline.scoring import score_answer
 
 
@@ -25,6 +33,21 @@ from pipeline.scoring import score_answer
 class GenerationSettings:
     batch_size: int = 8
     max_new_tokens_cap: int = 384
+    latency_calls: int = 4  # test calls answered one at a time too, for the batch-1 latency
+    arm_calls: int = 8  # latest test calls the base model answers too, zero-shot and with examples
+    shots: int = 2  # retrieved training calls shown in the in-context arm
+
+
+@dataclass
+class Prices:
+    """What a call costs: the LLM by its token prices, the SLM by the hour of its hardware."""
+
+    llm_input_per_million_tokens: float = 2.0  # gpt-4.1 list price, USD
+    llm_output_per_million_tokens: float = 8.0
+    slm_hardware_per_hour: float = 0.10  # USD per hour of the machine the SLM runs on
+
+
+CALIBRATION, TEST = "calibration", "test"
 
 
 def load_adapter_model(base_dir: Path, adapter_dir: Path | None):
@@ -48,13 +71,15 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path | None):
 
 def generate_answers(
     model, tokenizer, prompts: list[Chat], max_new_tokens: int, batch_size: int,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, batch_seconds: list[float] | None = None,
 ) -> list[tuple[str, float]]:
-    """(answer, confidence) per prompt, generated greedily in batches."""
+    """(answer, confidence) per prompt, generated greedily in batches; each batch's wall time
+    is appended to `batch_seconds` when given."""
     import torch
 
     results: list[tuple[str, float]] = []
     for start in range(0, len(prompts), batch_size):
+        started = time.perf_counter()
         batch = prompts[start : start + batch_size]
         texts = [render_prompt(tokenizer, chat) for chat in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -75,6 +100,8 @@ def generate_answers(
             mean_log_prob = float(log_probs[row, :length].float().mean()) if length else -math.inf
             answer = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
             results.append((answer, math.exp(mean_log_prob)))
+        if batch_seconds is not None:
+            batch_seconds.append(time.perf_counter() - started)
         if progress:
             progress(f"generated {len(results)}/{len(prompts)} answers")
     return results
@@ -122,27 +149,191 @@ def calibrate_threshold(scored: pd.DataFrame, quality_floor: float) -> tuple[flo
     return float(ordered["confidence"].iloc[last]), float((last + 1) / len(ordered))
 
 
-def evaluate_cluster(
-    model, tokenizer, holdout: pd.DataFrame, train_answers: list[str], quality_floor: float,
-    settings: GenerationSettings, progress: Callable[[str], None] | None = None,
-) -> tuple[pd.DataFrame, dict]:
-    """Scored held-out answers and the cluster's summary figures."""
-    native_tools = renders_tools(tokenizer)
-    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(holdout["messages"], holdout["tools"])]
-    budget = answer_token_budget(tokenizer, train_answers, settings.max_new_tokens_cap)
-    generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress)
-    scored = score_holdout(holdout, generated)
-    threshold, coverage = calibrate_threshold(scored, quality_floor)
-    answered = scored[scored["confidence"] >= threshold] if threshold is not None else scored.iloc[0:0]
-    summary = {
+def split_for_calibration(scored: pd.DataFrame, calibration_share: float) -> pd.Series:
+    """CALIBRATION for the earlier `calibration_share` of the (time-ordered) held-out calls, TEST
+    for the rest; each part gets at least one call when there are two or more."""
+    n = len(scored)
+    n_calibration = min(max(int(round(n * calibration_share)), 1), n - 1) if n >= 2 else 0
+    return pd.Series([CALIBRATION] * n_calibration + [TEST] * (n - n_calibration), index=scored.index)
+
+
+def coverage_curve(scored: pd.DataFrame) -> pd.DataFrame:
+    """For each confidence threshold that changes the answered set: coverage and mean score of
+    the answered calls (highest confidence first)."""
+    ordered = scored.sort_values("confidence", ascending=False)
+    curve = pd.DataFrame({
+        "threshold": ordered["confidence"].to_numpy(),
+        "coverage": np.arange(1, len(ordered) + 1) / max(len(ordered), 1),
+        "score": ordered["score"].expanding().mean().to_numpy(),
+    })
+    return curve.groupby("threshold", sort=False).last().reset_index()  # ties answer together
+
+
+def feedback_accuracy(scored: pd.DataFrame) -> dict | None:
+    """Accuracy against the agent's outcome feedback, on the calls that have it.
+
+    The baseline is right where feedback says "correct". The SLM is counted right only where it
+    gives that confirmed answer (score 1 against the baseline): where the baseline was wrong the
+    right answer is not in the log, so the SLM's accuracy here is a lower bound. Also counted:
+    how often the SLM repeats an answer the feedback marked wrong.
+    """
+    judged = scored[scored["feedback"].isin(["correct", "incorrect"])]
+    if judged.empty:
+        return None
+    correct = judged["feedback"] == "correct"
+    agrees = judged["score"] >= 1.0
+    return {
+        "calls_with_feedback": int(len(judged)),
+        "baseline_accuracy": round(float(correct.mean()), 4),
+        "slm_accuracy_lower_bound": round(float((correct & agrees).mean()), 4),
+        "slm_repeats_known_wrong_answers": int((~correct & agrees).sum()),
+    }
+
+
+def summarize_scores(scored: pd.DataFrame, quality_floor: float) -> dict:
+    """The cluster's figures from its scored held-out answers (with their `split` column)."""
+    calibration, test = scored[scored["split"] == CALIBRATION], scored[scored["split"] == TEST]
+    threshold, _ = calibrate_threshold(calibration, quality_floor)
+    answered = test[test["confidence"] >= threshold] if threshold is not None else test.iloc[0:0]
+    mean = lambda frame: round(float(frame["score"].mean()), 4) if len(frame) else None  # noqa: E731
+    return {
         "holdout_calls": int(len(scored)),
-        "score_vs_baseline": round(float(scored["score"].mean()), 4) if len(scored) else 0.0,
-        "exact_agreement": round(float((scored["score"] == 1.0).mean()), 4) if len(scored) else 0.0,
+        "calibration_calls": int(len(calibration)),
+        "test_calls": int(len(test)),
+        "score_vs_baseline": mean(test) or 0.0,
+        "exact_agreement": round(float((test["score"] == 1.0).mean()), 4) if len(test) else 0.0,
         "scorers": scored["scorer"].value_counts().to_dict(),
         "confidence_threshold": threshold,
-        "coverage_at_threshold": round(coverage, 4),
-        "score_at_threshold": round(float(answered["score"].mean()), 4) if len(answered) else None,
+        "coverage_at_threshold": round(len(answered) / len(test), 4) if len(test) else 0.0,
+        "score_at_threshold": mean(answered),
         "answered_at_threshold": int(len(answered)),
-        "max_new_tokens": budget,
+        "feedback": feedback_accuracy(test),
     }
+
+
+def percentiles_ms(seconds: list[float]) -> dict | None:
+    if not seconds:
+        return None
+    return {"p50": round(float(np.percentile(seconds, 50)) * 1000, 1), "p95": round(float(np.percentile(seconds, 95)) * 1000, 1)}
+
+
+def cost_and_speed(calls: pd.DataFrame, batch_seconds: list[float], batch_size: int, single_seconds: list[float],
+                   prices: Prices) -> dict:
+    """Latency and cost per 1,000 calls of the SLM (measured here) and of the LLM (its logged
+    latency and token usage, at the configured prices)."""
+    per_call = sum(batch_seconds) / max(len(calls), 1)  # batched throughput: the serving cost
+    # each call of a batch waits for the whole batch
+    batched_latency = [s for s, start in zip(batch_seconds, range(0, len(calls), batch_size))
+                       for _ in range(min(batch_size, len(calls) - start))]
+    slm_cost = prices.slm_hardware_per_hour / 3600 * per_call * 1000
+    tokens = calls[["prompt_tokens", "completion_tokens"]].astype("float64")
+    llm_cost = (tokens["prompt_tokens"].mean() * prices.llm_input_per_million_tokens
+                + tokens["completion_tokens"].mean() * prices.llm_output_per_million_tokens) / 1e6 * 1000
+    logged = calls["latency_ms"].dropna().astype(float) / 1000
+    return {
+        "slm_latency_ms_batch_1": percentiles_ms(single_seconds),
+        f"slm_latency_ms_batch_{batch_size}": percentiles_ms(batched_latency),
+        "slm_seconds_per_call_batched": round(per_call, 4),
+        "llm_logged_latency_ms": percentiles_ms(list(logged)),
+        "slm_cost_per_1000_calls": round(slm_cost, 4),
+        "llm_cost_per_1000_calls": round(float(llm_cost), 4) if not math.isnan(llm_cost) else None,
+        "cost_ratio_llm_to_slm": round(float(llm_cost / slm_cost), 1) if slm_cost > 0 and not math.isnan(llm_cost) else None,
+    }
+
+
+def retrieved_examples(train: pd.DataFrame, calls: pd.DataFrame, shots: int) -> list[list[int]]:
+    """For each call, the positions in `train` of the `shots` training calls whose request is
+    most like its own (TF-IDF cosine over the last request)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    request = lambda frame: [signature_parts(m, t)[2] for m, t in zip(frame["messages"], frame["tools"])]  # noqa: E731
+    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(request(train))
+    similarity = (vectorizer.transform(request(calls)) @ vectorizer.transform(request(train)).T).toarray()
+    return [list(np.argsort(-row, kind="stable")[:shots]) for row in similarity]
+
+
+def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, budget: int,
+                    settings: GenerationSettings) -> dict:
+    """Mean score against the baseline of the base SLM without its adapter, zero-shot and with
+    retrieved training calls as examples (in-context), on `calls`: what fine-tuning bought."""
+    native_tools = renders_tools(tokenizer)
+    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(calls["messages"], calls["tools"])]
+    solved = [(chat_of_call(m, t, native_tools), answer_message(json.loads(r), native_tools))
+              for m, t, r in zip(train["messages"], train["tools"], train["response_message"])]
+    with_examples = [few_shot_prompt(p, [solved[i] for i in picks])
+                     for p, picks in zip(prompts, retrieved_examples(train, calls, settings.shots))]
+    baselines = [baseline_answer(r) for r in calls["response_message"]]
+
+    def mean_score(arm: list[Chat]) -> float:
+        answers = generate_answers(model, tokenizer, arm, budget, settings.batch_size)
+        return round(float(np.mean([score_answer(b, a)[1] for b, (a, _) in zip(baselines, answers)])), 4)
+
+    with model.disable_adapter():
+        return {"base_zero_shot": mean_score(prompts), "base_in_context": mean_score(with_examples)}
+
+
+def evaluate_cluster(
+    model, tokenizer, holdout: pd.DataFrame, train: pd.DataFrame, quality_floor: float,
+    settings: GenerationSettings, calibration_share: float = 0.5, prices: Prices | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures."""
+    native_tools = renders_tools(tokenizer)
+    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(holdout["messages"], holdout["tools"])]
+    budget = answer_token_budget(tokenizer, [baseline_answer(r) for r in train["response_message"]],
+                                 settings.max_new_tokens_cap)
+    batch_seconds: list[float] = []
+    generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress, batch_seconds)
+    scored = score_holdout(holdout, generated)
+    scored["split"] = split_for_calibration(scored, calibration_share)
+    single_seconds: list[float] = []
+    for prompt in prompts[-settings.latency_calls:] if settings.latency_calls else []:  # from the test calls
+        generate_answers(model, tokenizer, [prompt], budget, 1, batch_seconds=single_seconds)
+    speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
+    summary = {**summarize_scores(scored, quality_floor), "max_new_tokens": budget, "cost_and_speed": speed}
+    test_rows = np.flatnonzero(scored["split"] == TEST)[-settings.arm_calls:] if settings.arm_calls else []
+    if len(test_rows) and len(train):
+        if progress:
+            progress(f"base model without adapter: answering {len(test_rows)} test calls zero-shot and in-context")
+        arms = base_model_arms(model, tokenizer, holdout.iloc[test_rows], train, budget, settings)
+        summary["arms"] = {"calls": len(test_rows), **arms,
+                           "fine_tuned": round(float(scored["score"].iloc[test_rows].mean()), 4)}
     return scored, summary
+
+
+def coverage_quality_png(scored: pd.DataFrame, summaries: dict[int, dict], labels: dict[int, str],
+                         quality_floor: float) -> bytes:
+    """The coverage/quality curve of each cluster on its test calls (dashed: calibration calls),
+    with the calibrated threshold marked and the quality floor drawn across."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for index, (cluster_id, frame) in enumerate(scored.groupby("cluster_id", sort=True)):
+        colour = f"C{index % 10}"
+        for split, style in ((TEST, "-"), (CALIBRATION, ":")):
+            part = frame[frame["split"] == split]
+            if part.empty:
+                continue
+            curve = coverage_curve(part)
+            name = f"{cluster_id}: {labels.get(cluster_id, '')}"[:40] if split == TEST else None
+            axes.plot(curve["coverage"], curve["score"], style, color=colour, drawstyle="steps-post", label=name)
+        summary = summaries.get(cluster_id, {})
+        if summary.get("confidence_threshold") is not None and summary.get("score_at_threshold") is not None:
+            axes.plot(summary["coverage_at_threshold"], summary["score_at_threshold"], "o", color=colour, markersize=8)
+    axes.axhline(quality_floor, color="grey", linestyle="--", linewidth=1, label=f"quality floor {quality_floor:g}")
+    axes.set_xlim(0, 1.02)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("coverage (share of test calls the SLM answers)")
+    axes.set_ylabel("mean score vs baseline of answered calls")
+    axes.set_title("Coverage and quality by confidence threshold (dot: calibrated threshold)")
+    axes.legend(loc="lower left", fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import evaluate
-from pipeline.calls import Chat, answer_message, baseline_answer, chat_of_call, renders_tools
+from pipeline.calls import Chat, answer_message, baseline_answer, chat_of_call, few_shot_prompt, renders_tools
 from pipeline.cluster import output_statistics
 from pipeline.models import Candidate, availability, resolve_model_dir
 from pipeline.scoring import FINAL_NUMBER, FREE_TEXT, score_answer
@@ -114,15 +114,6 @@ def probe_calls(members: pd.DataFrame, settings: ProbeSettings) -> tuple[pd.Data
     ordered = members.sort_values(["called_at", "trace_id"], kind="stable")
     ordered = ordered.iloc[: max(len(ordered) // 2, 1)]
     return ordered.iloc[: settings.shots], ordered.iloc[settings.shots : settings.shots + settings.calls]
-
-
-def few_shot_prompt(prompt: Chat, examples: list[tuple[Chat, dict]]) -> Chat:
-    """The prompt with solved calls as earlier turns: their messages, then the answer given."""
-    system = [m for m in prompt.messages[:1] if m["role"] == "system"]
-    turns = []
-    for example, answer in examples:
-        turns += [m for m in example.messages if m["role"] != "system"] + [answer]
-    return Chat(system + turns + prompt.messages[len(system) :], prompt.tools)
 
 
 def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> dict:

@@ -1,6 +1,7 @@
 """Steps 5 and 6 on a real cluster of the sample, with the bundled base model (CPU, short)."""
 
 import math
+from json import dumps as json_dumps
 from json import loads as json_loads
 
 import pandas as pd
@@ -54,13 +55,20 @@ def test_lora_adapter_trains_loads_and_answers_held_out_calls(intent_calls, base
     model, tokenizer = evaluate.load_adapter_model(base_model_dir, tmp_path / "adapter")
     assert isinstance(model, PeftModel) and tokenizer.padding_side == "left"
     scored, summary = evaluate.evaluate_cluster(
-        model, tokenizer, holdout, [baseline_answer(r) for r in train["response_message"]],
-        quality_floor=0.8, settings=evaluate.GenerationSettings(batch_size=4, max_new_tokens_cap=24),
+        model, tokenizer, holdout, train, quality_floor=0.8, settings=evaluate.GenerationSettings(batch_size=4, max_new_tokens_cap=24),
     )
     assert list(scored["trace_id"]) == list(holdout["trace_id"])
     assert set(scored["scorer"]) == {"label_set"}
     assert scored["confidence"].between(0, 1).all() and scored["score"].between(0, 1).all()
     assert summary["holdout_calls"] == 4 and summary["max_new_tokens"] <= 24
+    assert list(scored["split"]) == ["calibration", "calibration", "test", "test"]
+    assert summary["calibration_calls"] == summary["test_calls"] == 2
+    # the base model without the adapter answered the same test calls, zero-shot and in-context
+    assert summary["arms"]["calls"] == 2 and 0 <= summary["arms"]["base_in_context"] <= 1
+    assert summary["arms"]["fine_tuned"] == round(scored["score"].iloc[2:].mean(), 4)
+    speed = summary["cost_and_speed"]
+    assert speed["slm_latency_ms_batch_1"]["p50"] > 0 and speed["llm_logged_latency_ms"]["p50"] > 0
+    assert speed["llm_cost_per_1000_calls"] > speed["slm_cost_per_1000_calls"] > 0
 
 
 def test_threshold_is_the_lowest_confidence_that_keeps_the_floor():
@@ -68,6 +76,69 @@ def test_threshold_is_the_lowest_confidence_that_keeps_the_floor():
     threshold, coverage = evaluate.calibrate_threshold(scored, quality_floor=0.8)
     assert threshold == 0.7 and coverage == 0.75  # (1 + 1 + 0.5) / 3 >= 0.8 > 2.5 / 4
     assert evaluate.calibrate_threshold(scored.assign(score=0.0), 0.8) == (None, 0.0)
+
+
+def _scored(confidence, score, feedback=None) -> pd.DataFrame:
+    return pd.DataFrame({"confidence": confidence, "score": score, "scorer": "label_set",
+                         "feedback": feedback or [None] * len(score)})
+
+
+def test_the_threshold_is_chosen_on_the_calibration_calls_and_judged_on_the_test_calls():
+    scored = _scored([0.9, 0.8, 0.3, 0.2, 0.95, 0.85, 0.5, 0.1], [1, 1, 0, 0, 1, 0, 1, 0])
+    scored["split"] = evaluate.split_for_calibration(scored, 0.5)
+    assert list(scored["split"]) == ["calibration"] * 4 + ["test"] * 4  # held-out calls come time-ordered
+    summary = evaluate.summarize_scores(scored, quality_floor=0.8)
+    # calibration: at 0.8 both answers kept are right; the test calls at 0.8 show what it is worth
+    assert summary["confidence_threshold"] == 0.8
+    assert (summary["answered_at_threshold"], summary["score_at_threshold"], summary["coverage_at_threshold"]) == (2, 0.5, 0.5)
+    assert summary["score_vs_baseline"] == 0.5 and summary["feedback"] is None
+    assert list(evaluate.split_for_calibration(scored.iloc[:3], 0.5)) == ["calibration", "calibration", "test"]
+    assert list(evaluate.split_for_calibration(scored.iloc[:1], 0.5)) == ["test"]  # one call decides nothing
+
+
+def test_feedback_gives_the_baselines_accuracy_and_a_lower_bound_of_the_slms():
+    scored = _scored([0.9] * 5, [1.0, 0.5, 1.0, 0.0, 1.0], ["correct", "correct", "incorrect", "incorrect", None])
+    assert evaluate.feedback_accuracy(scored) == {
+        "calls_with_feedback": 4, "baseline_accuracy": 0.5,
+        "slm_accuracy_lower_bound": 0.25,  # only the confirmed-correct answer it gave counts
+        "slm_repeats_known_wrong_answers": 1,
+    }
+    assert evaluate.feedback_accuracy(scored.assign(feedback=None)) is None
+
+
+def test_coverage_curve_answers_tied_confidences_together_and_is_plotted():
+    scored = _scored([0.9, 0.5, 0.5, 0.1], [1.0, 0.0, 1.0, 0.0])
+    curve = evaluate.coverage_curve(scored)
+    assert curve["threshold"].tolist() == [0.9, 0.5, 0.1]
+    assert curve["coverage"].tolist() == [0.25, 0.75, 1.0]
+    assert curve["score"].round(4).tolist() == [1.0, 0.6667, 0.5]
+    scored = scored.assign(cluster_id=3, split=["calibration", "calibration", "test", "test"])
+    png = evaluate.coverage_quality_png(scored, {3: {"confidence_threshold": 0.5, "coverage_at_threshold": 0.5,
+                                                     "score_at_threshold": 1.0}}, {3: "classify intent"}, 0.8)
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_cost_and_speed_from_measured_batches_logged_latency_and_token_prices():
+    calls = pd.DataFrame({"prompt_tokens": [1000, 3000], "completion_tokens": [100, 300], "latency_ms": [1000.0, 3000.0]})
+    figures = evaluate.cost_and_speed(calls, batch_seconds=[2.0], batch_size=2, single_seconds=[0.5, 1.5],
+                                      prices=evaluate.Prices(2.0, 8.0, 0.10))
+    assert figures["slm_seconds_per_call_batched"] == 1.0  # one batch of two calls in 2 s
+    assert figures["slm_latency_ms_batch_2"] == {"p50": 2000.0, "p95": 2000.0}  # each waits for its batch
+    assert figures["slm_latency_ms_batch_1"] == {"p50": 1000.0, "p95": 1450.0}
+    assert figures["llm_logged_latency_ms"] == {"p50": 2000.0, "p95": 2900.0}
+    assert figures["llm_cost_per_1000_calls"] == 5.6  # (2,000 x $2 + 200 x $8) per million tokens, x 1,000
+    assert figures["slm_cost_per_1000_calls"] == round(0.10 / 3600 * 1000, 4)
+    assert figures["cost_ratio_llm_to_slm"] == 201.6
+
+
+def test_in_context_examples_are_the_training_calls_most_like_the_call():
+    def call(request: str) -> dict:
+        return {"messages": json_dumps([{"role": "system", "content": "Help."}, {"role": "user", "content": request}]),
+                "tools": None}
+
+    train = pd.DataFrame([call("book a room in Paris"), call("cancel my booking please"), call("what is the weather")])
+    calls = pd.DataFrame([call("please cancel the booking"), call("weather forecast for Rome")])
+    assert [picks[0] for picks in evaluate.retrieved_examples(train, calls, shots=2)] == [1, 2]
 
 
 def test_packed_attention_keeps_each_call_to_itself(base_model_dir):

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline import models, select
-from pipeline.calls import Chat
+from pipeline.calls import Chat, few_shot_prompt
 from tests.conftest import REPO
 
 CANDIDATES = REPO / "configs" / "candidates.yaml"
@@ -76,7 +76,7 @@ def test_probe_calls_come_from_the_earliest_half_and_examples_precede_the_call(c
     prompt = Chat([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tools=[{"name": "t"}])
     example = Chat([{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}])
     answer = {"role": "assistant", "content": "a1"}
-    assert select.few_shot_prompt(prompt, [(example, answer)]) == Chat([
+    assert few_shot_prompt(prompt, [(example, answer)]) == Chat([
         {"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "Q"},
     ], tools=[{"name": "t"}])
