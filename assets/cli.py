@@ -2,7 +2,11 @@
 
     slm-convert prepare-models      convert the bundled base model into the model cache
     slm-convert run [--config F]    materialize every asset (run config from a YAML file)
-    slm-convert summary             print the summary of the newest registry version
+    slm-convert summary             print the summary of the newest run
+    slm-convert routes              what the router serves, each route's versions, the history
+    slm-convert rollback ROUTE [--to VERSION|llm]
+                                    serve an earlier version of a route (default: the one
+                                    before), or send its calls to the LLM
 
 The landing and output folders come from SLM_LANDING_DIR and SLM_OUTPUT_DIR (defaults:
 data/landing and output/ in the repository).
@@ -20,7 +24,8 @@ import yaml
 
 from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_env
 from pipeline import ingest, models
-from pipeline.promote import format_summary, latest_version
+from pipeline import promote
+from pipeline.promote import format_summary, latest_run
 from pipeline.store import Store, read_json
 
 
@@ -34,7 +39,23 @@ def prepare_models(cache: Path, candidates_file: Path) -> None:
 
 
 def latest_summary(output_dir: Path) -> dict:
-    return read_json(latest_version(Store(output_dir).registry) / "summary.json")
+    return read_json(latest_run(Store(output_dir).registry) / "summary.json")
+
+
+def describe_routes(registry: Path) -> str:
+    router = promote.read_router_config(registry)
+    lines = [f"router.yaml version {router['version']} ({registry / promote.ROUTER_CONFIG})"]
+    for route in router["routes"]:
+        versions = sorted(p.name for p in (registry / route["name"]).glob("v[0-9]*"))
+        lines.append(f"  {route['name']}: serves {route['version']} (threshold {route['confidence_threshold']:.3f}); "
+                     f"versions {', '.join(versions)}")
+    if not router["routes"]:
+        lines.append("  no routes: every call goes to the fallback model")
+    events = promote.history(registry)[-10:]
+    if events:
+        lines.append("history (newest last):")
+        lines += [f"  {e['at']} {e['action']} {e['route']} -> {e['version']} (was {e['replaces'] or 'LLM'})" for e in events]
+    return "\n".join(lines)
 
 
 def run(config_file: Path | None) -> int:
@@ -97,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--candidates", type=Path, default=REPO_ROOT / "configs" / "candidates.yaml")
     run_parser = commands.add_parser("run", help="materialize the whole asset graph and print the summary")
     run_parser.add_argument("--config", type=Path, help="Dagster run config (YAML), e.g. configs/gpu.yaml")
-    commands.add_parser("summary", help="print the summary of the newest registry version")
+    commands.add_parser("summary", help="print the summary of the newest run")
+    commands.add_parser("routes", help="what the router serves, each route's versions and the promotion history")
+    rollback = commands.add_parser("rollback", help="serve an earlier version of a route, or send its calls to the LLM")
+    rollback.add_argument("route", help="a route name, e.g. cluster-2")
+    rollback.add_argument("--to", help=f"a version (e.g. v0001) or '{promote.OFF}'; default: the version before the one served")
     args = parser.parse_args(argv)
 
     resource = pipeline_store_from_env(resolve=True)
@@ -109,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.config and not args.config.is_file():
                 raise FileNotFoundError(f"run config {args.config} does not exist")
             return run(args.config)
+        registry = Store(Path(resource.output_dir)).registry
+        if args.command == "routes":
+            print(describe_routes(registry))
+            return 0
+        if args.command == "rollback":
+            router = promote.rollback(registry, args.route, args.to)
+            served = {r["name"]: r["version"] for r in router["routes"]}
+            print(f"{args.route} now serves {served.get(args.route, 'nothing (its calls go to the LLM)')}; "
+                  f"router.yaml version {router['version']}")
+            return 0
         print(format_summary(latest_summary(Path(resource.output_dir))))
         return 0
     except (FileNotFoundError, ValueError, models.ModelUnavailable, RuntimeError) as err:

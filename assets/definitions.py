@@ -15,6 +15,7 @@ all_assets = [
     models.slm_candidates,
     models.finetuned_adapters,
     promotion.shadow_eval,
+    promotion.promotion_decisions,
     promotion.router_config,
 ]
 all_checks = [
@@ -25,6 +26,9 @@ all_checks = [
     models.adapters_are_complete,
     models.no_known_pii_in_adapters,
     promotion.holdout_never_trained_on,
+    promotion.promoted_clusters_clear_the_floor,
+    promotion.promoted_adapters_are_servable,
+    promotion.promoted_adapters_are_the_evaluated_ones,
     promotion.routes_point_at_adapters,
 ]
 

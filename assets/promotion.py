@@ -1,10 +1,14 @@
-"""Step 6 and promotion as assets: shadow_eval -> router_config.
+"""Step 6 and promotion as assets: shadow_eval -> promotion_decisions -> router_config.
 
-Promotion is gated by a blocking check on shadow_eval: if any evaluated call was also trained
-on, router_config does not run and nothing is promoted.
+Promotion is gated by blocking checks: if any evaluated call was also trained on (on
+shadow_eval), or an adapter to be promoted cannot be served or is not the one evaluated (on
+promotion_decisions), router_config does not run and the router keeps what it serves.
 """
 
 
+import base64
+import hashlib
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,18 +19,24 @@ from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
 from assets.resources import PipelineStore
 from pipeline import evaluate, promote, rawzone
-from pipeline.calls import baseline_answer
 from pipeline.cluster import UNCLUSTERED, cluster_key
-from pipeline.store import read_json, read_table, write_json, write_table
+from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
 
 GROUP = "promotion"
 
 
 class ShadowEvalConfig(dg.Config):
-    max_calls_per_cluster: int = 16  # latest held-out calls answered per cluster (0: all)
+    max_calls_per_cluster: int = 32  # latest held-out calls answered per cluster (0: all)
+    calibration_share: float = 0.5  # the earlier part of them, where the threshold is chosen
     batch_size: int = 8
     max_new_tokens_cap: int = 160
     quality_floor: float = 0.8  # mean score vs baseline a cluster must reach to be promoted
+    latency_calls: int = 4  # test calls answered one at a time as well, for the batch-1 latency
+    arm_calls: int = 8  # latest test calls the base model answers too (zero-shot, in-context); 0: none
+    shots: int = 2  # retrieved training calls in the in-context arm's prompt
+    llm_input_price_per_million_tokens: float = 2.0  # USD; the baseline's list price (gpt-4.1)
+    llm_output_price_per_million_tokens: float = 8.0
+    slm_hardware_price_per_hour: float = 0.10  # USD per hour of the machine that serves the SLM
 
 
 def _training_records(store) -> list[dict]:
@@ -35,43 +45,82 @@ def _training_records(store) -> list[dict]:
     return [read_json(Path(a["adapter_dir"]).parent / "training.json") for a in adapters]
 
 
+def _adapter_hash(adapter_dir: Path) -> str:
+    """One hash over an adapter folder's files: what was evaluated is what gets promoted."""
+    return hashlib.sha256(json.dumps(promote.file_hashes(adapter_dir), sort_keys=True).encode()).hexdigest()
+
+
 @dg.asset(group_name=GROUP, deps=[finetuned_adapters], kinds={"pytorch"})
 def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
-    """Each adapter answers its cluster's held-out calls; answers are scored against the logged
-    baseline answer, and a confidence threshold is calibrated per cluster."""
+    """Each adapter answers its cluster's latest held-out calls; answers are scored against the
+    logged baseline answer and the agent's feedback, a confidence threshold is calibrated on the
+    earlier held-out calls and judged on the later ones."""
     store = pipeline_store.store()
     curated = read_table(store.table("curated_traces")).set_index("trace_id", drop=False)
-    settings = evaluate.GenerationSettings(config.batch_size, config.max_new_tokens_cap)
+    settings = evaluate.GenerationSettings(config.batch_size, config.max_new_tokens_cap, config.latency_calls,
+                                           config.arm_calls, config.shots)
+    prices = evaluate.Prices(config.llm_input_price_per_million_tokens, config.llm_output_price_per_million_tokens,
+                             config.slm_hardware_price_per_hour)
     summaries, predictions = [], []
     for record in _training_records(store):
         key = cluster_key(record["cluster_id"])
         holdout_ids = record["holdout_ids"][-config.max_calls_per_cluster:] if config.max_calls_per_cluster else record["holdout_ids"]
         holdout = curated.loc[holdout_ids].reset_index(drop=True)
-        train_answers = [baseline_answer(r) for r in curated.loc[record["train_ids"], "response_message"]]
+        train = curated.loc[record["train_ids"]].reset_index(drop=True)
         context.log.info(f"{key}: answering {len(holdout)} held-out calls")
         model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
         scored, summary = evaluate.evaluate_cluster(
-            model, tokenizer, holdout, train_answers, config.quality_floor, settings,
+            model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
             progress=lambda m, k=key: context.log.info(f"{k}: {m}"),
         )
-        summaries.append({"cluster_id": record["cluster_id"], "label": record["label"], "candidate": record["candidate"], **summary})
+        summaries.append({"cluster_id": record["cluster_id"], "label": record["label"], "candidate": record["candidate"],
+                          "adapter_hash": _adapter_hash(Path(record["adapter_dir"])), **summary})
         predictions.append(scored.assign(cluster_id=record["cluster_id"]))
-    report = {"quality_floor": config.quality_floor, "clusters": summaries}
+    report = {"quality_floor": config.quality_floor, "calibration_share": config.calibration_share, "clusters": summaries}
+    scored_all = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
     write_json(store.evaluation / "shadow_eval.json", report)
-    write_table(store.evaluation / "predictions.parquet", pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame())
-    return dg.MaterializeResult(
-        metadata={
-            "clusters_evaluated": len(summaries),
-            "scores": markdown_table(
-                ["cluster", "label", "held out", "score vs baseline", "exact", "threshold", "coverage"],
-                [
-                    [s["cluster_id"], s["label"], s["holdout_calls"], f"{s['score_vs_baseline']:.3f}",
-                     f"{s['exact_agreement']:.3f}", s["confidence_threshold"], f"{s['coverage_at_threshold']:.2f}"]
-                    for s in summaries
-                ],
-            ),
-        }
-    )
+    write_table(store.evaluation / "predictions.parquet", scored_all)
+    metadata = {
+        "clusters_evaluated": len(summaries),
+        "scores": markdown_table(
+            ["cluster", "label", "calibration / test calls", "score vs baseline", "exact", "threshold", "coverage",
+             "score at threshold", "feedback: baseline / SLM accuracy"],
+            [
+                [s["cluster_id"], s["label"], f"{s['calibration_calls']} / {s['test_calls']}", f"{s['score_vs_baseline']:.3f}",
+                 f"{s['exact_agreement']:.3f}", _rounded(s["confidence_threshold"]), f"{s['coverage_at_threshold']:.2f}",
+                 _rounded(s["score_at_threshold"]),
+                 f"{s['feedback']['baseline_accuracy']:.2f} / {s['feedback']['slm_accuracy_lower_bound']:.2f} "
+                 f"({s['feedback']['calls_with_feedback']} calls)" if s["feedback"] else "no feedback"]
+                for s in summaries
+            ],
+        ),
+        "arms": markdown_table(
+            ["cluster", "test calls", "base SLM zero-shot", "base SLM in-context", "fine-tuned"],
+            [[s["cluster_id"], s["arms"]["calls"], s["arms"]["base_zero_shot"], s["arms"]["base_in_context"],
+              s["arms"]["fine_tuned"]] for s in summaries if "arms" in s],
+        ),
+        "cost_and_speed": markdown_table(
+            ["cluster", "SLM p50/p95 ms (batch 1)", f"SLM p50/p95 ms (batch {config.batch_size})", "LLM logged p50/p95 ms",
+             "SLM $/1k calls", "LLM $/1k calls", "LLM/SLM cost"],
+            [[s["cluster_id"], _p50_p95(c["slm_latency_ms_batch_1"]), _p50_p95(c[f"slm_latency_ms_batch_{config.batch_size}"]),
+              _p50_p95(c["llm_logged_latency_ms"]), c["slm_cost_per_1000_calls"], c["llm_cost_per_1000_calls"],
+              c["cost_ratio_llm_to_slm"]] for s in summaries for c in [s["cost_and_speed"]]],
+        ),
+    }
+    if len(scored_all):
+        png = evaluate.coverage_quality_png(scored_all, {s["cluster_id"]: s for s in summaries},
+                                            {s["cluster_id"]: s["label"] for s in summaries}, config.quality_floor)
+        write_bytes(store.evaluation / "coverage_quality.png", png)
+        metadata["coverage_quality"] = dg.MetadataValue.md(f"![coverage and quality](data:image/png;base64,{base64.b64encode(png).decode()})")
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _p50_p95(latency: dict | None) -> str:
+    return "–" if latency is None else f"{latency['p50']:.0f} / {latency['p95']:.0f}"
+
+
+def _rounded(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 @dg.asset_check(
@@ -89,41 +138,115 @@ def holdout_never_trained_on(pipeline_store: PipelineStore) -> dg.AssetCheckResu
 
 
 class PromotionConfig(dg.Config):
-    min_holdout: int = 10  # fewer held-out calls than this are no evidence
+    min_holdout: int = 10  # fewer held-out test calls than this are no evidence
     confidence: float = 0.95  # a cluster is promoted when this lower bound of its score clears the floor
+    max_lora_rank: int = promote.SERVING_MAX_RANK  # the serving stack's limit (vLLM --max-lora-rank)
+    allow_extra_modules: bool = False  # full weights (modules_to_save, lm_head) beside LoRA
     fallback_model: str = "gpt-4.1"  # what the router escalates to
     fallback_base_url: str = "https://api.openai.com/v1"
 
 
-@dg.asset(group_name=GROUP, deps=[shadow_eval], kinds={"yaml"})
-def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
-    """A new registry version: the adapters of promoted clusters, the eval report, the router
-    YAML (route per promoted cluster, threshold, fallback) and summary.json."""
+@dg.asset(group_name=GROUP, deps=[shadow_eval], kinds={"python"})
+def promotion_decisions(config: PromotionConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+    """Per cluster: promoted or stays on the LLM, with the evidence (score on the test calls it
+    would answer and its lower confidence bound against the floor). The blocking checks on this
+    asset gate the router config."""
     store = pipeline_store.store()
     report = read_json(store.evaluation / "shadow_eval.json")
     evaluations = {s["cluster_id"]: s for s in report["clusters"]}
     records = {r["cluster_id"]: r for r in _training_records(store)}
+    decisions = []
+    for cluster in read_json(store.stats("task_clusters")):
+        cid = cluster["cluster_id"]
+        decision, reason = promote.promotion_decision(evaluations.get(cid), report["quality_floor"], config.min_holdout,
+                                                      config.confidence)
+        decisions.append({"cluster_id": cid, "decision": decision, "reason": reason,
+                          "adapter_dir": records[cid]["adapter_dir"] if cid in records else None,
+                          "base_dir": records[cid]["base_dir"] if cid in records else None})
+    write_json(store.stats("promotion_decisions"), {
+        "evidence": {"min_holdout": config.min_holdout, "confidence": config.confidence},
+        "serving": {"max_lora_rank": config.max_lora_rank, "allow_extra_modules": config.allow_extra_modules},
+        "fallback": {"model": config.fallback_model, "base_url": config.fallback_base_url, "api_key_env": "SLM_FALLBACK_API_KEY"},
+        "decisions": decisions,
+    })
+    promoted = [d for d in decisions if d["decision"] == promote.PROMOTED]
+    return dg.MaterializeResult(metadata={
+        "promoted": len(promoted),
+        "decisions": markdown_table(["cluster", "decision", "reason"],
+                                    [[d["cluster_id"], d["decision"], d["reason"]] for d in decisions]),
+    })
+
+
+def _promoted(store) -> tuple[dict, list[dict]]:
+    decisions = read_json(store.stats("promotion_decisions"))
+    return decisions, [d for d in decisions["decisions"] if d["decision"] == promote.PROMOTED]
+
+
+@dg.asset_check(asset=promotion_decisions, blocking=True,
+                description="Every cluster to be promoted clears the quality floor with the configured confidence on the "
+                            "current shadow evaluation (not a stale or edited one).")
+def promoted_clusters_clear_the_floor(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
+    store = pipeline_store.store()
+    decisions, promoted = _promoted(store)
+    report = read_json(store.evaluation / "shadow_eval.json")
+    evaluations = {s["cluster_id"]: s for s in report["clusters"]}
+    evidence = decisions["evidence"]
+    unproven = [cluster_key(d["cluster_id"]) for d in promoted
+                if promote.promotion_decision(evaluations.get(d["cluster_id"]), report["quality_floor"],
+                                              evidence["min_holdout"], evidence["confidence"])[0] != promote.PROMOTED]
+    return dg.AssetCheckResult(passed=not unproven, metadata={"promoted": len(promoted), "without_the_evidence": unproven})
+
+
+@dg.asset_check(asset=promotion_decisions, blocking=True,
+                description="Every adapter to be promoted can be served: PEFT LoRA that loads, trained on the route's base "
+                            "model, rank within the serving limit, no full weights unless allowed, chat template present.")
+def promoted_adapters_are_servable(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
+    decisions, promoted = _promoted(pipeline_store.store())
+    limits = decisions["serving"]
+    problems = {cluster_key(d["cluster_id"]): found for d in promoted
+                if (found := promote.servability_problems(Path(d["adapter_dir"]), d["base_dir"], limits["max_lora_rank"],
+                                                          limits["allow_extra_modules"]))}
+    return dg.AssetCheckResult(passed=not problems, metadata={"promoted": len(promoted), "problems": dg.MetadataValue.json(problems)})
+
+
+@dg.asset_check(asset=promotion_decisions, blocking=True,
+                description="Every adapter to be promoted is byte for byte the one that was shadow-evaluated.")
+def promoted_adapters_are_the_evaluated_ones(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
+    store = pipeline_store.store()
+    _, promoted = _promoted(store)
+    evaluated = {s["cluster_id"]: s["adapter_hash"] for s in read_json(store.evaluation / "shadow_eval.json")["clusters"]}
+    changed = [cluster_key(d["cluster_id"]) for d in promoted
+               if evaluated.get(d["cluster_id"]) != _adapter_hash(Path(d["adapter_dir"]))]
+    return dg.AssetCheckResult(passed=not changed, metadata={"promoted": len(promoted), "changed_since_evaluation": changed})
+
+
+@dg.asset(group_name=GROUP, deps=[promotion_decisions], kinds={"yaml"})
+def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+    """The registry after this run: a new version of each promoted route, router.yaml replaced in
+    one rename (routes not promoted this run keep what they serve), and the run's summary."""
+    store = pipeline_store.store()
+    report = read_json(store.evaluation / "shadow_eval.json")
+    evaluations = {s["cluster_id"]: s for s in report["clusters"]}
+    records = {r["cluster_id"]: r for r in _training_records(store)}
+    decisions_file = read_json(store.stats("promotion_decisions"))
+    decisions = {d["cluster_id"]: d for d in decisions_file["decisions"]}
     clusters = read_json(store.stats("task_clusters"))
     choices = {c["cluster_id"]: c for c in read_json(store.stats("slm_candidates"))["choices"]}
     assignments = read_table(store.table("task_clusters"))
+    run = promote.next_run(store.registry)
 
-    routes, cluster_summaries = [], []
+    promoted, cluster_summaries = [], []
     for cluster in clusters:
         cid = cluster["cluster_id"]
-        decision, reason = promote.promotion_decision(
-            evaluations.get(cid), report["quality_floor"], config.min_holdout, config.confidence
-        )
-        if decision == promote.PROMOTED:
-            routes.append(
-                {
-                    "cluster_id": cid,
-                    "label": cluster["label"],
-                    "base_model": records[cid]["candidate"],
-                    "adapter_dir": records[cid]["adapter_dir"],
-                    "threshold": evaluations[cid]["confidence_threshold"],
-                    "centroid": cluster["centroid"],
-                }
-            )
+        decision = decisions[cid]
+        if decision["decision"] == promote.PROMOTED:
+            record = records[cid]
+            route = {"name": cluster_key(cid), "label": cluster["label"], "base_model": record["candidate"],
+                     "base_model_path": record["base_dir"], "adapter_dir": record["adapter_dir"],
+                     "threshold": evaluations[cid]["confidence_threshold"], "centroid": cluster["centroid"],
+                     "min_similarity": cluster["match_min_similarity"],
+                     "training": record.get("metrics", {}).get("settings"), "run": run}
+            promoted.append((route, evaluations[cid]))
         training = records.get(cid, {}).get("metrics")
         cluster_summaries.append(
             {
@@ -136,9 +259,12 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
                 "selection": {k: choices[cid][k] for k in ("decision", "candidate", "reason")},
                 "training": {k: v for k, v in training.items() if k != "loss_curve"} if training else None,
                 "shadow_eval": evaluations.get(cid),
-                "promotion": {"decision": decision, "reason": reason},
+                "promotion": {"decision": decision["decision"], "reason": decision["reason"]},
             }
         )
+    router = promote.promote_routes(store.registry, promoted, decisions_file["fallback"], run)
+    shares = {cluster_key(c["cluster_id"]): c["share"] for c in clusters}
+    routed = promote.routed_share(store.registry, router, shares)
     unclustered = assignments.loc[assignments["cluster_id"] == UNCLUSTERED, "trace_id"]
     summary = {
         "run_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -149,11 +275,15 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
             "curated_traces": read_json(store.stats("curated_traces")),
             "task_clusters": {"clusters": len(clusters), "unclustered_calls": int(len(unclustered))},
             "finetuned_adapters": len(records),
-            "promoted_routes": len(routes),
+            "promoted_routes": len(promoted),
+            "served_routes": len(router["routes"]),
+            "share_of_calls_to_slms": routed,
         },
         "quality_floor": report["quality_floor"],
         "clusters": cluster_summaries,
         "unclustered_ids": list(unclustered),
+        "router": {"version": router["version"], "routes": {r["name"]: r["version"] for r in router["routes"]}},
+        "serving": promote.vllm_serving_commands(store.registry, router),
         "paths": {
             "raw_traces": str(store.raw / rawzone.TRACES),
             "quarantine": str(store.raw / rawzone.QUARANTINE),
@@ -161,26 +291,34 @@ def router_config(context: dg.AssetExecutionContext, config: PromotionConfig, pi
             "task_clusters": str(store.table("task_clusters")),
             "adapters": str(store.adapters),
             "predictions": str(store.evaluation / "predictions.parquet"),
+            "coverage_quality_plot": str(store.evaluation / "coverage_quality.png"),
         },
     }
-    fallback = {"model": config.fallback_model, "base_url": config.fallback_base_url, "api_key_env": "SLM_FALLBACK_API_KEY"}
-    version_dir = promote.write_registry_version(store.registry, routes, report, fallback, summary)
-    context.log.info(f"registry version {version_dir.name}: {len(routes)} promoted route(s)")
+    plot_path = store.evaluation / "coverage_quality.png"
+    plot_png = plot_path.read_bytes() if plot_path.exists() else None
+    run_dir = promote.write_run_report(store.registry, report, summary, plot_png)
+    summary = read_json(run_dir / "summary.json")
+    image = f"data:image/png;base64,{base64.b64encode(plot_png).decode()}" if plot_png else None
+    context.log.info(f"run {run_dir.name}: {len(promoted)} route(s) promoted, the router serves {len(router['routes'])}")
     return dg.MaterializeResult(
         metadata={
-            "version": version_dir.name,
-            "promoted_routes": len(routes),
-            "router_config": dg.MetadataValue.path(str(version_dir / "router.yaml")),
-            "summary": dg.MetadataValue.path(str(version_dir / "summary.json")),
+            "run": run_dir.name,
+            "promoted_routes": len(promoted),
+            "served_routes": len(router["routes"]),
+            "share_of_calls_to_slms": routed,
+            "router_config_version": router["version"],
+            "router_config": dg.MetadataValue.path(str(store.registry / promote.ROUTER_CONFIG)),
+            "summary": dg.MetadataValue.path(str(run_dir / "summary.json")),
+            "report": dg.MetadataValue.md(promote.run_report_markdown(summary, image)),
+            "report_html": dg.MetadataValue.path(str(run_dir / "report.html")),
+            "serve_with_vllm": dg.MetadataValue.md(f"```\n{summary['serving']}\n```"),
         }
     )
 
 
-@dg.asset_check(asset=router_config, description="Every route of the newest router config points at an adapter that exists.")
+@dg.asset_check(asset=router_config, description="Every route of the router config points at an adapter that exists.")
 def routes_point_at_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
-    import yaml
-
-    version_dir = promote.latest_version(pipeline_store.store().registry)
-    router = yaml.safe_load((version_dir / "router.yaml").read_text())
-    missing = [r["name"] for r in router["routes"] if not (version_dir / r["adapter"] / "adapter_config.json").is_file()]
+    registry = pipeline_store.store().registry
+    router = promote.read_router_config(registry)
+    missing = [r["name"] for r in router["routes"] if not (registry / r["adapter"] / "adapter_config.json").is_file()]
     return dg.AssetCheckResult(passed=not missing, metadata={"routes": len(router["routes"]), "missing": missing})

@@ -186,6 +186,14 @@ def centroids_of(embeddings: np.ndarray, cluster_ids: np.ndarray, weights: np.nd
     return {c: weighted_mean(embeddings, np.where(cluster_ids == c, weights, 0.0)) for c in clusters}
 
 
+def admission_similarity(member_similarity: np.ndarray, weights: np.ndarray, tolerance: float = NOISE_TOLERANCE) -> float:
+    """The least cosine similarity to a cluster's centroid at which a call joins the cluster:
+    edge - tolerance * (mean - edge), from its members' similarities (see NOISE_TOLERANCE)."""
+    edge = float(member_similarity.min())
+    mean = float(np.average(member_similarity, weights=weights))
+    return edge - tolerance * (mean - edge)
+
+
 def attach_noise(
     embeddings: np.ndarray,
     cluster_ids: np.ndarray,
@@ -210,10 +218,7 @@ def attach_noise(
     thresholds = []
     for cluster_id, centroid in zip(clusters, units):
         members = cluster_ids == cluster_id
-        similarity = embeddings[members] @ centroid
-        edge = similarity.min()
-        mean = np.average(similarity, weights=weights[members])
-        thresholds.append(edge - tolerance * (mean - edge))
+        thresholds.append(admission_similarity(embeddings[members] @ centroid, weights[members], tolerance))
     similarity = embeddings[noise] @ units.T
     nearest = similarity.argmax(axis=1)
     close_enough = similarity[np.arange(len(noise)), nearest] >= np.asarray(thresholds)[nearest]
@@ -505,6 +510,11 @@ def cluster_calls(
                     for row in closest
                 ],
                 "centroid": [round(float(x), 6) for x in centroids[cluster_id]],
+                # the router's match rule: a new call belongs here when its cosine similarity to
+                # the centroid is at least this (the rule unclustered calls were attached by)
+                "match_min_similarity": round(admission_similarity(
+                    vectors[member_rows] @ _unit(centroids[cluster_id]),
+                    np.bincount(rows[members], minlength=len(vectors))[member_rows]), 6),
             }
         )
     assignments = pd.DataFrame(

@@ -1,31 +1,62 @@
 """Promotion: clusters whose SLM matched the baseline go to the router; the rest stay on the LLM.
 
-Each run writes a new numbered version of the model registry:
+The model registry:
 
-    registry/v0003/
-        routes/cluster-2/adapter/   LoRA adapter and tokenizer
-        eval_report.json            shadow-evaluation figures of every cluster
-        router.yaml                 what the router serves, per route, and the fallback
-        summary.json                counts per stage, clusters, decisions and paths
-    registry/LATEST                 the name of the newest version
+    registry/
+        router.yaml                   what the router serves now (schema: ROUTER_SCHEMA below)
+        history.jsonl                 every promotion and rollback, one JSON line each
+        cluster-2/v0001/              one promoted version of a route, never changed once written
+            adapter/                  LoRA adapter and tokenizer
+            eval.json                 its shadow-evaluation figures
+            route.json                label, base model, threshold, match rule, training settings
+            hashes.json               sha256 of every file of the version
+        runs/0003/                    one pipeline run: summary.json, eval_report.json
+        runs/LATEST                   the name of the newest run
 
-A version folder is written under a temporary name and renamed when complete, so the router
-never reads half a version.
+A version folder is written under a temporary name and renamed when complete, and router.yaml
+is replaced by a rename, so the router never reads half of either. A run that does not promote
+a route leaves the route's serving version as it was; `slm-convert rollback` moves a route back
+to an earlier version (or off to the LLM).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from statistics import NormalDist
 
 import yaml
 
 from pipeline.cluster import cluster_key
-from pipeline.store import write_bytes, write_json
+from pipeline.store import read_json, write_bytes, write_json
 
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
+ROUTER_CONFIG, HISTORY, RUNS = "router.yaml", "history.jsonl", "runs"
+# Where a route is sent back to the LLM: `slm-convert rollback ROUTE --to llm`.
+OFF = "llm"
+
+ROUTER_SCHEMA = """version: 12                       # increases with every write (promotion or rollback)
+updated_at: 2026-11-23T07:00:00+00:00
+fallback:                         # where calls go that no route answers confidently
+  model: gpt-4.1
+  base_url: https://api.openai.com/v1
+  api_key_env: SLM_FALLBACK_API_KEY   # the key is read from this environment variable
+routes:                           # one per promoted task cluster
+  - name: cluster-2
+    version: v0003                # registry/cluster-2/v0003/
+    label: "classify intent"
+    match:                        # a call belongs to the route when the cosine similarity of
+      centroid: [0.01, ...]       # its task-signature embedding to this centroid
+      min_similarity: 0.41        # is at least this (nearest route wins)
+    base_model: smollm2-135m-instruct
+    base_model_path: /path/to/model-cache/smollm2-135m-instruct
+    adapter: cluster-2/v0003/adapter   # relative to the registry folder
+    confidence_threshold: 0.62    # below it the call is escalated to the fallback
+"""
 
 
 def quality_lower_bound(mean_score: float, calls: int, confidence: float) -> float:
@@ -48,14 +79,15 @@ def promotion_decision(
 ) -> tuple[str, str]:
     """(decision, reason) for one cluster from its shadow-evaluation summary.
 
-    Non-inferiority: the SLM's score against the baseline on the calls it would answer (those
-    at or above its confidence threshold) must be at least `quality_floor` (1 - the margin
-    tolerated against the baseline) with `confidence`, not only on average.
+    Non-inferiority: the SLM's score against the baseline on the test calls it would answer
+    (those at or above the threshold calibrated on the other held-out calls) must be at least
+    `quality_floor` (1 - the margin tolerated against the baseline) with `confidence`, not only
+    on average.
     """
     if evaluation is None:
         return NOT_PROMOTED, "not fine-tuned"
-    if evaluation["holdout_calls"] < min_holdout:
-        return NOT_PROMOTED, f"only {evaluation['holdout_calls']} held-out calls (< {min_holdout})"
+    if evaluation["test_calls"] < min_holdout:
+        return NOT_PROMOTED, f"only {evaluation['test_calls']} held-out test calls (< {min_holdout})"
     if evaluation["confidence_threshold"] is None:
         score = evaluation["score_vs_baseline"]
         return NOT_PROMOTED, f"shadow score {score:.3f}: no confidence threshold keeps the answered calls at the floor"
@@ -68,76 +100,310 @@ def promotion_decision(
     return PROMOTED, f"{stated} meets the floor {quality_floor:.3f}"
 
 
-def next_version(registry: Path) -> str:
-    existing = [int(p.name[1:]) for p in registry.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit()]
-    return f"v{max(existing, default=0) + 1:04d}"
+SERVING_MAX_RANK = 16  # vLLM's default --max-lora-rank
 
 
-def write_registry_version(
-    registry: Path,
-    routes: list[dict],
-    eval_report: dict,
-    fallback: dict,
-    summary: dict,
-) -> Path:
-    """Write one complete registry version and point LATEST at it. Returns its folder.
+def servability_problems(adapter_dir: Path, base_model_path: str, max_rank: int = SERVING_MAX_RANK,
+                         allow_extra_modules: bool = False) -> list[str]:
+    """Why a LoRA serving stack (PEFT, vLLM's multi-LoRA server) could not serve this adapter
+    on the route's base model; empty when it can. Reads configs and tensor names, not weights."""
+    from safetensors import SafetensorError, safe_open
 
-    `routes` are the promoted clusters: cluster_id, label, base_model, adapter_dir, threshold,
-    centroid.
+    config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        return [f"{adapter_dir} is not a PEFT adapter (adapter_config.json and adapter_model.safetensors)"]
+    try:
+        config = json.loads(config_path.read_text())
+        with safe_open(str(weights), "pt") as tensors:
+            names = list(tensors.keys())
+    except (ValueError, OSError, SafetensorError) as err:
+        return [f"{adapter_dir} does not load: {err}"]
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, not LORA")
+    if config.get("base_model_name_or_path") != base_model_path:
+        problems.append(f"trained on {config.get('base_model_name_or_path')!r}, the route serves {base_model_path!r}")
+    ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        problems.append(f"LoRA rank {max(ranks)} is above the serving limit {max_rank}")
+    extra = [n for n in names if "lora_" not in n]
+    if (config.get("modules_to_save") or extra) and not allow_extra_modules:
+        problems.append(f"full weights beside LoRA ({config.get('modules_to_save') or extra[:3]}); not allowed")
+    if not (adapter_dir / "chat_template.jinja").is_file() and "chat_template" not in _json_or_empty(
+            adapter_dir / "tokenizer_config.json"):
+        problems.append("no chat template beside the adapter")
+    return problems
+
+
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _versions(registry: Path, route: str) -> list[str]:
+    folder = registry / route
+    return sorted(p.name for p in folder.glob("v[0-9]*") if p.is_dir()) if folder.is_dir() else []
+
+
+def write_route_version(registry: Path, route: dict, evaluation: dict) -> str:
+    """Copy one promoted adapter into registry/<route>/<next version>/; returns the version.
+
+    `route`: name, label, base_model, base_model_path, adapter_dir, threshold, centroid,
+    min_similarity, training.
     """
-    registry.mkdir(parents=True, exist_ok=True)
-    version = next_version(registry)
-    staging = registry / f".{version}.partial"
+    versions = _versions(registry, route["name"])
+    version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+    staging = registry / route["name"] / f".{version}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    router_routes = []
-    for route in routes:
-        key = cluster_key(route["cluster_id"])
-        target = staging / "routes" / key / "adapter"
-        shutil.copytree(route["adapter_dir"], target)
-        router_routes.append(
-            {
-                "name": key,
-                "label": route["label"],
-                "base_model": route["base_model"],
-                "adapter": str(Path("routes") / key / "adapter"),
-                "confidence_threshold": route["threshold"],
-                "centroid": route["centroid"],
-            }
-        )
-    router = {
+    shutil.copytree(route["adapter_dir"], staging / "adapter")
+    write_json(staging / "eval.json", evaluation)
+    write_json(staging / "route.json", {k: v for k, v in route.items() if k != "adapter_dir"})
+    write_json(staging / "hashes.json", file_hashes(staging))
+    staging.rename(registry / route["name"] / version)
+    return version
+
+
+def read_router_config(registry: Path) -> dict:
+    path = registry / ROUTER_CONFIG
+    return yaml.safe_load(path.read_text()) if path.exists() else {"version": 0, "routes": []}
+
+
+def router_entry(registry: Path, name: str, version: str) -> dict:
+    """The router.yaml entry of one registry version of a route."""
+    route = read_json(registry / name / version / "route.json")
+    return {
+        "name": name,
         "version": version,
+        "label": route["label"],
+        "match": {"centroid": route["centroid"], "min_similarity": route["min_similarity"]},
+        "base_model": route["base_model"],
+        "base_model_path": route["base_model_path"],
+        "adapter": f"{name}/{version}/adapter",
+        "confidence_threshold": route["threshold"],
+    }
+
+
+def write_router_config(registry: Path, routes: list[dict], fallback: dict) -> dict:
+    """Replace router.yaml in one rename; its `version` counts every write."""
+    router = {
+        "version": read_router_config(registry)["version"] + 1,
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fallback": fallback,
-        # The router matches a request to the route whose centroid is nearest, then answers with
-        # the SLM only if its confidence meets the route's threshold; otherwise it escalates.
-        "routes": router_routes,
+        "routes": sorted(routes, key=lambda r: r["name"]),
     }
-    staging.mkdir(parents=True, exist_ok=True)
-    with open(staging / "router.yaml", "w") as f:
-        yaml.safe_dump(router, f, sort_keys=False, width=120)
+    write_bytes(registry / ROUTER_CONFIG, yaml.safe_dump(router, sort_keys=False, width=120).encode())
+    return router
+
+
+def log_event(registry: Path, event: dict) -> None:
+    """Append one promotion or rollback to history.jsonl."""
+    registry.mkdir(parents=True, exist_ok=True)
+    line = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **event}
+    with open(registry / HISTORY, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def history(registry: Path) -> list[dict]:
+    path = registry / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def promote_routes(registry: Path, promoted: list[tuple[dict, dict]], fallback: dict, run: str) -> dict:
+    """Write a version for each promoted (route, evaluation) and the new router.yaml. Routes
+    not promoted by this run keep the version they serve. Returns the router config."""
+    serving = {r["name"]: r for r in read_router_config(registry)["routes"]}
+    for route, evaluation in promoted:
+        version = write_route_version(registry, route, evaluation)
+        log_event(registry, {"action": "promote", "route": route["name"], "version": version,
+                             "replaces": serving.get(route["name"], {}).get("version"), "run": run})
+        serving[route["name"]] = router_entry(registry, route["name"], version)
+    return write_router_config(registry, list(serving.values()), fallback)
+
+
+def rollback(registry: Path, route: str, to: str | None = None) -> dict:
+    """Point `route` at an earlier version (default: the one before the version it serves), or
+    take it off to the LLM with `to=OFF`. Returns the new router config."""
+    router = read_router_config(registry)
+    serving = {r["name"]: r for r in router["routes"]}
+    current = serving.get(route, {}).get("version")
+    versions = _versions(registry, route)
+    if not versions:
+        known = ", ".join(sorted(p.name for p in registry.iterdir() if (p / "v0001").is_dir())) if registry.exists() else ""
+        raise ValueError(f"no route {route!r} in {registry} (routes: {known or 'none'})")
+    if to is None:
+        if current is None:
+            raise ValueError(f"{route} is not served now; name a version with --to ({', '.join(versions)})")
+        earlier = [v for v in versions if v < current]
+        if not earlier:
+            raise ValueError(f"{route} serves {current}, its first version; `--to {OFF}` sends its calls to the LLM")
+        to = earlier[-1]
+    if to == OFF:
+        serving.pop(route, None)
+    elif to not in versions:
+        raise ValueError(f"{route} has no version {to!r} (versions: {', '.join(versions)})")
+    else:
+        serving[route] = router_entry(registry, route, to)
+    updated = write_router_config(registry, list(serving.values()), router["fallback"])
+    log_event(registry, {"action": "rollback", "route": route, "version": to, "replaces": current})
+    return updated
+
+
+def routed_share(registry: Path, router: dict, cluster_shares: dict[str, float]) -> float:
+    """The share of all calls the router would answer with SLMs: for each served route, its
+    cluster's share of the traffic times the coverage its version reached on its test calls."""
+    total = 0.0
+    for route in router["routes"]:
+        evaluation = read_json(registry / route["name"] / route["version"] / "eval.json")
+        total += cluster_shares.get(route["name"], 0.0) * evaluation.get("coverage_at_threshold", 0.0)
+    return round(total, 4)
+
+
+def write_run_report(registry: Path, eval_report: dict, summary: dict, plot_png: bytes | None = None) -> Path:
+    """registry/runs/<next>/ with the run's summary, eval report and report (markdown, HTML,
+    coverage/quality plot); runs/LATEST names it."""
+    runs, run = registry / RUNS, next_run(registry)
+    runs.mkdir(parents=True, exist_ok=True)
+    staging = runs / f".{run}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    final = runs / run
+    summary = {**summary, "run": run, "paths": {**summary.get("paths", {}),
+                                                 "router_config": str(registry / ROUTER_CONFIG),
+                                                 "eval_report": str(final / "eval_report.json"),
+                                                 "summary": str(final / "summary.json")}}
     write_json(staging / "eval_report.json", eval_report)
-    final = registry / version
-    summary = {
-        **summary,
-        "registry_version": version,
-        "paths": {
-            **summary.get("paths", {}),
-            "router_config": str(final / "router.yaml"),
-            "eval_report": str(final / "eval_report.json"),
-            "summary": str(final / "summary.json"),
-        },
-    }
     write_json(staging / "summary.json", summary)
+    plot = "coverage_quality.png" if plot_png else None
+    if plot_png:
+        write_bytes(staging / plot, plot_png)
+    write_bytes(staging / "report.md", run_report_markdown(summary, plot).encode())
+    write_bytes(staging / "report.html", run_report_html(summary, plot).encode())
     staging.rename(final)
-    write_bytes(registry / "LATEST", f"{version}\n".encode())
+    write_bytes(runs / "LATEST", f"{run}\n".encode())
     return final
 
 
-def latest_version(registry: Path) -> Path:
-    """The folder of the newest registry version."""
-    latest = registry / "LATEST"
+def next_run(registry: Path) -> str:
+    runs = registry / RUNS
+    existing = [int(p.name) for p in runs.iterdir() if p.is_dir() and p.name.isdigit()] if runs.is_dir() else []
+    return f"{max(existing, default=0) + 1:04d}"
+
+
+def latest_run(registry: Path) -> Path:
+    """The folder of the newest run's report."""
+    latest = registry / RUNS / "LATEST"
     if not latest.exists():
-        raise FileNotFoundError(f"No registry version under {registry}: run `slm-convert run` first")
-    return registry / latest.read_text().strip()
+        raise FileNotFoundError(f"No run report under {registry}: run `slm-convert run` first")
+    return registry / RUNS / latest.read_text().strip()
+
+
+def vllm_serving_commands(registry: Path, router: dict) -> str:
+    """How to serve the promoted adapters with vLLM's multi-LoRA server (one server per base
+    model, every route's adapter loaded beside it)."""
+    if not router["routes"]:
+        return "No promoted routes: nothing to serve; every call goes to the fallback model."
+    by_base: dict[str, list[dict]] = {}
+    for route in router["routes"]:
+        by_base.setdefault(route["base_model_path"], []).append(route)
+    lines = []
+    for base, routes in by_base.items():
+        modules = " ".join(f"{r['name']}={registry / r['adapter']}" for r in routes)
+        rank = max(json.loads((registry / r["adapter"] / "adapter_config.json").read_text())["r"] for r in routes)
+        lines.append(f"vllm serve {base} --enable-lora --max-lora-rank {max(rank, 8)} --max-loras {len(routes)} "
+                     f"--lora-modules {modules}")
+    lines.append("Then ask for a route by name: POST /v1/chat/completions with \"model\": \"<route name>\".")
+    return "\n".join(lines)
+
+
+def _evaluation_lines(evaluation: dict) -> list[str]:
+    threshold = evaluation["confidence_threshold"]
+    lines = [f"test calls {evaluation['test_calls']} (threshold from {evaluation['calibration_calls']} others): " + (
+        f"at confidence >= {threshold:.3f} the SLM answers {evaluation['coverage_at_threshold']:.0%} "
+        f"with score {evaluation['score_at_threshold'] if evaluation['score_at_threshold'] is not None else 0:.3f}"
+        if threshold is not None else "no threshold reached the floor on the calibration calls")]
+    if "arms" in evaluation:
+        arms = evaluation["arms"]
+        lines.append(f"on {arms['calls']} test calls: base SLM zero-shot {arms['base_zero_shot']:.3f}, in-context "
+                     f"{arms['base_in_context']:.3f}, fine-tuned {arms['fine_tuned']:.3f}")
+    if evaluation.get("feedback"):
+        feedback = evaluation["feedback"]
+        lines.append(f"outcome feedback on {feedback['calls_with_feedback']} calls: baseline accuracy "
+                     f"{feedback['baseline_accuracy']:.2f}, SLM at least {feedback['slm_accuracy_lower_bound']:.2f}")
+    cost = evaluation.get("cost_and_speed")
+    if cost and cost["slm_latency_ms_batch_1"] and cost["llm_logged_latency_ms"]:
+        lines.append(f"latency p50 SLM {cost['slm_latency_ms_batch_1']['p50']:.0f} ms (batch 1, this machine) vs LLM "
+                     f"{cost['llm_logged_latency_ms']['p50']:.0f} ms (logged); per 1,000 calls SLM "
+                     f"${cost['slm_cost_per_1000_calls']:.4f} vs LLM ${cost['llm_cost_per_1000_calls'] or 0:.4f}")
+    return lines
+
+
+REPORT_COLUMNS = ["cluster", "label", "traffic share", "SLM", "score vs baseline (test)", "threshold",
+                  "coverage", "score at threshold", "LLM/SLM latency (p50)", "LLM/SLM cost", "decision"]
+
+
+def report_rows(summary: dict) -> list[list[str]]:
+    """One row per cluster of the run report (REPORT_COLUMNS)."""
+    rows = []
+    for c in summary["clusters"]:
+        evaluation = c["shadow_eval"] or {}
+        cost = evaluation.get("cost_and_speed") or {}
+        slm_p50 = (cost.get("slm_latency_ms_batch_1") or {}).get("p50")
+        llm_p50 = (cost.get("llm_logged_latency_ms") or {}).get("p50")
+        number = lambda value, form: "–" if value is None else format(value, form)  # noqa: E731
+        rows.append([
+            c["name"], c["label"], f"{c['share']:.1%}", c["selection"]["candidate"] or "LLM",
+            number(evaluation.get("score_vs_baseline"), ".3f"), number(evaluation.get("confidence_threshold"), ".3f"),
+            number(evaluation.get("coverage_at_threshold"), ".0%"), number(evaluation.get("score_at_threshold"), ".3f"),
+            f"{llm_p50 / slm_p50:.1f}x" if slm_p50 and llm_p50 else "–",
+            number(cost.get("cost_ratio_llm_to_slm"), ".1f") + ("x" if cost.get("cost_ratio_llm_to_slm") else ""),
+            f"{c['promotion']['decision']}: {c['promotion']['reason']}",
+        ])
+    return rows
+
+
+def run_report_markdown(summary: dict, plot: str | None = "coverage_quality.png") -> str:
+    """The run's report for a person, in markdown; `plot`: the coverage/quality image's URL."""
+    counts = summary["counts"]
+    lines = [
+        f"# slm-convert run {summary['run']} ({summary['run_at']})",
+        "",
+        f"{counts['curated_traces']['curated']} curated calls in {counts['task_clusters']['clusters']} task clusters; "
+        f"{counts['promoted_routes']} route(s) promoted this run, the router serves {counts['served_routes']} and would "
+        f"answer about {counts['share_of_calls_to_slms']:.0%} of all calls with SLMs. Quality floor {summary['quality_floor']}; "
+        "scores are against the logged LLM answer on held-out test calls; the threshold was chosen on other held-out calls.",
+        "",
+        "| " + " | ".join(REPORT_COLUMNS) + " |",
+        "|" + "---|" * len(REPORT_COLUMNS),
+        *["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in report_rows(summary)],
+    ]
+    if plot:
+        lines += ["", f"![coverage and quality per cluster]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def run_report_html(summary: dict, plot: str | None = "coverage_quality.png") -> str:
+    """The same report as a standalone HTML page."""
+    from html import escape
+
+    counts = summary["counts"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in REPORT_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in report_rows(summary))
+    image = f'<p><img alt="coverage and quality per cluster" src="{escape(plot)}"></p>' if plot else ""
+    return (
+        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>slm-convert run {escape(summary['run'])}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>"
+        f"<h1>slm-convert run {escape(summary['run'])}</h1>"
+        f"<p>{counts['curated_traces']['curated']} curated calls in {counts['task_clusters']['clusters']} task clusters; "
+        f"{counts['promoted_routes']} route(s) promoted this run; the router serves {counts['served_routes']} and would "
+        f"answer about {counts['share_of_calls_to_slms']:.0%} of all calls with SLMs.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{image}</body></html>\n"
+    )
 
 
 def format_summary(summary: dict) -> str:
@@ -164,11 +430,17 @@ def format_summary(summary: dict) -> str:
         )
         if c["selection"]["decision"] != "fine-tune":
             lines.append(f"{'':<11} {'':>6}  selection: {c['selection']['reason']}")
+        if evaluation:
+            lines += [f"{'':<11} {'':>6}  {line}" for line in _evaluation_lines(evaluation)]
     lines += [
         "",
-        f"Promoted routes: {counts['promoted_routes']} of {len(summary['clusters'])} clusters "
-        f"(registry {summary['registry_version']})",
+        f"Promoted routes: {counts['promoted_routes']} of {len(summary['clusters'])} clusters this run; "
+        f"the router serves {counts['served_routes']} (run {summary['run']}), answering about "
+        f"{counts['share_of_calls_to_slms']:.0%} of all calls with SLMs",
         f"Router config: {summary['paths']['router_config']}",
         f"Summary:       {summary['paths']['summary']}",
+        "",
+        "Serving with vLLM's multi-LoRA server:",
+        summary["serving"],
     ]
     return "\n".join(lines)

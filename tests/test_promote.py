@@ -1,11 +1,18 @@
-"""The promotion gate: evidence, not luck."""
+"""The promotion gate (evidence, not luck), servability, and the model registry."""
 
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from assets import cli
 from pipeline import promote
 
 
 def _evaluation(score: float, answered: int, holdout: int = 200) -> dict:
-    return {"holdout_calls": holdout, "score_vs_baseline": score, "confidence_threshold": 0.5,
-            "score_at_threshold": score, "answered_at_threshold": answered}
+    return {"holdout_calls": 2 * holdout, "test_calls": holdout, "score_vs_baseline": score,
+            "confidence_threshold": 0.5, "score_at_threshold": score, "answered_at_threshold": answered}
 
 
 def test_the_lower_bound_is_wilsons_and_shrinks_to_the_mean_with_more_calls():
@@ -33,3 +40,136 @@ def test_a_model_worse_than_the_floor_is_never_promoted_however_many_calls():
     assert promote.promotion_decision(no_threshold, 0.8, 10)[0] == promote.NOT_PROMOTED
     assert promote.promotion_decision(_evaluation(1.0, 9, holdout=9), 0.8, 10)[0] == promote.NOT_PROMOTED
     assert promote.promotion_decision(None, 0.8, 10) == (promote.NOT_PROMOTED, "not fine-tuned")
+
+
+@pytest.fixture(scope="module")
+def lora_adapters(base_model_dir, tmp_path_factory):
+    """Real PEFT adapters of the bundled base model: a plain one (r=16) and one that also saves
+    the LM head in full."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    folders = {}
+    for name, extra in (("plain", {}), ("with_head", {"modules_to_save": ["lm_head"]})):
+        model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+        peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], **extra))
+        folders[name] = tmp_path_factory.mktemp(name) / "adapter"
+        peft_model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+def test_a_servable_adapter_passes_and_each_serving_problem_is_named(lora_adapters, base_model_dir, tmp_path):
+    import shutil
+
+    plain, base = lora_adapters["plain"], str(base_model_dir)
+    assert promote.servability_problems(plain, base) == []
+    assert promote.servability_problems(plain, base, max_rank=8) == ["LoRA rank 16 is above the serving limit 8"]
+    assert "the route serves '/elsewhere/qwen'" in promote.servability_problems(plain, "/elsewhere/qwen")[0]
+    assert "full weights beside LoRA" in promote.servability_problems(lora_adapters["with_head"], base)[0]
+    assert promote.servability_problems(lora_adapters["with_head"], base, allow_extra_modules=True) == []
+
+    no_template = tmp_path / "no_template"
+    shutil.copytree(plain, no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    assert promote.servability_problems(no_template, base) == ["no chat template beside the adapter"]
+    (no_template / "adapter_model.safetensors").write_bytes(b"truncated")
+    assert "does not load" in promote.servability_problems(no_template, base)[0]
+    assert "is not a PEFT adapter" in promote.servability_problems(tmp_path, base)[0]
+
+
+def _route(tmp_path, name: str, threshold: float, rank: int = 16) -> dict:
+    adapter = tmp_path / f"{name}-{threshold}"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(f"weights {threshold}".encode())
+    return {"name": name, "label": "classify intent", "base_model": "smollm2-135m-instruct",
+            "base_model_path": "/models/smollm2", "adapter_dir": str(adapter), "threshold": threshold,
+            "centroid": [0.6, 0.8], "min_similarity": 0.5, "training": {"lora_r": rank}, "run": "0001"}
+
+
+FALLBACK = {"model": "gpt-4.1", "base_url": "https://api.openai.com/v1", "api_key_env": "SLM_FALLBACK_API_KEY"}
+
+
+def test_each_promotion_is_a_new_version_and_a_rollback_serves_the_one_before(tmp_path):
+    registry = tmp_path / "registry"
+    first = promote.promote_routes(registry, [(_route(tmp_path, "cluster-2", 0.5), {"score": 0.9})], FALLBACK, "0001")
+    assert [(r["name"], r["version"]) for r in first["routes"]] == [("cluster-2", "v0001")]
+    entry = first["routes"][0]
+    assert entry["adapter"] == "cluster-2/v0001/adapter" and entry["match"] == {"centroid": [0.6, 0.8], "min_similarity": 0.5}
+    version_dir = registry / "cluster-2" / "v0001"
+    assert json.loads((version_dir / "eval.json").read_text()) == {"score": 0.9}
+    hashes = json.loads((version_dir / "hashes.json").read_text())
+    assert set(hashes) == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "eval.json", "route.json"}
+    assert hashes["eval.json"] == promote.file_hashes(version_dir)["eval.json"]
+
+    # the next run promotes cluster-2 again and cluster-5 for the first time
+    second = promote.promote_routes(registry, [(_route(tmp_path, "cluster-2", 0.7), {}), (_route(tmp_path, "cluster-5", 0.6), {})],
+                                    FALLBACK, "0002")
+    assert {r["name"]: r["version"] for r in second["routes"]} == {"cluster-2": "v0002", "cluster-5": "v0001"}
+    assert second["version"] == first["version"] + 1
+    # a run that promotes nothing leaves what is served as it is
+    assert promote.promote_routes(registry, [], FALLBACK, "0003")["routes"] == second["routes"]
+    assert (version_dir / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights 0.5"  # the old version stays
+
+    back = promote.rollback(registry, "cluster-2")
+    served = {r["name"]: r for r in yaml.safe_load((registry / "router.yaml").read_text())["routes"]}
+    assert served["cluster-2"]["version"] == "v0001" and served["cluster-2"]["confidence_threshold"] == 0.5
+    assert back["routes"] == sorted(served.values(), key=lambda r: r["name"])
+    with pytest.raises(ValueError, match="its first version; `--to llm`"):
+        promote.rollback(registry, "cluster-2")
+    promote.rollback(registry, "cluster-2", to="v0002")
+    promote.rollback(registry, "cluster-5", to=promote.OFF)
+    assert [r["name"] for r in promote.read_router_config(registry)["routes"]] == ["cluster-2"]
+    with pytest.raises(ValueError, match="has no version 'v0009'"):
+        promote.rollback(registry, "cluster-2", to="v0009")
+    with pytest.raises(ValueError, match="no route 'cluster-7'"):
+        promote.rollback(registry, "cluster-7")
+    with pytest.raises(ValueError, match="is not served now"):
+        promote.rollback(registry, "cluster-5")
+
+    events = [(e["action"], e["route"], e["version"], e["replaces"]) for e in promote.history(registry)]
+    assert events == [
+        ("promote", "cluster-2", "v0001", None), ("promote", "cluster-2", "v0002", "v0001"),
+        ("promote", "cluster-5", "v0001", None), ("rollback", "cluster-2", "v0001", "v0002"),
+        ("rollback", "cluster-2", "v0002", "v0001"), ("rollback", "cluster-5", "llm", "v0001"),
+    ]
+    assert not list(registry.rglob("*.partial")) and not list(registry.glob(".router.yaml.*"))
+
+
+def test_the_cli_lists_routes_and_rolls_one_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLM_OUTPUT_DIR", str(tmp_path / "out"))
+    registry = tmp_path / "out" / "registry"
+    for threshold in (0.5, 0.7):
+        promote.promote_routes(registry, [(_route(tmp_path, "cluster-2", threshold), {})], FALLBACK, "0001")
+    assert cli.main(["routes"]) == 0
+    listing = capsys.readouterr().out
+    assert "cluster-2: serves v0002 (threshold 0.700); versions v0001, v0002" in listing
+    assert "promote cluster-2 -> v0002 (was v0001)" in listing
+    assert cli.main(["rollback", "cluster-2"]) == 0
+    assert "cluster-2 now serves v0001" in capsys.readouterr().out
+    assert cli.main(["rollback", "cluster-9"]) == 2
+    assert "no route 'cluster-9'" in capsys.readouterr().err
+
+
+def test_the_run_says_how_to_serve_the_promoted_adapters_with_vllm(tmp_path):
+    registry = tmp_path / "registry"
+    assert "nothing to serve" in promote.vllm_serving_commands(registry, {"routes": []})
+    routes = [(_route(tmp_path, "cluster-2", 0.5), {}), (_route(tmp_path, "cluster-5", 0.6, rank=8), {})]
+    router = promote.promote_routes(registry, routes, FALLBACK, "0001")
+    command = promote.vllm_serving_commands(registry, router).splitlines()[0]
+    assert command == (f"vllm serve /models/smollm2 --enable-lora --max-lora-rank 16 --max-loras 2 --lora-modules "
+                       f"cluster-2={registry}/cluster-2/v0001/adapter cluster-5={registry}/cluster-5/v0001/adapter")
+
+
+def test_the_documented_router_schema_is_what_promotion_writes(tmp_path):
+    documented = yaml.safe_load(promote.ROUTER_SCHEMA)
+    written = promote.promote_routes(tmp_path, [(_route(tmp_path, "cluster-2", 0.5), {})], FALLBACK, "0001")
+    assert set(documented) == set(written)
+    assert set(documented["routes"][0]) == set(written["routes"][0])
+    assert set(documented["fallback"]) == set(written["fallback"])
+    assert promote.ROUTER_SCHEMA in (Path(__file__).parents[1] / "README.md").read_text()  # the README shows this schema
