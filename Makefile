@@ -21,7 +21,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test dev clean
+.PHONY: setup demo test dev clean chromium
 
 setup: $(VENV)/.installed $(KEYS)
 
@@ -41,8 +41,14 @@ $(KEYS): | $(VENV)/.installed
 demo: setup
 	$(WITH_KEYS) $(BIN)/slm-convert run
 
-test: setup
+# The UI test opens the Dagster UI in Debian's headless Chromium; its screenshots land in
+# test-artifacts/ (CI keeps them).
+test: setup chromium
 	$(BIN)/pytest -v --durations=15
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 dev: setup
 	$(WITH_KEYS) $(BIN)/dagster dev

@@ -4,8 +4,11 @@
 
 Prints what the README and the issue notes quote: malformed lines quarantined, canaries left in
 anything written after scrubbing, exact and near duplicates caught, distinct calls merged, the
-share of gold answers scrubbing left intact, and clustering quality (adjusted Rand index and
-purity against the true step of each call).
+share of gold answers scrubbing left intact, clustering quality (adjusted Rand index and
+purity against the true step of each call), and per evaluated cluster the SLM's agreement with
+the logged answers and its accuracy against the datasets' gold answers next to the logged
+LLM's, on the same held-out test calls, with coverage, decision and the share of all calls the
+router would answer with SLMs.
 """
 
 import json
@@ -15,6 +18,9 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
+from pipeline.calls import parse_tool_calls
+from pipeline.promote import latest_run
+from pipeline.scoring import _normalize, score_answer
 from pipeline.store import Store, read_json, read_table
 from pipeline.ingest import find_landing_files, read_calls
 from tests.conftest import FIXTURES, LANDING as SAMPLE, REPO
@@ -51,6 +57,79 @@ def gold_intact(before: pd.DataFrame, after: pd.DataFrame, labels: dict) -> dict
         intact[step] = intact.get(step, 0) + all(s in scrubbed.lower() for s in strings)
     per_step = {step: round(intact[step] / held[step], 4) for step in sorted(held)}
     return {"overall": round(sum(intact.values()) / max(sum(held.values()), 1), 4), "by_step": per_step}
+
+
+def gold_answer_text(gold) -> str:
+    """A dataset's gold answer written the way a logged answer is, so the same scorer reads it:
+    intents as a label list, slots as a JSON object, a math answer after '####'."""
+    if isinstance(gold, dict):
+        return json.dumps(gold)
+    if isinstance(gold, (int, float)) or str(gold).replace(",", "").replace(".", "", 1).lstrip("-").isdigit():
+        return f"#### {gold}"
+    return str(gold)
+
+
+def tool_calls_match_gold(gold: list[dict], answer: str) -> float:
+    """BFCL's grading: each gold call names a function and, per argument, the values it accepts
+    ("" among them: the argument may be left out); function names with dots are spelled with
+    underscores in the OpenAI schemas. The share of calls matched, in any order."""
+    predicted = parse_tool_calls(answer) or []
+    if not gold:  # the irrelevance set: no function fits, the right answer calls none
+        return float(not predicted)
+    unused = list(predicted)
+
+    def fits(given: dict, accepted: dict) -> bool:
+        """Every key's value among those accepted (nested objects key by key), none extra."""
+        return not set(given) - set(accepted) and all(
+            any(fits(given[key], option) if isinstance(option, dict) and isinstance(given[key], dict)
+                else _normalize(given[key]) == _normalize(option) for option in values)
+            if key in given else "" in values
+            for key, values in accepted.items())
+
+    def accepts(name: str, accepted: dict, call: dict) -> bool:
+        return call.get("name", "").replace(".", "_") == name.replace(".", "_") and fits(call.get("arguments") or {}, accepted)
+
+    matched = 0
+    for gold_call in gold:
+        (name, accepted), = gold_call.items()
+        hit = next((call for call in unused if accepts(name, accepted, call)), None)
+        if hit is not None:
+            unused.remove(hit)
+            matched += 1
+    return matched / max(len(gold), len(predicted), 1)
+
+
+def accuracy_vs_gold(gold, answer: str) -> float:
+    return tool_calls_match_gold(gold, answer) if isinstance(gold, list) else score_answer(gold_answer_text(gold), answer)[1]
+
+
+def evaluation_against_truth(store: Store, labels: dict) -> dict | None:
+    """Per evaluated cluster, on its held-out test calls: SLM agreement with the logged answer,
+    SLM and logged-LLM accuracy against gold, coverage and decision; and the routed share."""
+    predictions_path = store.evaluation / "predictions.parquet"
+    if not predictions_path.exists():
+        return None
+    predictions = read_table(predictions_path)
+    summary = read_json(latest_run(store.registry) / "summary.json")
+    test = predictions[predictions["split"] == "test"]
+    clusters = {}
+    for c in summary["clusters"]:
+        calls = test[test["cluster_id"] == c["cluster_id"]]
+        if calls.empty:
+            continue
+        records = [labels["records"][i] for i in calls["trace_id"]]
+        slm_right = [accuracy_vs_gold(r["gold"], a) for r, a in zip(records, calls["slm_answer"])]
+        evaluation = c["shadow_eval"]
+        clusters[c["name"]] = {
+            "true_step": pd.Series([r["step"] for r in records]).mode()[0],
+            "test_calls": len(calls),
+            "slm_agreement_with_logged_answer": round(float(calls["score"].mean()), 4),
+            "slm_accuracy_vs_gold": round(sum(slm_right) / len(slm_right), 4),
+            "logged_llm_accuracy_vs_gold": round(sum(r["teacher_ok"] for r in records) / len(records), 4),
+            "coverage_at_threshold": evaluation["coverage_at_threshold"],
+            "decision": c["promotion"]["decision"],
+        }
+    return {"clusters": clusters, "share_of_calls_to_slms": summary["counts"]["share_of_calls_to_slms"]}
 
 
 def clustering_quality(assignments: pd.DataFrame, labels: dict) -> dict:
@@ -104,6 +183,7 @@ def score(output_dir: Path) -> dict:
         "distinct_calls_merged": f"{len(dropped & distinct)}/{len(distinct)}",
         "gold_answers_intact_after_scrubbing": gold_intact(read_calls(find_landing_files(SAMPLE)).traces, curated, labels),
         **clustering_quality(assignments, labels),
+        "shadow_evaluation": evaluation_against_truth(store, labels),
     }
 
 

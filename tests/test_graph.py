@@ -1,27 +1,32 @@
 """The whole asset graph through Dagster: materialization, checks, rerun, registry versions."""
 
 import json
+import shutil
+import subprocess
 
 import dagster as dg
 import pytest
 import yaml
 
-from assets import data, sensors
+from assets import data, promotion, sensors
 from assets.definitions import all_assets, all_checks, defs
 from assets.resources import PipelineStore, RawZoneKeys
 from pipeline import rawzone
 from tests import score_run
+from tests.conftest import LANDING, REPO, quiet_dagster_home
+from tests.test_webserver import start_webserver
 
 DAY = "2026-10-01"  # the day of the one-day landing folder: runs are filed under a call day
-ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval", "router_config"}
+ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval",
+               "promotion_decisions", "router_config"}
 
 # Tiny settings: the point here is the wiring, not the quality of a one-step adapter.
 QUICK = {
     "ops": {
         "slm_candidates": {"config": {"probe_calls": 2, "probe_shots": 1, "probe_max_new_tokens": 8}},
-        "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 2, "max_length": 512, "min_holdout": 4, "max_holdout": 4}},
-        "shadow_eval": {"config": {"max_calls_per_cluster": 4, "max_new_tokens_cap": 24, "quality_floor": 0.0}},
-        "router_config": {"config": {"min_holdout": 4}},
+        "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 2, "max_length": 512, "min_holdout": 8, "max_holdout": 8}},
+        "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 24, "quality_floor": 0.0}},
+        "promotion_decisions": {"config": {"min_holdout": 4}},
     }
 }
 
@@ -65,43 +70,89 @@ def test_sensor_starts_collection_once_per_new_or_changed_landing_file(one_day_l
     assert isinstance(gone, dg.SkipReason) and "does not exist" in gone.skip_message
 
 
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory, base_model_dir) -> dict:
+    """The whole graph materialized once on a day of logs, into a Dagster instance on disk (so
+    that a webserver can show it afterwards)."""
+    root = tmp_path_factory.mktemp("graph")
+    landing = root / "landing"
+    landing.mkdir()
+    shutil.copy(LANDING / f"traces-{DAY}.jsonl", landing)
+    home = quiet_dagster_home(root / "dagster_home")
+    resources = _resources(landing, root, base_model_dir)
+    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY,
+                            instance=dg.DagsterInstance.from_config(str(home)))
+    return {"result": result, "resources": resources, "out": root / "out", "dagster_home": home}
+
+
 @pytest.mark.slow
-def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining(one_day_landing, tmp_path, base_model_dir):
-    resources = _resources(one_day_landing, tmp_path, base_model_dir)
-    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY)
+def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining(graph_run):
+    resources, result, out = graph_run["resources"], graph_run["result"], graph_run["out"]
     assert result.success
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert materialized == ASSET_NAMES
     checks = result.get_asset_check_evaluations()
     assert len(checks) == len(all_checks) and all(c.passed for c in checks)
 
-    out = tmp_path / "out"
-    version = (out / "registry" / "LATEST").read_text().strip()
-    assert version == "v0001"
-    summary = json.loads((out / "registry" / version / "summary.json").read_text())
-    router = yaml.safe_load((out / "registry" / version / "router.yaml").read_text())
+    registry = out / "registry"
+    assert (registry / "runs" / "LATEST").read_text().strip() == "0001"
+    summary = json.loads((registry / "runs" / "0001" / "summary.json").read_text())
+    router = yaml.safe_load((registry / "router.yaml").read_text())
     trained = [c for c in summary["clusters"] if c["selection"]["decision"] == "fine-tune"]
     assert len(trained) >= 2
     # with a quality floor of 0 every evaluated cluster is promoted: the promotion path runs
     assert len(router["routes"]) == len(trained) == summary["counts"]["promoted_routes"]
     for route in router["routes"]:
-        assert (out / "registry" / version / route["adapter"] / "adapter_model.safetensors").is_file()
-        assert 0 <= route["confidence_threshold"] <= 1
+        assert route["version"] == "v0001" and (registry / route["adapter"] / "adapter_model.safetensors").is_file()
+        assert 0 <= route["confidence_threshold"] <= 1 and -1 <= route["match"]["min_similarity"] <= 1
+        assert json.loads((registry / route["name"] / "v0001" / "hashes.json").read_text())
+    assert summary["serving"].startswith("vllm serve ") and f"{router['routes'][0]['name']}=" in summary["serving"]
+    assert (out / "eval" / "coverage_quality.png").read_bytes().startswith(b"\x89PNG")
+    assert 0 < summary["counts"]["share_of_calls_to_slms"] <= 1
+    report = (registry / "runs" / "0001" / "report.md").read_text()
+    assert all(f"| {c['name']} | {c['label']} |" in report for c in summary["clusters"])
+    page = (registry / "runs" / "0001" / "report.html").read_text()
+    assert page.count("<tr>") == len(summary["clusters"]) + 1 and 'src="coverage_quality.png"' in page
+    for evaluation in (c["shadow_eval"] for c in trained):
+        assert set(evaluation["arms"]) == {"calls", "base_zero_shot", "base_in_context", "fine_tuned"}
+        assert evaluation["cost_and_speed"]["slm_latency_ms_batch_1"]["p50"] > 0
     for card in (out / "adapters").glob("*/adapter/README.md"):  # each adapter's model card, ours not PEFT's template
         assert "base_model: smollm2-135m-instruct" in card.read_text() and "More Information Needed" not in card.read_text()
     assert len(list((out / "adapters").glob("*/adapter/README.md"))) == len(trained)
     members = [i for c in summary["clusters"] for i in c["member_ids"]] + summary["unclustered_ids"]
     assert len(members) == len(set(members)) == summary["counts"]["curated_traces"]["curated"]
-    assert summary["paths"]["router_config"] == str(out / "registry" / version / "router.yaml")
+    assert summary["paths"]["router_config"] == str(registry / "router.yaml")
     # nothing written after scrubbing (tables, predictions, registry files) holds a canary
     assert score_run.score(out)["canaries_left_after_scrubbing"] == 0
 
-    # Same data and settings: a rerun writes a new version but trains nothing again.
+    # Same data and settings: a rerun promotes new versions of the routes but trains nothing again.
     records = sorted((out / "adapters").glob("*/training.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
     assert dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY).success
     assert [p.stat().st_mtime_ns for p in records] == stamps
-    assert (out / "registry" / "LATEST").read_text().strip() == "v0002"
+    assert (registry / "runs" / "LATEST").read_text().strip() == "0002"
+    assert {r["version"] for r in yaml.safe_load((registry / "router.yaml").read_text())["routes"]} == {"v0002"}
+
+    # A serving limit below the adapters' rank fails a blocking check: router.yaml is not written.
+    before = (registry / "router.yaml").read_bytes()
+    strict = {"ops": {"promotion_decisions": {"config": {"min_holdout": 4, "max_lora_rank": 8}}}}
+    gated_assets = [a for a in all_assets if a.key.path[-1] in ("promotion_decisions", "router_config")]
+    gated = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=strict, selection=gated_assets,
+                           raise_on_error=False)
+    failed = [c for c in gated.get_asset_check_evaluations() if not c.passed]
+    assert [c.check_name for c in failed] == ["promoted_adapters_are_servable"]
+    assert "LoRA rank 16 is above the serving limit 8" in json.dumps(failed[0].metadata["problems"].value)
+    assert {e.asset_key.path[-1] for e in gated.get_asset_materialization_events()} == {"promotion_decisions"}
+    assert (registry / "router.yaml").read_bytes() == before
+
+    # Decisions that the current evaluation does not support are refused (the check called directly)
+    assert promotion.promoted_clusters_clear_the_floor(pipeline_store=resources["pipeline_store"]).passed
+    evaluation_file = out / "eval" / "shadow_eval.json"
+    evaluation = evaluation_file.read_text()
+    evaluation_file.write_text(json.dumps({**json.loads(evaluation), "quality_floor": 0.99}))
+    stale = promotion.promoted_clusters_clear_the_floor(pipeline_store=resources["pipeline_store"])
+    evaluation_file.write_text(evaluation)
+    assert not stale.passed and len(stale.metadata["without_the_evidence"].value) == len(trained)
 
 
 @pytest.mark.slow
@@ -119,3 +170,54 @@ def test_pii_check_blocks_everything_downstream(one_day_landing, tmp_path, base_
     assert check.metadata["texts_with_leaks"].value["email address"] > 0
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert "task_clusters" not in materialized
+
+
+ARTIFACTS = REPO / "test-artifacts"  # screenshots kept by CI
+
+
+def _metadata_entry(page, key: str):
+    """The rendered markdown metadata entry `key` of the asset page's latest materialization:
+    the table row itself, or the dialog that "[Show Markdown]" opens for longer entries."""
+    row = page.locator("tr", has_text=key).first
+    link = row.get_by_text("[Show Markdown]")
+    if not link.count():
+        return row
+    link.click()
+    dialog = page.get_by_role("dialog")
+    dialog.wait_for()
+    return dialog
+
+
+@pytest.mark.slow
+def test_the_dagster_ui_shows_the_evaluation_with_its_plot_and_the_run_report(graph_run):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed for this test; `make test` installs it (apt-get install chromium)"
+    summary = json.loads((graph_run["out"] / "registry" / "runs" / "0001" / "summary.json").read_text())
+    evaluated = [c["label"] for c in summary["clusters"] if c["shadow_eval"]]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with start_webserver(graph_run["dagster_home"]) as port, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        for asset, key, expected, plot in (
+            ("shadow_eval", "scores", ["calibration / test calls", *evaluated], False),
+            ("shadow_eval", "arms", ["base SLM in-context", "fine-tuned"], False),
+            ("shadow_eval", "coverage_quality", [], True),
+            ("router_config", "report", ["traffic share", *[c["name"] for c in summary["clusters"]]], True),
+        ):
+            page.goto(f"http://127.0.0.1:{port}/assets/{asset}")
+            page.wait_for_load_state("networkidle")
+            skip = page.get_by_role("button", name="Skip")  # Dagster's first-visit welcome dialog
+            if skip.count():
+                skip.click()
+            entry = _metadata_entry(page, key)
+            text = entry.inner_text()
+            assert all(t in text for t in expected), (asset, key, text[:500])
+            if plot:  # drawn, not only named
+                image = entry.locator('img[src^="data:image/png;base64"]').first
+                image.wait_for()
+                assert image.evaluate("i => i.complete && i.naturalWidth") >= 600
+            page.wait_for_timeout(500)  # the dialog fades in
+            page.screenshot(path=str(ARTIFACTS / f"dagster-ui-{asset}-{key}.png"))
+        browser.close()

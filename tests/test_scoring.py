@@ -128,3 +128,17 @@ def test_training_uses_the_models_own_template_for_tools_and_tool_calls(ingested
             assert example["tools"] and "# Tools" in text and calls.TOOLS_INSTRUCTION[:20] not in text
         else:
             assert example["tools"] is None and "You can call these tools" in text
+
+
+def test_gold_grading_of_the_score_script_accepts_every_logged_answer_marked_right(ingested, labels):
+    """tests/score_run.py grades SLM answers against the datasets' gold answers (BFCL's rules
+    for tool calls); checked on the logged answers whose labels say they are right."""
+    from pipeline.calls import baseline_answer
+    from tests.score_run import accuracy_vs_gold
+
+    right = [(labels["records"][i]["gold"], baseline_answer(r)) for i, r in zip(ingested.traces["trace_id"],
+             ingested.traces["response_message"]) if labels["records"][i]["teacher_ok"]]
+    assert len(right) > 2500 and all(accuracy_vs_gold(gold, answer) == 1.0 for gold, answer in right)
+    wrong = [(labels["records"][i]["gold"], baseline_answer(r)) for i, r in zip(ingested.traces["trace_id"],
+             ingested.traces["response_message"]) if not labels["records"][i]["teacher_ok"]]
+    assert sum(accuracy_vs_gold(gold, answer) == 1.0 for gold, answer in wrong) == 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 from tests.conftest import REPO, quiet_dagster_home
 
 QUERY = '{ assetNodes { assetKey { path } } }'
-EXPECTED = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval", "router_config"}
+EXPECTED = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval",
+            "promotion_decisions", "router_config"}
 
 
 def _free_port() -> int:
@@ -33,28 +35,35 @@ def _query(port: int) -> dict:
         return json.loads(response.read())
 
 
-@pytest.mark.slow
-def test_webserver_serves_every_asset_of_the_graph(tmp_path):
+@contextmanager
+def start_webserver(dagster_home: Path):
+    """`dagster-webserver` for the repository's workspace on a free loopback port, once it
+    answers with the asset graph; yields the port."""
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(quiet_dagster_home(tmp_path))}
     webserver = Path(sys.executable).parent / "dagster-webserver"
     process = subprocess.Popen(
         [str(webserver), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(dagster_home)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline, answer = time.monotonic() + 180, None
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                answer = _query(port)
-                if answer.get("data", {}).get("assetNodes"):
+                if _query(port).get("data", {}).get("assetNodes"):
                     break
             except OSError:
                 pass
             time.sleep(2)
         assert process.poll() is None, process.stderr.read()
-        names = {node["assetKey"]["path"][-1] for node in answer["data"]["assetNodes"]}
-        assert names == EXPECTED
+        yield port
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_webserver_serves_every_asset_of_the_graph(tmp_path):
+    with start_webserver(quiet_dagster_home(tmp_path)) as port:
+        names = {node["assetKey"]["path"][-1] for node in _query(port)["data"]["assetNodes"]}
+    assert names == EXPECTED
