@@ -117,7 +117,7 @@ def score_holdout(holdout: pd.DataFrame, generated: list[tuple[str, float]]) -> 
     rows = []
     for (_, call), (answer, confidence) in zip(holdout.iterrows(), generated):
         baseline = baseline_answer(call["response_message"])
-        scorer, score = score_answer(baseline, answer)
+        scorer, score = score_answer(baseline, answer, call["tools"])
         rows.append(
             {
                 "trace_id": call["trace_id"],
@@ -266,7 +266,7 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
 
     def mean_score(arm: list[Chat]) -> float:
         answers = generate_answers(model, tokenizer, arm, budget, settings.batch_size)
-        return round(float(np.mean([score_answer(b, a)[1] for b, (a, _) in zip(baselines, answers)])), 4)
+        return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
 
     with model.disable_adapter():
         return {"base_zero_shot": mean_score(prompts), "base_in_context": mean_score(with_examples)}

@@ -2,7 +2,7 @@
 
 The baseline answer's shape picks the scorer: a tool call is compared by function name and
 argument values, a JSON object field by field, a label list as a set, a worked answer ending in
-`#### <number>` by its final number, and anything else by word overlap. Every scorer returns a
+`#### <number>` by its final number, and anything else by embedding similarity. Every scorer returns a
 score in [0, 1].
 """
 
@@ -12,6 +12,8 @@ import json
 import re
 from collections import Counter
 from typing import Any
+
+import numpy as np
 
 from pipeline.calls import parse_tool_calls
 
@@ -95,15 +97,40 @@ def score_json_object(baseline: str, predicted: str) -> float:
     return sum(k in gold and k in pred and _key(gold[k]) == _key(pred[k]) for k in keys) / len(keys)
 
 
-def score_tool_calls(baseline: str, predicted: str) -> float:
-    """Matched calls over the larger count; a call matches on name and argument values.
+def argument_defaults(tools_json: str | None) -> dict[str, dict]:
+    """{function name: {argument: default}} from the call's OpenAI tool schemas."""
+    try:
+        tools = json.loads(tools_json) if tools_json else []
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    defaults = {}
+    for tool in tools if isinstance(tools, list) else []:
+        function = tool.get("function", tool) if isinstance(tool, dict) else {}
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        defaults[function.get("name", "")] = {
+            name: spec["default"] for name, spec in properties.items() if isinstance(spec, dict) and "default" in spec
+        }
+    return defaults
 
-    Parallel calls are compared as a multiset, so their order does not matter.
+
+def _with_defaults(call: dict, defaults: dict[str, dict]) -> dict:
+    """The call with every argument it left out at its schema default: omitting an optional
+    argument and passing its default are the same call."""
+    arguments = call.get("arguments") if isinstance(call.get("arguments"), dict) else {}
+    return {**call, "arguments": {**defaults.get(call.get("name"), {}), **arguments}}
+
+
+def score_tool_calls(baseline: str, predicted: str, tools_json: str | None = None) -> float:
+    """Matched calls over the larger count; a call matches on name and argument values
+    (compared as values: "30" and 30 are equal), arguments left out counting at their schema
+    default. Parallel calls are compared as a multiset, so their order does not matter.
     """
-    gold = parse_tool_calls(baseline) or []
+    defaults = argument_defaults(tools_json)
+    gold = [_with_defaults(c, defaults) for c in parse_tool_calls(baseline) or []]
     pred = parse_tool_calls(predicted)
     if pred is None:
         return 0.0
+    pred = [_with_defaults(c, defaults) for c in pred]
     remaining = Counter(_key(c) for c in gold)
     matched = 0
     for call in pred:
@@ -131,15 +158,14 @@ def score_final_number(baseline: str, predicted: str) -> float:
 
 
 def score_free_text(baseline: str, predicted: str) -> float:
-    """Word-overlap F1 (first version; embedding similarity comes with the evaluation issue)."""
-    gold, pred = Counter(baseline.lower().split()), Counter(predicted.lower().split())
-    overlap = sum((gold & pred).values())
-    if not gold and not pred:
-        return 1.0
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / sum(pred.values()), overlap / sum(gold.values())
-    return 2 * precision * recall / (precision + recall)
+    """Cosine similarity of the two answers' sentence embeddings (the bundled all-MiniLM-L6-v2,
+    the clustering's model), clipped to [0, 1]: a paraphrase scores high, another answer low."""
+    from pipeline.cluster import embed_texts  # loads a model: only when free text is scored
+
+    if not baseline.strip() or not predicted.strip():
+        return float(baseline.strip() == predicted.strip())
+    gold, pred = embed_texts([baseline, predicted])
+    return float(np.clip(gold @ pred, 0.0, 1.0))
 
 
 SCORERS = {
@@ -151,7 +177,10 @@ SCORERS = {
 }
 
 
-def score_answer(baseline: str, predicted: str) -> tuple[str, float]:
-    """(scorer used, score) for one SLM answer against the logged baseline answer."""
+def score_answer(baseline: str, predicted: str, tools_json: str | None = None) -> tuple[str, float]:
+    """(scorer used, score) for one SLM answer against the logged baseline answer; the call's
+    tool schemas (JSON) give tool calls their argument defaults."""
     shape = answer_shape(baseline)
+    if shape == TOOL_CALL:
+        return shape, score_tool_calls(baseline, predicted, tools_json)
     return shape, SCORERS[shape](baseline, predicted)

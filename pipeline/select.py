@@ -130,7 +130,7 @@ def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> d
 
     def mean_score(arm_prompts: list[Chat]) -> float:
         answers = evaluate.generate_answers(model, tokenizer, arm_prompts, budget, settings.batch_size)
-        return round(float(np.mean([score_answer(b, a)[1] for b, (a, _) in zip(baselines, answers)])), 4)
+        return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
 
     return {
         "calls": len(calls),

@@ -54,6 +54,29 @@ def test_tool_calls_compare_names_and_argument_values_in_any_order():
     assert scoring.score_tool_calls(baseline, "It is sunny in Paris.") == 0.0
 
 
+def test_an_argument_left_out_equals_its_schema_default():
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "default": "celsius"}},
+        "required": ["city"]}}}])
+    explicit = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]</tool_call>'
+    omitted = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+    other = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}]</tool_call>'
+    assert scoring.score_answer(explicit, omitted, tools) == ("tool_call", 1.0)
+    assert scoring.score_answer(omitted, explicit, tools)[1] == 1.0
+    assert scoring.score_answer(explicit, other, tools)[1] == 0.0
+    assert scoring.score_answer(explicit, omitted)[1] == 0.0  # without the schema there is no default
+    assert scoring.argument_defaults("not json") == {}
+
+
+def test_free_text_is_scored_by_embedding_similarity():
+    answer = "The hotel pool opens at 7 am and closes at 10 pm."
+    paraphrase = scoring.score_free_text(answer, "Our swimming pool is open from seven in the morning until ten at night.")
+    unrelated = scoring.score_free_text(answer, "Your invoice for March is attached to this e-mail.")
+    assert scoring.score_free_text(answer, answer) > 0.99
+    assert paraphrase > 0.6 > 0.3 > unrelated
+    assert scoring.score_free_text("", "") == 1.0 and scoring.score_free_text(answer, " ") == 0.0
+
+
 def test_final_numbers_compare_as_numbers():
     assert scoring.score_final_number("so 6*5=30\n#### 30", "#### 30.0") == 1.0
     assert scoring.score_final_number("#### 1,200", "The answer is 1200") == 1.0
