@@ -17,7 +17,7 @@ import pandas as pd
 
 from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
-from assets.resources import PipelineStore
+from assets.resources import JudgeEndpoint, PipelineStore
 from pipeline import evaluate, promote, rawzone
 from pipeline.cluster import UNCLUSTERED, cluster_key
 from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
@@ -51,7 +51,8 @@ def _adapter_hash(adapter_dir: Path) -> str:
 
 
 @dg.asset(group_name=GROUP, deps=[finetuned_adapters], kinds={"pytorch"})
-def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pipeline_store: PipelineStore) -> dg.MaterializeResult:
+def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pipeline_store: PipelineStore,
+                judge_endpoint: JudgeEndpoint) -> dg.MaterializeResult:
     """Each adapter answers its cluster's latest held-out calls; answers are scored against the
     logged baseline answer and the agent's feedback, a confidence threshold is calibrated on the
     earlier held-out calls and judged on the later ones."""
@@ -71,7 +72,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
         model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
         scored, summary = evaluate.evaluate_cluster(
             model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
-            progress=lambda m, k=key: context.log.info(f"{k}: {m}"),
+            progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
         )
         summaries.append({"cluster_id": record["cluster_id"], "label": record["label"], "candidate": record["candidate"],
                           "adapter_hash": _adapter_hash(Path(record["adapter_dir"])), **summary})

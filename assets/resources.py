@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from pipeline import rawzone
+from pipeline.judge import Judge
 from pipeline.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +71,31 @@ def raw_zone_keys_from_env(resolve: bool = False) -> RawZoneKeys:
     )
 
 
+class JudgeEndpoint(dg.ConfigurableResource):
+    """An optional LLM-as-judge for free-text answers in shadow evaluation: any OpenAI-compatible
+    chat endpoint (SLM_JUDGE_BASE_URL, SLM_JUDGE_MODEL, key in SLM_JUDGE_API_KEY). Off while
+    base_url is empty, the default."""
+
+    base_url: str = ""
+    model: str = "gpt-4.1-mini"
+    api_key: str = ""
+
+    def judge(self) -> Judge | None:
+        return Judge(self.base_url, self.model, self.api_key) if self.base_url else None
+
+
+def judge_endpoint_from_env(resolve: bool = False) -> JudgeEndpoint:
+    return JudgeEndpoint(
+        base_url=_from_env("SLM_JUDGE_BASE_URL", "", resolve),
+        model=_from_env("SLM_JUDGE_MODEL", "gpt-4.1-mini", resolve),
+        api_key=_from_env("SLM_JUDGE_API_KEY", "", resolve),
+    )
+
+
 def resources_from_env(resolve: bool = False) -> dict:
     """Every resource the assets use, configured from the environment."""
     return {
         "pipeline_store": pipeline_store_from_env(resolve),
         "raw_zone_keys": raw_zone_keys_from_env(resolve),
+        "judge_endpoint": judge_endpoint_from_env(resolve),
     }

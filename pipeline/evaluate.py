@@ -26,7 +26,10 @@ import pandas as pd
 from pipeline.calls import (
     Chat, answer_message, baseline_answer, chat_of_call, few_shot_prompt, render_prompt, renders_tools, signature_parts,
 )
-from pipeline.scoring import score_answer
+from pipeline.judge import Judge
+from pipeline.scoring import FREE_TEXT, score_answer
+
+LLM_JUDGE = "llm_judge"
 
 
 @dataclass
@@ -113,11 +116,16 @@ def answer_token_budget(tokenizer, answers: list[str], cap: int) -> int:
     return int(min(cap, longest * 1.25 + 8))
 
 
-def score_holdout(holdout: pd.DataFrame, generated: list[tuple[str, float]]) -> pd.DataFrame:
+def score_holdout(holdout: pd.DataFrame, generated: list[tuple[str, float]], judge: Judge | None = None) -> pd.DataFrame:
+    """Each answer scored against the logged one by its shape's scorer; free text by the LLM
+    judge instead where one is configured."""
     rows = []
     for (_, call), (answer, confidence) in zip(holdout.iterrows(), generated):
         baseline = baseline_answer(call["response_message"])
         scorer, score = score_answer(baseline, answer, call["tools"])
+        if judge is not None and scorer == FREE_TEXT:
+            request = signature_parts(call["messages"], call["tools"])[2]
+            scorer, score = LLM_JUDGE, judge.score(request, baseline, answer)
         rows.append(
             {
                 "trace_id": call["trace_id"],
@@ -275,7 +283,7 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
 def evaluate_cluster(
     model, tokenizer, holdout: pd.DataFrame, train: pd.DataFrame, quality_floor: float,
     settings: GenerationSettings, calibration_share: float = 0.5, prices: Prices | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, judge: Judge | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures."""
     native_tools = renders_tools(tokenizer)
@@ -284,7 +292,7 @@ def evaluate_cluster(
                                  settings.max_new_tokens_cap)
     batch_seconds: list[float] = []
     generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress, batch_seconds)
-    scored = score_holdout(holdout, generated)
+    scored = score_holdout(holdout, generated, judge)
     scored["split"] = split_for_calibration(scored, calibration_share)
     single_seconds: list[float] = []
     for prompt in prompts[-settings.latency_calls:] if settings.latency_calls else []:  # from the test calls

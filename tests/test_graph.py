@@ -10,7 +10,7 @@ import yaml
 
 from assets import data, promotion, sensors
 from assets.definitions import all_assets, all_checks, defs
-from assets.resources import PipelineStore, RawZoneKeys
+from assets.resources import JudgeEndpoint, PipelineStore, RawZoneKeys
 from pipeline import rawzone
 from tests import score_run
 from tests.conftest import LANDING, REPO, quiet_dagster_home
@@ -36,6 +36,7 @@ def _resources(landing, tmp_path, base_model_dir) -> dict:
     return {
         "pipeline_store": PipelineStore(landing_dir=str(landing), output_dir=str(tmp_path / "out"), model_cache_dir=str(base_model_dir.parent)),
         "raw_zone_keys": RawZoneKeys(encryption_key=keys[rawzone.ENCRYPTION_KEY_ENV], pseudonym_key=keys[rawzone.PSEUDONYM_KEY_ENV]),
+        "judge_endpoint": JudgeEndpoint(),  # off
     }
 
 
