@@ -26,13 +26,14 @@ GROUP = "promotion"
 
 
 class ShadowEvalConfig(dg.Config):
-    max_calls_per_cluster: int = 32  # latest held-out calls answered per cluster (0: all)
+    # latest held-out calls answered per cluster (0: all); sized for a CPU demo, configs/gpu.yaml takes all
+    max_calls_per_cluster: int = 24
     calibration_share: float = 0.5  # the earlier part of them, where the threshold is chosen
     batch_size: int = 8
     max_new_tokens_cap: int = 160
     quality_floor: float = 0.8  # mean score vs baseline a cluster must reach to be promoted
-    latency_calls: int = 4  # test calls answered one at a time as well, for the batch-1 latency
-    arm_calls: int = 8  # latest test calls the base model answers too (zero-shot, in-context); 0: none
+    latency_calls: int = 2  # test calls answered one at a time as well, for the batch-1 latency
+    arm_calls: int = 4  # latest test calls the base model answers too (zero-shot, in-context); 0: none
     shots: int = 2  # retrieved training calls in the in-context arm's prompt
     llm_input_price_per_million_tokens: float = 2.0  # USD; the baseline's list price (gpt-4.1)
     llm_output_price_per_million_tokens: float = 8.0

@@ -36,8 +36,8 @@ LLM_JUDGE = "llm_judge"
 class GenerationSettings:
     batch_size: int = 8
     max_new_tokens_cap: int = 384
-    latency_calls: int = 4  # test calls answered one at a time too, for the batch-1 latency
-    arm_calls: int = 8  # latest test calls the base model answers too, zero-shot and with examples
+    latency_calls: int = 2  # test calls answered one at a time too, for the batch-1 latency
+    arm_calls: int = 4  # latest test calls the base model answers too, zero-shot and with examples
     shots: int = 2  # retrieved training calls shown in the in-context arm
 
 
