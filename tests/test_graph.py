@@ -191,7 +191,7 @@ def _metadata_entry(page, key: str):
 
 @pytest.mark.slow
 def test_the_dagster_ui_shows_the_evaluation_with_its_plot_and_the_run_report(graph_run):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed for this test; `make test` installs it (apt-get install chromium)"
@@ -213,8 +213,8 @@ def test_the_dagster_ui_shows_the_evaluation_with_its_plot_and_the_run_report(gr
             if skip.count():
                 skip.click()
             entry = _metadata_entry(page, key)
-            text = entry.inner_text()
-            assert all(t in text for t in expected), (asset, key, text[:500])
+            for text in expected:  # waits until the entry's markdown has rendered
+                expect(entry).to_contain_text(text, timeout=30_000)
             if plot:  # drawn, not only named
                 image = entry.locator('img[src^="data:image/png;base64"]').first
                 image.wait_for()
