@@ -298,7 +298,7 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     }
     plot_path = store.evaluation / "coverage_quality.png"
     plot_png = plot_path.read_bytes() if plot_path.exists() else None
-    run_dir = promote.write_run_report(store.registry, report, summary, plot_png)
+    run_dir = promote.write_run_report(store.registry, run, report, summary, plot_png)
     summary = read_json(run_dir / "summary.json")
     image = f"data:image/png;base64,{base64.b64encode(plot_png).decode()}" if plot_png else None
     context.log.info(f"run {run_dir.name}: {len(promoted)} route(s) promoted, the router serves {len(router['routes'])}")

@@ -116,6 +116,24 @@ def answer_token_budget(tokenizer, answers: list[str], cap: int) -> int:
     return int(min(cap, longest * 1.25 + 8))
 
 
+def prompts_of(calls: pd.DataFrame, native_tools: bool) -> list[Chat]:
+    """Each call's prompt as the model sees it."""
+    return [chat_of_call(m, t, native_tools) for m, t in zip(calls["messages"], calls["tools"])]
+
+
+def solved_examples(calls: pd.DataFrame, native_tools: bool) -> list[tuple[Chat, dict]]:
+    """Each call's prompt with the answer the LLM gave: examples for an in-context prompt."""
+    return [(chat_of_call(m, t, native_tools), answer_message(json.loads(r), native_tools))
+            for m, t, r in zip(calls["messages"], calls["tools"], calls["response_message"])]
+
+
+def mean_score(model, tokenizer, prompts: list[Chat], calls: pd.DataFrame, budget: int, batch_size: int) -> float:
+    """Mean score against the logged answers of `calls` of the model's answers to `prompts`."""
+    answers = generate_answers(model, tokenizer, prompts, budget, batch_size)
+    baselines = [baseline_answer(r) for r in calls["response_message"]]
+    return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
+
+
 def score_holdout(holdout: pd.DataFrame, generated: list[tuple[str, float]], judge: Judge | None = None) -> pd.DataFrame:
     """Each answer scored against the logged one by its shape's scorer; free text by the LLM
     judge instead where one is configured."""
@@ -265,19 +283,13 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
     """Mean score against the baseline of the base SLM without its adapter, zero-shot and with
     retrieved training calls as examples (in-context), on `calls`: what fine-tuning bought."""
     native_tools = renders_tools(tokenizer)
-    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(calls["messages"], calls["tools"])]
-    solved = [(chat_of_call(m, t, native_tools), answer_message(json.loads(r), native_tools))
-              for m, t, r in zip(train["messages"], train["tools"], train["response_message"])]
+    prompts = prompts_of(calls, native_tools)
+    solved = solved_examples(train, native_tools)
     with_examples = [few_shot_prompt(p, [solved[i] for i in picks])
                      for p, picks in zip(prompts, retrieved_examples(train, calls, settings.shots))]
-    baselines = [baseline_answer(r) for r in calls["response_message"]]
-
-    def mean_score(arm: list[Chat]) -> float:
-        answers = generate_answers(model, tokenizer, arm, budget, settings.batch_size)
-        return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
-
     with model.disable_adapter():
-        return {"base_zero_shot": mean_score(prompts), "base_in_context": mean_score(with_examples)}
+        return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size)
+                for arm, arm_prompts in (("base_zero_shot", prompts), ("base_in_context", with_examples))}
 
 
 def evaluate_cluster(
@@ -286,8 +298,7 @@ def evaluate_cluster(
     progress: Callable[[str], None] | None = None, judge: Judge | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures."""
-    native_tools = renders_tools(tokenizer)
-    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(holdout["messages"], holdout["tools"])]
+    prompts = prompts_of(holdout, renders_tools(tokenizer))
     budget = answer_token_budget(tokenizer, [baseline_answer(r) for r in train["response_message"]],
                                  settings.max_new_tokens_cap)
     batch_seconds: list[float] = []

@@ -31,7 +31,6 @@ from statistics import NormalDist
 
 import yaml
 
-from pipeline.cluster import cluster_key
 from pipeline.store import read_json, write_bytes, write_json
 
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
@@ -263,10 +262,11 @@ def routed_share(registry: Path, router: dict, cluster_shares: dict[str, float])
     return round(total, 4)
 
 
-def write_run_report(registry: Path, eval_report: dict, summary: dict, plot_png: bytes | None = None) -> Path:
-    """registry/runs/<next>/ with the run's summary, eval report and report (markdown, HTML,
-    coverage/quality plot); runs/LATEST names it."""
-    runs, run = registry / RUNS, next_run(registry)
+def write_run_report(registry: Path, run: str, eval_report: dict, summary: dict, plot_png: bytes | None = None) -> Path:
+    """registry/runs/<run>/ (`run` from `next_run`, the number the run's promotions were logged
+    under) with the run's summary, eval report and report (markdown, HTML, coverage/quality
+    plot); runs/LATEST names it."""
+    runs = registry / RUNS
     runs.mkdir(parents=True, exist_ok=True)
     staging = runs / f".{run}.partial"
     shutil.rmtree(staging, ignore_errors=True)

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline import evaluate
-from pipeline.calls import Chat, answer_message, baseline_answer, chat_of_call, few_shot_prompt, renders_tools
+from pipeline.calls import baseline_answer, few_shot_prompt, renders_tools
 from pipeline.cluster import output_statistics
 from pipeline.models import Candidate, availability, resolve_model_dir
-from pipeline.scoring import FINAL_NUMBER, FREE_TEXT, score_answer
+from pipeline.scoring import FINAL_NUMBER, FREE_TEXT
 
 FINE_TUNE, KEEP_ON_LLM = "fine-tune", "keep on LLM"
 
@@ -122,20 +122,15 @@ def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> d
     if calls.empty:
         return {"calls": 0, "zero_shot": None, "few_shot": None}
     native_tools = renders_tools(tokenizer)
-    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(calls["messages"], calls["tools"])]
-    examples = [(chat_of_call(m, t, native_tools), answer_message(json.loads(r), native_tools))
-                for m, t, r in zip(shots["messages"], shots["tools"], shots["response_message"])]
-    baselines = [baseline_answer(r) for r in calls["response_message"]]
-    budget = evaluate.answer_token_budget(tokenizer, baselines, settings.max_new_tokens_cap)
-
-    def mean_score(arm_prompts: list[Chat]) -> float:
-        answers = evaluate.generate_answers(model, tokenizer, arm_prompts, budget, settings.batch_size)
-        return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
-
+    prompts = evaluate.prompts_of(calls, native_tools)
+    examples = evaluate.solved_examples(shots, native_tools)
+    budget = evaluate.answer_token_budget(tokenizer, [baseline_answer(r) for r in calls["response_message"]],
+                                          settings.max_new_tokens_cap)
     return {
         "calls": len(calls),
-        "zero_shot": mean_score(prompts),
-        "few_shot": mean_score([few_shot_prompt(p, examples) for p in prompts]),
+        "zero_shot": evaluate.mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size),
+        "few_shot": evaluate.mean_score(model, tokenizer, [few_shot_prompt(p, examples) for p in prompts], calls,
+                                        budget, settings.batch_size),
     }
 
 

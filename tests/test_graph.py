@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import subprocess
 
 import dagster as dg
 import pytest
