@@ -29,7 +29,7 @@ class ShadowEvalConfig(dg.Config):
     # latest held-out calls answered per cluster (0: all); sized for a CPU demo, configs/gpu.yaml takes all
     max_calls_per_cluster: int = 24
     calibration_share: float = 0.5  # the earlier part of them, where the threshold is chosen
-    batch_size: int = 8
+    batch_size: int = 16  # calls answered together; 16 was fastest on the 2-core CPU (bench/README.md)
     max_new_tokens_cap: int = 160
     quality_floor: float = 0.8  # mean score vs baseline a cluster must reach to be promoted
     latency_calls: int = 2  # test calls answered one at a time as well, for the batch-1 latency

@@ -1,18 +1,22 @@
-"""Shadow evaluation's generation: batched (left padding, KV cache, greedy) against one call at a time.
+"""Shadow evaluation's generation: batched (by length, shared prefix, KV cache, greedy) against one call at a time.
 
-    python -m bench.eval_bench --calls 64 --batch-size 8        # the bundled base model, CPU or GPU
+    python -m bench.eval_bench --calls-per-step 32 --batch-size 32 --single-calls 8
 
-The same calls of the bundled sample (drawn at random, every step type in its share of the
-traffic) are answered twice by `evaluate.generate_answers` with the same answer-token budget:
-once in batches of `--batch-size`, once one call per `generate`. Reported: calls/s and seconds
-per call of each, the speedup, and the share of calls whose answer is the same both ways
-(greedy decoding; left padding may flip a near-tie). Appended to bench/results/evaluation.jsonl
-with the device, date and command.
+Shadow evaluation answers one cluster's calls at a time, so this bench does too: for each step
+of the bundled sample (its true step from tests/fixtures/labels.json, read by the bench only),
+its latest `--calls-per-step` calls are answered by `evaluate.generate_answers` in batches of
+`--batch-size`, and the first `--single-calls` of them once more one call per `generate`
+(no batching, no shared prefix), with the step's answer-token budget (longest logged answer,
+capped). Reported per step and in all: calls/s of each, the speedup, and the share of calls
+whose answer is the same both ways. The bundled base model has no adapter, so on steps with
+long answers it writes up to its budget where a fine-tuned one would stop: a slow case.
+Appended to bench/results/evaluation.jsonl with the device, date and command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -24,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calls-per-step", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--single-calls", type=int, default=8, help="calls per step also answered one at a time")
     parser.add_argument("--max-new-tokens-cap", type=int, default=160)
     parser.add_argument("--model-cache", type=Path, default=Path(os.environ.get("SLM_MODEL_CACHE", REPO / ".cache" / "models")))
     args = parser.parse_args()
@@ -33,38 +38,44 @@ def main() -> None:
     import torch
 
     from pipeline import evaluate, ingest, models
-    from pipeline.calls import baseline_answer, chat_of_call, renders_tools
+    from pipeline.calls import baseline_answer, renders_tools
 
-    traces = ingest.read_calls(ingest.find_landing_files(REPO / "data" / "landing")).traces
-    calls = traces.sample(n=min(args.calls, len(traces)), random_state=0)
+    steps = {i: r["step"] for i, r in json.loads((REPO / "tests" / "fixtures" / "labels.json").read_text())["records"].items()}
+    traces = ingest.read_calls(ingest.find_landing_files(REPO / "data" / "landing")).traces.sort_values("called_at")
     candidate = next(c for c in models.load_candidates(REPO / "configs" / "candidates.yaml") if c.source == "bundled-gguf")
     model, tokenizer = evaluate.load_adapter_model(models.resolve_model_dir(candidate, args.model_cache), None)
     native_tools = renders_tools(tokenizer)
-    prompts = [chat_of_call(m, t, native_tools) for m, t in zip(calls["messages"], calls["tools"])]
-    budget = evaluate.answer_token_budget(tokenizer, [baseline_answer(r) for r in calls["response_message"]],
-                                          args.max_new_tokens_cap)
-
-    def timed(batch_size: int):
+    per_step = {}
+    for step, calls in traces.groupby(traces["trace_id"].map(steps)):
+        calls = calls.tail(args.calls_per_step)
+        prompts = evaluate.prompts_of(calls, native_tools)
+        budget = evaluate.answer_token_budget(tokenizer, [baseline_answer(r) for r in calls["response_message"]],
+                                              args.max_new_tokens_cap)
         started = time.perf_counter()
-        answers = evaluate.generate_answers(model, tokenizer, prompts, budget, batch_size)
-        return answers, time.perf_counter() - started
-
-    batched, batched_seconds = timed(args.batch_size)
-    single, single_seconds = timed(1)
-    same = sum(a == b for (a, _), (b, _) in zip(batched, single)) / len(prompts)
+        batched = evaluate.generate_answers(model, tokenizer, prompts, budget, args.batch_size)
+        batched_seconds = time.perf_counter() - started
+        single_seconds: list[float] = []
+        single = [evaluate.generate_answers(model, tokenizer, [p], budget, 1, batch_seconds=single_seconds)[0]
+                  for p in prompts[: args.single_calls]]
+        per_step[step] = {
+            "calls": len(prompts), "max_new_tokens": budget,
+            "batched_seconds": round(batched_seconds, 1),
+            "batched_calls_per_second": round(len(prompts) / batched_seconds, 3),
+            "one_at_a_time_calls_per_second": round(len(single) / sum(single_seconds), 3),
+            "speedup": round(len(prompts) / batched_seconds / (len(single) / sum(single_seconds)), 2),
+            "same_answer_share": round(sum(a == b for (a, _), (b, _) in zip(batched, single)) / len(single), 3),
+        }
+        print(step, per_step[step], flush=True)
+    calls = sum(s["calls"] for s in per_step.values())
     results.record("evaluation", {
-        "benchmark": "batched_generation",
+        "benchmark": "batched_generation_per_step",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "model": candidate.name,
-        "calls": len(prompts),
-        "max_new_tokens": budget,
         "batch_size": args.batch_size,
-        "batched_seconds": round(batched_seconds, 1),
-        "one_at_a_time_seconds": round(single_seconds, 1),
-        "batched_calls_per_second": round(len(prompts) / batched_seconds, 3),
-        "one_at_a_time_calls_per_second": round(len(prompts) / single_seconds, 3),
-        "speedup": round(single_seconds / batched_seconds, 2),
-        "same_answer_share": round(same, 3),
+        "calls": calls,
+        "batched_seconds": round(sum(s["batched_seconds"] for s in per_step.values()), 1),
+        "batched_calls_per_second": round(calls / sum(s["batched_seconds"] for s in per_step.values()), 3),
+        "by_step": per_step,
     })
 
 

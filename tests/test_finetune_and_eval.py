@@ -9,7 +9,7 @@ import pytest
 from peft import PeftModel
 
 from pipeline import evaluate, finetune
-from pipeline.calls import baseline_answer
+from pipeline.calls import baseline_answer, render_prompt, renders_tools
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +262,42 @@ def resumed_training(intent_calls, base_model_dir, tmp_path_factory):
     return {"straight": straight / "adapter", "straight_metrics": straight_metrics, "resumed": killed / "adapter",
             "metrics": metrics, "messages": messages, "left": left, "adapter_after_kill": adapter_after_kill,
             "train": train}
+
+
+@pytest.mark.slow
+def test_batched_answers_sharing_the_system_prompt_are_the_answers_of_one_call_at_a_time(
+        intent_calls, resumed_training, base_model_dir):
+    import torch
+
+    model, tokenizer = evaluate.load_adapter_model(base_model_dir, resumed_training["straight"])
+    calls = intent_calls.iloc[-6:]
+    prompts = evaluate.prompts_of(calls, renders_tools(tokenizer))
+    token_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert evaluate._shared_prefix_length(token_ids) > 100  # the system prompt, encoded once a batch
+    assert len({len(t) for t in token_ids}) > 2  # rows of different lengths, padded after it
+
+    def alone(ids: list[int]) -> tuple[str, float]:
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=tokenizer.pad_token_id)
+        tokens = out.sequences[0, len(ids):].tolist()
+        length = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
+        log_probs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0, :length]
+        return tokenizer.decode(tokens[:length], skip_special_tokens=True).strip(), math.exp(float(log_probs.mean()))
+
+    one_at_a_time = [alone(ids) for ids in token_ids]
+    batched = evaluate.generate_answers(model, tokenizer, prompts, 12, batch_size=4)
+    assert [a for a, _ in batched] == [a for a, _ in one_at_a_time]
+    assert [c for _, c in batched] == pytest.approx([c for _, c in one_at_a_time], abs=1e-4)
+
+    lora_layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base_weight = lora_layer.base_layer.weight.detach().clone()
+    with evaluate.lora_merged(model):
+        assert not torch.equal(lora_layer.base_layer.weight, base_weight)  # the adapter is folded in
+        merged = evaluate.generate_answers(model, tokenizer, prompts, 12, batch_size=4)
+    assert [a for a, _ in merged] == [a for a, _ in batched]
+    assert torch.allclose(lora_layer.base_layer.weight, base_weight, atol=1e-6)  # and taken back out
 
 
 @pytest.mark.slow
