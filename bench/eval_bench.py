@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens-cap", type=int, default=160)
     parser.add_argument("--model-cache", type=Path, default=Path(os.environ.get("SLM_MODEL_CACHE", REPO / ".cache" / "models")))
     args = parser.parse_args()
+    if min(args.calls_per_step, args.batch_size, args.single_calls) < 1:
+        parser.error("--calls-per-step, --batch-size and --single-calls must be at least 1")
 
     import torch
 
@@ -57,24 +59,26 @@ def main() -> None:
         single_seconds: list[float] = []
         single = [evaluate.generate_answers(model, tokenizer, [p], budget, 1, batch_seconds=single_seconds)[0]
                   for p in prompts[: args.single_calls]]
+        batched_rate, single_rate = len(prompts) / batched_seconds, len(single) / sum(single_seconds)
         per_step[step] = {
             "calls": len(prompts), "max_new_tokens": budget,
             "batched_seconds": round(batched_seconds, 1),
-            "batched_calls_per_second": round(len(prompts) / batched_seconds, 3),
-            "one_at_a_time_calls_per_second": round(len(single) / sum(single_seconds), 3),
-            "speedup": round(len(prompts) / batched_seconds / (len(single) / sum(single_seconds)), 2),
+            "batched_calls_per_second": round(batched_rate, 3),
+            "one_at_a_time_calls_per_second": round(single_rate, 3),
+            "speedup": round(batched_rate / single_rate, 2),
             "same_answer_share": round(sum(a == b for (a, _), (b, _) in zip(batched, single)) / len(single), 3),
         }
         print(step, per_step[step], flush=True)
     calls = sum(s["calls"] for s in per_step.values())
+    seconds = sum(s["batched_seconds"] for s in per_step.values())
     results.record("evaluation", {
         "benchmark": "batched_generation_per_step",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         "model": candidate.name,
         "batch_size": args.batch_size,
         "calls": calls,
-        "batched_seconds": round(sum(s["batched_seconds"] for s in per_step.values()), 1),
-        "batched_calls_per_second": round(calls / sum(s["batched_seconds"] for s in per_step.values()), 3),
+        "batched_seconds": round(seconds, 1),
+        "batched_calls_per_second": round(calls / seconds, 3),
         "by_step": per_step,
     })
 

@@ -1,8 +1,9 @@
 """Step 6, shadow evaluation: the fine-tuned SLM answers each cluster's held-out calls.
 
-Generation is batched (by prompt length, the shared system prompt encoded once, KV cache, greedy). Each answer is scored against the logged
-baseline answer with the scorer its shape calls for (`pipeline.scoring`), and gets a confidence:
-the geometric mean of the probabilities of the tokens it generated.
+Generation is batched (by prompt length, the shared system prompt encoded once, KV cache,
+greedy). Each answer is scored against the logged baseline answer with the scorer its shape
+calls for (`pipeline.scoring`), and gets a confidence: the geometric mean of the probabilities
+of the tokens it generated.
 
 The held-out calls are split by time once more. On the earlier part (calibration) the confidence
 threshold is chosen: the lowest one at which the answers kept still meet the quality floor; below
@@ -133,7 +134,8 @@ def _generate_batch(model, tokenizer, sequences: list[list[int]], max_new_tokens
         cache = None
         if shared:
             cache = DynamicCache(config=model.config)
-            model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True)
+            # only the cache is wanted: logits of the last position alone, not the whole prefix's
+            model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(len(sequences))
         out = model.generate(
             input_ids=input_ids,
