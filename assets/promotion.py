@@ -247,6 +247,7 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
                      "base_model_path": record["base_dir"], "adapter_dir": record["adapter_dir"],
                      "threshold": evaluations[cid]["confidence_threshold"], "centroid": cluster["centroid"],
                      "min_similarity": cluster["match_min_similarity"],
+                     "match_embedding": cluster.get("match_embedding"),
                      "training": record.get("metrics", {}).get("settings"), "run": run}
             promoted.append((route, evaluations[cid]))
         training = records.get(cid, {}).get("metrics")

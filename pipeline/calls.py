@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+# The `model` the router logs for a call one of its SLMs answered (`slm-router/cluster-2@v0003`):
+# curation keeps such calls out, so that no SLM is ever trained or judged on an SLM's answer.
+ROUTER_SLM_MODEL_PREFIX = "slm-router/"
 _TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 # Small models' chat templates rarely know about tools, so tools are described in the system

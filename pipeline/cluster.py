@@ -15,6 +15,7 @@ import functools
 import io
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -108,13 +109,21 @@ def embed_signatures(
             seen[raw] = index.setdefault(signature_parts(*raw), len(index))
         rows[i] = seen[raw]
     parts = list(index)
+    return SignatureEmbeddings(signature_vectors(parts, model_name, signature), rows, parts)
+
+
+def signature_vectors(
+    parts: list[tuple[str, str, str]], model_name: str, signature: str, embed: Callable = embed_texts
+) -> np.ndarray:
+    """Unit vectors of task signatures (`signature_parts` triples) as `signature` combines them;
+    `embed(texts, model_name)` embeds texts (the router passes one that caches repeated texts)."""
     weights = SIGNATURES[signature]
     if weights is None:
-        vectors = embed_texts(["\n".join(p) for p in parts], model_name)
+        vectors = embed(["\n".join(p) for p in parts], model_name)
     else:
-        blocks = [embed_texts([p[i] for p in parts], model_name) * w for i, w in enumerate(weights) if w]
+        blocks = [embed([p[i] for p in parts], model_name) * w for i, w in enumerate(weights) if w]
         vectors = np.hstack(blocks) / np.sqrt(sum(w * w for w in weights))
-    return SignatureEmbeddings(vectors.astype(np.float32), rows, parts)
+    return vectors.astype(np.float32)
 
 
 def default_min_cluster_size(n_calls: int) -> int:
@@ -512,6 +521,7 @@ def cluster_calls(
                 "centroid": [round(float(x), 6) for x in centroids[cluster_id]],
                 # the router's match rule: a new call belongs here when its cosine similarity to
                 # the centroid is at least this (the rule unclustered calls were attached by)
+                "match_embedding": {"model": model_name, "signature": signature},
                 "match_min_similarity": round(admission_similarity(
                     vectors[member_rows] @ _unit(centroids[cluster_id]),
                     np.bincount(rows[members], minlength=len(vectors))[member_rows]), 6),

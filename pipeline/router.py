@@ -1,0 +1,391 @@
+"""The router's decisions, apart from HTTP (`pipeline.router_service` serves them).
+
+For each chat-completion request:
+
+    RouteTable.match      the call's task-signature embedding, computed as clustering computed it,
+                          against each promoted route's centroid; the nearest route whose match
+                          rule admits the call, or none
+    SlmEngine.answer      the route's base SLM with the route's LoRA adapter answers greedily;
+                          one base model in memory, adapters switched per request; the answer's
+                          confidence is the geometric mean of its token probabilities, as in
+                          shadow evaluation, so the route's calibrated threshold means the same
+    TraceWriter.write     every answered call, in the canonical trace format, into the landing
+                          folder, so the next nightly run learns from it
+
+The router serves the SLM's answer only when its confidence meets the route's threshold;
+otherwise, and for calls no route admits, the service forwards the request to the fallback LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import cluster, promote, rawzone
+from pipeline.calls import (
+    ROUTER_SLM_MODEL_PREFIX, TOOL_CALL_OPEN, chat_of_call, parse_tool_calls, render_prompt, renders_tools,
+    signature_parts,
+)
+from pipeline.formats import json_text
+
+
+@dataclass(frozen=True)
+class Route:
+    """One promoted route of router.yaml, ready to match calls and answer them."""
+
+    name: str
+    version: str
+    label: str
+    centroid: np.ndarray  # unit length
+    min_similarity: float
+    embedding_model: str
+    signature: str
+    base_model_path: str
+    adapter_dir: Path
+    threshold: float
+    max_new_tokens: int
+
+    @property
+    def key(self) -> str:
+        """The route's version, as the router names it in headers, logs and adapters."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Match:
+    route: Route | None  # None: no route admits the call
+    similarity: float  # to the nearest route's centroid (-1 when there are no routes)
+    nearest: str | None  # the nearest route's name, admitted or not
+
+
+class EmbeddingCache:
+    """Text embeddings with the texts seen last kept in memory: an agent sends the same system
+    prompt and tool list with every call, so most of a call's signature is embedded once."""
+
+    def __init__(self, max_texts: int = 4096):
+        self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._max_texts = max_texts
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str], model_name: str) -> np.ndarray:
+        with self._lock:
+            found = {t: self._vectors[(model_name, t)] for t in set(texts) if (model_name, t) in self._vectors}
+            for text in found:
+                self._vectors.move_to_end((model_name, text))
+        missing = sorted(set(texts) - set(found))
+        if missing:
+            vectors = cluster.embed_texts(missing, model_name)
+            found.update(zip(missing, vectors))
+            with self._lock:
+                for text, vector in zip(missing, vectors):
+                    self._vectors[(model_name, text)] = vector
+                while len(self._vectors) > self._max_texts:
+                    self._vectors.popitem(last=False)
+        return np.stack([found[t] for t in texts])
+
+
+class RouterConfigError(ValueError):
+    """router.yaml or a route's registry version cannot be served; the message says which."""
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """What router.yaml says to serve, read once per version of the file."""
+
+    version: int
+    routes: tuple[Route, ...]
+    fallback: dict
+
+    @classmethod
+    def load(cls, registry: Path) -> RouteTable:
+        path = registry / promote.ROUTER_CONFIG
+        if not path.exists():
+            raise RouterConfigError(f"{path} does not exist: run `slm-convert run` to promote routes first "
+                                    "(with no promoted route every call goes to the fallback)")
+        try:
+            config = promote.read_router_config(registry)
+            routes = tuple(_route(registry, entry) for entry in config.get("routes") or [])
+            fallback = config["fallback"]
+            return cls(int(config["version"]), routes, dict(fallback))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise RouterConfigError(f"{path} is not a valid router config ({type(err).__name__}: {err}); "
+                                    "see ROUTER_SCHEMA in pipeline/promote.py") from err
+
+    def route(self, key: str) -> Route | None:
+        return next((r for r in self.routes if r.key == key), None)
+
+    def match(self, messages_json: str, tools_json: str | None, embeddings: EmbeddingCache) -> Match:
+        """The nearest route whose match rule admits the call (cosine similarity of the call's
+        task signature to the route's centroid at least its min_similarity)."""
+        if not self.routes:
+            return Match(None, -1.0, None)
+        parts = signature_parts(messages_json, tools_json)
+        best: tuple[float, Route] | None = None
+        for (model_name, signature), routes in _by_embedding(self.routes).items():
+            vector = cluster.signature_vectors([parts], model_name, signature, embed=embeddings.embed)[0]
+            for route in routes:
+                similarity = float(vector @ route.centroid)
+                if best is None or similarity > best[0]:
+                    best = (similarity, route)
+        similarity, nearest = best
+        admitted = nearest if similarity >= nearest.min_similarity else None
+        return Match(admitted, similarity, nearest.name)
+
+
+def _by_embedding(routes: tuple[Route, ...]) -> dict[tuple[str, str], list[Route]]:
+    groups: dict[tuple[str, str], list[Route]] = {}
+    for route in routes:
+        groups.setdefault((route.embedding_model, route.signature), []).append(route)
+    return groups
+
+
+def _route(registry: Path, entry: dict) -> Route:
+    match = entry["match"]
+    centroid = np.asarray(match["centroid"], dtype=np.float32)
+    adapter_dir = registry / entry["adapter"]
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise RouterConfigError(f"route {entry['name']} {entry['version']}: no adapter in {adapter_dir}")
+    signature = match.get("signature", promote.DEFAULT_MATCH_EMBEDDING["signature"])
+    if signature not in cluster.SIGNATURES:
+        raise RouterConfigError(f"route {entry['name']}: unknown signature {signature!r}")
+    return Route(
+        name=entry["name"],
+        version=entry["version"],
+        label=entry.get("label", ""),
+        centroid=centroid / (np.linalg.norm(centroid) or 1.0),
+        min_similarity=float(match["min_similarity"]),
+        embedding_model=match.get("embedding_model", promote.DEFAULT_MATCH_EMBEDDING["model"]),
+        signature=signature,
+        base_model_path=entry["base_model_path"],
+        adapter_dir=adapter_dir,
+        threshold=float(entry["confidence_threshold"]),
+        max_new_tokens=int(entry.get("max_new_tokens", promote.DEFAULT_MAX_NEW_TOKENS)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The SLM
+
+
+class SlmTimeout(RuntimeError):
+    """The SLM did not answer within the time a request may wait for it."""
+
+
+@dataclass(frozen=True)
+class SlmAnswer:
+    message: dict | None  # the OpenAI assistant message; None when the answer could not be read
+    text: str  # what the model wrote
+    confidence: float
+    finish_reason: str  # stop, tool_calls, length
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class SlmEngine:
+    """The promoted routes' models: one base model per base-model path, every route's adapter
+    loaded beside it under the route's key and switched per request. One generation at a time
+    per engine (a CPU runs one well; requests queue on the lock, up to their timeout)."""
+
+    def __init__(self):
+        self._models: dict[str, tuple[object, object]] = {}  # base model path -> (PeftModel, tokenizer)
+        self._adapters: dict[str, str] = {}  # route key -> base model path
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> set[str]:
+        return set(self._adapters)
+
+    def prepare(self, routes: tuple[Route, ...]) -> None:
+        """Load the adapters of `routes` not loaded yet (and their base models)."""
+        from pipeline.evaluate import load_adapter_model
+
+        for route in routes:
+            if route.key in self._adapters:
+                continue
+            with self._lock:
+                if route.base_model_path not in self._models:
+                    self._models[route.base_model_path] = load_adapter_model(
+                        Path(route.base_model_path), route.adapter_dir, adapter_name=route.key)
+                else:
+                    self._models[route.base_model_path][0].load_adapter(route.adapter_dir, adapter_name=route.key)
+                self._adapters[route.key] = route.base_model_path
+
+    def retire(self, keep: set[str]) -> None:
+        """Unload adapters of versions no longer served (keeping at least one per base model,
+        which PEFT needs to stay a PEFT model)."""
+        with self._lock:
+            for key in sorted(self.loaded - keep):
+                model, _ = self._models[self._adapters[key]]
+                others = [k for k, base in self._adapters.items() if base == self._adapters[key] and k != key]
+                if not others:
+                    continue
+                if model.active_adapter == key:
+                    model.set_adapter(others[0])
+                model.delete_adapter(key)
+                del self._adapters[key]
+
+    def answer(self, route: Route, messages_json: str, tools_json: str | None, max_new_tokens: int | None,
+               timeout: float) -> SlmAnswer:
+        """The route's SLM answer to one call, or SlmTimeout when it cannot give it in `timeout`
+        seconds (waiting for the model included)."""
+        from pipeline.evaluate import generate_answers
+
+        started = time.perf_counter()
+        if route.key not in self._adapters:
+            raise RuntimeError(f"adapter of {route.key} is not loaded")
+        model, tokenizer = self._models[route.base_model_path]
+        budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
+        native_tools = renders_tools(tokenizer)
+        chat = chat_of_call(messages_json, tools_json, native_tools)
+        if not self._lock.acquire(timeout=timeout):
+            raise SlmTimeout(f"the SLM was busy for {timeout:.1f}s")
+        try:
+            left = timeout - (time.perf_counter() - started)
+            if left <= 0:
+                raise SlmTimeout(f"the SLM was busy for {timeout:.1f}s")
+            model.set_adapter(route.key)
+            generating = time.perf_counter()
+            [(text, confidence)] = generate_answers(model, tokenizer, [chat], budget, batch_size=1, max_time=left)
+            if time.perf_counter() - generating >= left:
+                raise SlmTimeout(f"the SLM did not finish its answer within {timeout:.1f}s")
+            # counted under the lock too: a fast tokenizer must not be used by two threads at once
+            prompt_tokens = len(tokenizer(render_prompt(tokenizer, chat), add_special_tokens=False)["input_ids"])
+            completion_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        finally:
+            self._lock.release()
+        message, finish_reason = answer_to_message(text)
+        if completion_tokens >= budget:
+            finish_reason = "length"  # cut at the budget: not an answer to serve
+        return SlmAnswer(message, text, confidence, finish_reason, prompt_tokens, completion_tokens,
+                         time.perf_counter() - started)
+
+
+def answer_to_message(text: str) -> tuple[dict | None, str]:
+    """(OpenAI assistant message, finish_reason) of an SLM's answer text; (None, reason) when it
+    starts a tool call it does not finish as valid JSON."""
+    calls = parse_tool_calls(text)
+    if calls is None:
+        if TOOL_CALL_OPEN in text:
+            return None, "garbled tool call"
+        return {"role": "assistant", "content": text}, "stop"
+    before = text.split(TOOL_CALL_OPEN, 1)[0].strip()
+    tool_calls = [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": call.get("name"), "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}}
+        for call in calls
+    ]
+    return {"role": "assistant", "content": before or None, "tool_calls": tool_calls}, "tool_calls"
+
+
+# ---------------------------------------------------------------------------------------------
+# The trace log
+
+ROUTER_LOG_FOLDER = "router"  # under the landing folder
+
+
+def slm_model_name(route: Route) -> str:
+    """What the trace log names as the model of a call a route's SLM answered."""
+    return f"{ROUTER_SLM_MODEL_PREFIX}{route.key}"
+
+
+def trace_record(request: dict, message: dict, *, trace_id: str, called_at: datetime, model: str,
+                 finish_reason: str | None, usage: dict | None, latency_ms: float, origin: dict,
+                 decision: dict, agent: str | None) -> dict:
+    """One served call in the canonical trace format (docs/formats.md), with the router's
+    decision beside it (`router`, which ingestion does not read)."""
+    usage = usage or {}
+    return {
+        "trace_id": trace_id,
+        "called_at": called_at.isoformat(timespec="milliseconds"),
+        "messages": request.get("messages"),
+        "tools": request.get("tools"),
+        "response_message": message,
+        "model": model,
+        "finish_reason": finish_reason,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "latency_ms": round(latency_ms, 1),
+        "agent": agent,
+        "origin": origin,
+        "router": decision,
+    }
+
+
+class TraceWriter:
+    """Canonical JSON lines into `<landing>/router/`, one file per rotation.
+
+    A file is written under a hidden name (ingestion skips hidden files) and renamed when it is
+    closed, so the nightly run never reads a file half written. Files are owner-only (0600), and
+    the fields that say who made a call are replaced by keyed pseudonyms before anything is
+    written, as ingestion does: the same key makes a session's router calls group with its other
+    calls. Message contents are written as the agent sent them, like the agent's own logs;
+    curation scrubs them before anything is trained on.
+    """
+
+    def __init__(self, landing_dir: Path, pseudonym_key: str | None, max_records: int = 1000,
+                 max_age_seconds: float = 300.0):
+        self.folder = Path(landing_dir) / ROUTER_LOG_FOLDER
+        self.pseudonym_key = pseudonym_key
+        self.max_records = max_records
+        self.max_age_seconds = max_age_seconds
+        self._lock = threading.Lock()
+        self._file = None
+        self._partial: Path | None = None
+        self._records = 0
+        self._opened = 0.0
+        self.written_files: list[Path] = []
+
+    def origin(self, fields: dict) -> dict:
+        """The request's origin fields, pseudonymized when there is a key."""
+        fields = {k: v for k, v in fields.items() if v not in (None, "")}
+        if self.pseudonym_key:
+            return {k: rawzone.pseudonym(v, self.pseudonym_key) for k, v in fields.items()}
+        return fields
+
+    def write(self, record: dict) -> None:
+        line = (json_text(record) + "\n").encode()
+        with self._lock:
+            if self._file is None:
+                self._open()
+            self._file.write(line)
+            self._file.flush()
+            self._records += 1
+            if self._records >= self.max_records:
+                self._close()
+
+    def rotate_if_old(self) -> None:
+        """Close the open file when it has been open longer than `max_age_seconds`."""
+        with self._lock:
+            if self._file is not None and time.monotonic() - self._opened >= self.max_age_seconds:
+                self._close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._close()
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        self._partial = self.folder / f".router-{stamp}-{os.getpid()}.jsonl.partial"
+        self._file = os.fdopen(os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        self._records, self._opened = 0, time.monotonic()
+
+    def _close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._partial.with_name(self._partial.name.lstrip(".").removesuffix(".partial"))
+        self._partial.rename(final)
+        self.written_files.append(final)
+        self._file, self._partial = None, None

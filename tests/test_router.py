@@ -1,0 +1,298 @@
+"""The router service end to end on loopback: a registry with a promoted route of the sample's
+intent step (a real PEFT adapter of the bundled base model), a fake fallback LLM, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import time
+
+import httpx
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from pipeline import curate, ingest, promote
+from pipeline.router import RouteTable, RouterConfigError, SlmEngine, answer_to_message
+from pipeline.router_service import Router, RouterSettings, StreamedAnswer, serving
+from tests.conftest import LANDING
+from tests.fake_openai import FALLBACK_ANSWER, FakeOpenAI
+from tests.router_setup import promoted_registry, step_route, untrained_adapter
+
+TOKEN = "test-token-1"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+UNRELATED = {"model": "gpt-4.1", "messages": [
+    {"role": "system", "content": "You are a poet who writes short poems about nature."},
+    {"role": "user", "content": "Write a haiku about autumn leaves falling in the rain."}]}
+
+
+@pytest.fixture(scope="module")
+def sample_calls(labels):
+    """The first day of the sample, each call with its true step."""
+    calls = ingest.read_calls([LANDING / "traces-2026-10-01.jsonl"]).traces
+    return calls.assign(step=calls["trace_id"].map(lambda t: labels["records"].get(t, {}).get("step")))
+
+
+def request_of(call, **extra) -> dict:
+    body = {"model": "gpt-4.1", "messages": json.loads(call["messages"]), **extra}
+    if isinstance(call["tools"], str):
+        body["tools"] = json.loads(call["tools"])
+    return body
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_model_dir, tmp_path_factory):
+    return untrained_adapter(base_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def fallback():
+    fake = FakeOpenAI()
+    with serving(fake.app()) as url:
+        fake.url = url + "/v1"
+        yield fake
+
+
+def intent_route(sample_calls, adapter_dir, base_model_dir, name: str, threshold: float) -> dict:
+    return step_route(sample_calls[sample_calls["step"] == "classify_intent"], name, base_model_dir, adapter_dir, threshold)
+
+
+# The untrained adapter answers as the base model, whose answers to the intent step's first calls
+# end within this many tokens (an answer cut at the budget is never served).
+BUDGET = 128
+
+
+def make_registry(folder, routes: list[dict], fake: FakeOpenAI):
+    return promoted_registry(folder, routes, fake.url, BUDGET)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return SlmEngine()  # one base model in memory for the whole module
+
+
+@pytest.fixture
+def router(sample_calls, adapter_dir, base_model_dir, fallback, engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_FALLBACK_KEY", "fallback-secret")
+    registry = make_registry(tmp_path, [intent_route(sample_calls, adapter_dir, base_model_dir, "cluster-2", 0.0)], fallback)
+    settings = RouterSettings(registry=registry, landing_dir=tmp_path / "landing", tokens=(TOKEN,),
+                              pseudonym_key="test-pseudonym-key", reload_interval=0.1, slm_timeout=120)
+    return Router(settings, engine)
+
+
+def intent_call(sample_calls, i: int = 0):
+    return sample_calls[sample_calls["step"] == "classify_intent"].iloc[i]
+
+
+def test_a_call_of_a_promoted_route_is_answered_by_its_slm_and_an_unrelated_one_is_forwarded(router, sample_calls, fallback):
+    fallback.requests.clear()
+    with TestClient(router.app()) as client:
+        answered = client.post("/v1/chat/completions", json=request_of(intent_call(sample_calls)), headers=AUTH)
+        forwarded = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["x-slm-served-by"] == "slm"
+    assert answered.headers["x-slm-route"] == "cluster-2@v0001"
+    assert float(answered.headers["x-slm-confidence"]) > 0
+    completion = answered.json()
+    assert completion["model"] == "slm-router/cluster-2@v0001"
+    assert completion["choices"][0]["message"]["content"].strip()
+    assert completion["usage"]["prompt_tokens"] > 100  # the intent step's system prompt
+
+    assert forwarded.status_code == 200
+    assert forwarded.headers["x-slm-served-by"] == "fallback"
+    assert forwarded.headers["x-slm-reason"].startswith("no route: nearest cluster-2")
+    assert forwarded.json()["choices"][0]["message"]["content"] == FALLBACK_ANSWER
+    # the original request reached the fallback, with the fallback's key, not the router's token
+    assert fallback.requests == [UNRELATED]
+    assert fallback.authorizations == ["Bearer fallback-secret"]
+
+
+def test_every_step_of_the_sample_but_the_routed_one_goes_to_the_fallback(router, sample_calls):
+    """The match rule admits the route's own step and no other step of the sample."""
+    table = RouteTable.load(router.settings.registry)
+    for step, calls in sample_calls.groupby("step"):
+        calls = calls.sample(min(len(calls), 30), random_state=0)
+        admitted = [table.match(m, t, router.embeddings).route is not None for m, t in zip(calls["messages"], calls["tools"])]
+        assert (np.mean(admitted) > 0.95) if step == "classify_intent" else not any(admitted), step
+
+
+def test_low_confidence_an_slm_failure_and_an_slm_timeout_each_fall_back(router, sample_calls, fallback, monkeypatch):
+    body = request_of(intent_call(sample_calls, 1))
+    with TestClient(router.app()) as client:
+        table = router.table
+        strict = table.routes[0].__class__(**{**table.routes[0].__dict__, "threshold": 1.01})
+        router.table = table.__class__(table.version, (strict,), table.fallback)
+        low = client.post("/v1/chat/completions", json=body, headers=AUTH)
+        router.table = table
+
+        def broken(*args):
+            raise RuntimeError("adapter weights unreadable")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(router.engine, "answer", broken)
+            failed = client.post("/v1/chat/completions", json=body, headers=AUTH)
+        router.settings.slm_timeout = 0.0
+        slow = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    for response in (low, failed, slow):
+        assert response.status_code == 200
+        assert response.headers["x-slm-served-by"] == "fallback"
+        assert response.json()["choices"][0]["message"]["content"] == FALLBACK_ANSWER
+    assert low.headers["x-slm-reason"].startswith("low confidence:")
+    assert failed.headers["x-slm-reason"] == "slm error: RuntimeError"
+    assert slow.headers["x-slm-reason"].startswith("slm timeout:")
+
+
+def test_auth_is_enforced_and_bad_requests_get_clear_4xx_errors(router, sample_calls):
+    router.settings.max_request_bytes = 20_000
+    with TestClient(router.app()) as client:
+        assert client.post("/v1/chat/completions", json=UNRELATED).status_code == 401
+        wrong = client.post("/v1/chat/completions", json=UNRELATED, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/healthz").json() == {"status": "ok", "router_version": 1, "routes": ["cluster-2@v0001"]}
+
+        not_json = client.post("/v1/chat/completions", content=b"{messages", headers=AUTH)
+        assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
+        no_messages = client.post("/v1/chat/completions", json={"model": "x"}, headers=AUTH)
+        assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
+        no_role = client.post("/v1/chat/completions", json={"messages": [{"content": "hi"}]}, headers=AUTH)
+        assert no_role.status_code == 400 and no_role.json()["error"]["param"] == "messages[0]"
+        huge = {"messages": [{"role": "user", "content": "x" * 30_000}]}
+        too_big = client.post("/v1/chat/completions", json=huge, headers=AUTH)
+        assert too_big.status_code == 413 and "over the limit of 20000 bytes" in too_big.json()["error"]["message"]
+
+        models = client.get("/v1/models", headers=AUTH).json()["data"]
+        assert [m["id"] for m in models] == ["slm-router/cluster-2@v0001", "gpt-4.1"]
+
+
+def test_streamed_answers_spell_the_same_message_from_the_slm_and_from_the_fallback(router, sample_calls):
+    body = request_of(intent_call(sample_calls, 2))
+    with TestClient(router.app()) as client:
+        whole = client.post("/v1/chat/completions", json=body, headers=AUTH).json()["choices"][0]["message"]
+        streams = {}
+        for name, request in (("slm", body), ("fallback", UNRELATED)):
+            with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}, headers=AUTH) as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                assert response.headers["x-slm-served-by"] == name, response.headers.get("x-slm-reason")
+                spelled = StreamedAnswer()
+                for chunk in response.iter_bytes():
+                    spelled.feed(chunk)
+                streams[name] = spelled
+    assert streams["slm"].complete and streams["slm"].message() == {"role": "assistant", "content": whole["content"]}
+    assert streams["fallback"].complete and streams["fallback"].message()["content"] == FALLBACK_ANSWER
+
+
+def test_served_calls_land_as_canonical_traces_that_ingestion_reads_and_curation_keeps_slm_answers_out(router, sample_calls):
+    with TestClient(router.app()) as client:
+        slm = client.post("/v1/chat/completions", json={**request_of(intent_call(sample_calls, 3)), "user": "alice@example.com"},
+                          headers={**AUTH, "x-session-id": "sess-42"})
+        llm = client.post("/v1/chat/completions", json={**UNRELATED, "stream": True}, headers={**AUTH, "x-session-id": "sess-42"})
+        assert slm.headers["x-slm-served-by"] == "slm" and llm.headers["x-slm-served-by"] == "fallback"
+        folder = router.settings.landing_dir / "router"
+        assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == []  # still being written
+    files = sorted(folder.iterdir())  # closed at shutdown
+    assert len(files) == 1 and not files[0].name.startswith(".")
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+
+    calls = ingest.read_calls(ingest.find_landing_files(router.settings.landing_dir)).traces
+    assert len(calls) == 2
+    by_model = calls.set_index("model")
+    slm_row = by_model.loc["slm-router/cluster-2@v0001"]
+    assert json.loads(slm_row["response_message"]) == slm.json()["choices"][0]["message"]
+    assert json.loads(by_model.loc["gpt-4.1"]["response_message"])["content"] == FALLBACK_ANSWER
+    # who made the calls is stored as a keyed pseudonym only
+    raw = files[0].read_text()
+    assert "sess-42" not in raw and "alice@example.com" not in raw
+    assert calls["session_id"].nunique() == 1 and calls["session_id"].iloc[0].startswith("anon-")
+    # an SLM's own answer never becomes training or evaluation data
+    reasons = [curate.unusable_reason(r, f, m) for r, f, m in zip(calls["response_message"], calls["finish_reason"], calls["model"])]
+    assert sorted(reasons, key=str) == [None, "answered by the router's SLM, not the LLM"]
+
+
+def test_metrics_count_requests_by_path_and_fallback_reason(router, sample_calls):
+    with TestClient(router.app()) as client:
+        client.post("/v1/chat/completions", json=request_of(intent_call(sample_calls)), headers=AUTH)
+        client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
+        text = client.get("/metrics", headers=AUTH).text
+    assert 'slm_router_requests_total{route="cluster-2@v0001",served_by="slm"} 1.0' in text
+    assert 'slm_router_requests_total{route="none",served_by="fallback"} 1.0' in text
+    assert 'slm_router_fallbacks_total{reason="no route"} 1.0' in text
+    assert "slm_router_config_version 1.0" in text
+    assert "slm_router_routing_seconds_count 2.0" in text
+
+
+def test_promotion_and_rollback_take_effect_under_concurrent_requests_without_a_failed_request(
+        sample_calls, adapter_dir, base_model_dir, fallback, engine, tmp_path):
+    """A new version promoted while requests are in flight is served from the next request on;
+    a rollback the same way; no request fails or sees half a config."""
+    registry = make_registry(tmp_path, [intent_route(sample_calls, adapter_dir, base_model_dir, "cluster-7", 0.0)], fallback)
+    router = Router(RouterSettings(registry=registry, landing_dir=None, tokens=(TOKEN,), reload_interval=0.05,
+                                   slm_timeout=120), engine)
+    # intent calls the base model answers in a dozen or two tokens: many requests, a quick test
+    bodies = [request_of(intent_call(sample_calls, i)) for i in (5, 11, 19, 35)] + [UNRELATED]
+
+    async def load(url: str, rounds: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
+            async def one(i):
+                return await client.post("/v1/chat/completions", json=bodies[i % len(bodies)])
+            return [r for batch in range(rounds) for r in await asyncio.gather(*(one(batch * 6 + i) for i in range(6)))]
+
+    with serving(router.app()) as url:
+        before = asyncio.run(load(url, 1))
+        strict = {**intent_route(sample_calls, adapter_dir, base_model_dir, "cluster-7", 1.01)}
+
+        async def promote_while_loading():
+            pending = asyncio.create_task(load(url, 1))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(promote.promote_routes, registry, [(strict, {"max_new_tokens": BUDGET})],
+                                    promote.read_router_config(registry)["fallback"], "0002")
+            return await pending
+
+        during = asyncio.run(promote_while_loading())
+        time.sleep(0.5)  # the watcher looks at router.yaml every 0.05 s
+        after = asyncio.run(load(url, 1))
+        promote.rollback(registry, "cluster-7")
+        time.sleep(0.5)
+        rolled_back = asyncio.run(load(url, 1))
+
+    everything = before + during + after + rolled_back
+    assert all(r.status_code == 200 for r in everything), [r.text for r in everything if r.status_code != 200]
+    routed = lambda responses: {r.headers["x-slm-route"] for r in responses} - {"none"}  # noqa: E731
+    assert routed(before) == {"cluster-7@v0001"}
+    assert routed(after) == {"cluster-7@v0002"}
+    assert all(r.headers["x-slm-served-by"] == "fallback" for r in after)  # v0002's threshold is out of reach
+    assert routed(rolled_back) == {"cluster-7@v0001"}
+    assert {r.headers["x-slm-served-by"] for r in rolled_back if r.headers["x-slm-route"] != "none"} == {"slm"}
+    assert routed(during) <= {"cluster-7@v0001", "cluster-7@v0002"}
+
+
+def test_a_router_config_that_cannot_be_served_is_refused_and_a_bad_reload_keeps_the_old_one(router, tmp_path):
+    with pytest.raises(RouterConfigError, match="does not exist: run `slm-convert run`"):
+        RouteTable.load(tmp_path / "empty")
+    assert router.reload() and router.table.version == 1
+    config = router.settings.registry / promote.ROUTER_CONFIG
+    broken = config.read_text().replace("adapter: cluster-2/v0001/adapter", "adapter: cluster-2/v0009/adapter")
+    config.write_text(broken)
+    assert not router.reload()
+    assert router.table.version == 1 and router.table.routes[0].key == "cluster-2@v0001"
+    assert router.metrics.reloads.labels("failed")._value.get() == 1
+
+
+def test_answers_become_openai_messages_and_a_garbled_tool_call_is_not_served():
+    message, finish = answer_to_message('<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]</tool_call>')
+    assert finish == "tool_calls" and message["content"] is None
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert answer_to_message("booking, cancel") == ({"role": "assistant", "content": "booking, cancel"}, "stop")
+    assert answer_to_message('<tool_call>[{"name": "get_weather", "argu') == (None, "garbled tool call")
+
+    spelled = StreamedAnswer()
+    for event in [{"choices": [{"delta": {"role": "assistant", "content": None}}]},
+                  {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": '{"a"'}}]}}]},
+                  {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}}]},
+                  {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}]:
+        spelled.feed(f"data: {json.dumps(event)}\n\n".encode())
+    spelled.feed(b"data: [DONE]\n\n")
+    assert spelled.message() == {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "id": "call_1", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
