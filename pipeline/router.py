@@ -18,12 +18,16 @@ otherwise, and for calls no route admits, the service forwards the request to th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,18 +192,40 @@ class SlmAnswer:
     finish_reason: str  # stop, tool_calls, length
     prompt_tokens: int
     completion_tokens: int
-    seconds: float
+    seconds: float  # from the request's arrival at the SLM to its answer, waiting included
+
+
+@dataclass
+class _Pending:
+    """One request waiting for the SLM."""
+
+    route: Route
+    chat: object
+    budget: int
+    deadline: float  # time.monotonic() after which the request has fallen back
+    future: Future
 
 
 class SlmEngine:
     """The promoted routes' models: one base model per base-model path, every route's adapter
-    loaded beside it under the route's key and switched per request. One generation at a time
-    per engine (a CPU runs one well; requests queue on the lock, up to their timeout)."""
+    loaded beside it under the route's key and switched per batch.
 
-    def __init__(self):
+    Requests are answered by one worker thread in batches: whatever requests of one route are
+    waiting when the model is free (up to `max_batch`) are answered by one batched `generate`
+    (`evaluate.generate_answers`: same answers as one at a time; the route's shared system prompt
+    encoded once). On a CPU one decode step of a batch costs little more than one of a single
+    call, since reading the weights dominates, so concurrent requests of a route cost about what
+    one does. A request that waits longer than its timeout gets SlmTimeout and falls back.
+    """
+
+    def __init__(self, max_batch: int = 16):
+        self.max_batch = max_batch
         self._models: dict[str, tuple[object, object]] = {}  # base model path -> (PeftModel, tokenizer)
         self._adapters: dict[str, str] = {}  # route key -> base model path
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while the models change or generate
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self.batch_sizes: list[int] = []  # of every batch answered (for tests and benchmarks)
+        threading.Thread(target=self._serve, name="slm-engine", daemon=True).start()
 
     @property
     def loaded(self) -> set[str]:
@@ -238,36 +264,67 @@ class SlmEngine:
                timeout: float) -> SlmAnswer:
         """The route's SLM answer to one call, or SlmTimeout when it cannot give it in `timeout`
         seconds (waiting for the model included)."""
-        from pipeline.evaluate import generate_answers
-
-        started = time.perf_counter()
         if route.key not in self._adapters:
             raise RuntimeError(f"adapter of {route.key} is not loaded")
-        model, tokenizer = self._models[route.base_model_path]
+        _, tokenizer = self._models[route.base_model_path]
+        chat = chat_of_call(messages_json, tools_json, renders_tools(tokenizer))
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
-        native_tools = renders_tools(tokenizer)
-        chat = chat_of_call(messages_json, tools_json, native_tools)
-        if not self._lock.acquire(timeout=timeout):
-            raise SlmTimeout(f"the SLM was busy for {timeout:.1f}s")
+        pending = _Pending(route, chat, budget, time.monotonic() + timeout, Future())
+        queued = time.perf_counter()
+        self._queue.put(pending)
         try:
-            left = timeout - (time.perf_counter() - started)
-            if left <= 0:
-                raise SlmTimeout(f"the SLM was busy for {timeout:.1f}s")
-            model.set_adapter(route.key)
-            generating = time.perf_counter()
-            [(text, confidence)] = generate_answers(model, tokenizer, [chat], budget, batch_size=1, max_time=left)
-            if time.perf_counter() - generating >= left:
-                raise SlmTimeout(f"the SLM did not finish its answer within {timeout:.1f}s")
-            # counted under the lock too: a fast tokenizer must not be used by two threads at once
-            prompt_tokens = len(tokenizer(render_prompt(tokenizer, chat), add_special_tokens=False)["input_ids"])
-            completion_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        finally:
-            self._lock.release()
-        message, finish_reason = answer_to_message(text)
-        if completion_tokens >= budget:
-            finish_reason = "length"  # cut at the budget: not an answer to serve
-        return SlmAnswer(message, text, confidence, finish_reason, prompt_tokens, completion_tokens,
-                         time.perf_counter() - started)
+            answer = pending.future.result(timeout=timeout)
+            return dataclasses.replace(answer, seconds=time.perf_counter() - queued)
+        except FutureTimeout:
+            pending.future.cancel()  # the worker skips it if it has not started on it
+            raise SlmTimeout(f"no answer from the SLM within {timeout:.1f}s") from None
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            first = batch[0].route.key
+            for pending in batch[1:]:
+                if pending.route.key != first:  # another route's request waits for the next batch
+                    self._queue.put(pending)
+            self._answer_batch([p for p in batch if p.route.key == first])
+
+    def _answer_batch(self, batch: list[_Pending]) -> None:
+        from pipeline.evaluate import generate_answers
+
+        batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        now = time.monotonic()
+        route = batch[0].route
+        try:
+            with self._lock:
+                model, tokenizer = self._models[route.base_model_path]
+                model.set_adapter(route.key)
+                left = max(max(p.deadline for p in batch) - now, 0.001)  # a request past its own deadline has fallen back
+                answers = generate_answers(model, tokenizer, [p.chat for p in batch], max(p.budget for p in batch),
+                                           batch_size=len(batch), max_time=left)
+                # counted here too: a fast tokenizer must not be used by two threads at once
+                prompt_tokens = [len(tokenizer(render_prompt(tokenizer, p.chat), add_special_tokens=False)["input_ids"])
+                                 for p in batch]
+                completion_tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text, _ in answers]
+            self.batch_sizes.append(len(batch))
+        except Exception as err:  # noqa: BLE001 - each waiting request gets the failure and falls back
+            for pending in batch:
+                pending.future.set_exception(err)
+            return
+        for pending, (text, confidence), prompt, completion in zip(batch, answers, prompt_tokens, completion_tokens):
+            if time.monotonic() >= pending.deadline:
+                pending.future.set_exception(SlmTimeout("the SLM did not finish its answer in time"))
+                continue
+            message, finish_reason = answer_to_message(text)
+            if completion >= pending.budget:
+                finish_reason = "length"  # cut at the budget: not an answer to serve
+            pending.future.set_result(SlmAnswer(message, text, confidence, finish_reason, prompt, completion, 0.0))
 
 
 def answer_to_message(text: str) -> tuple[dict | None, str]:

@@ -266,6 +266,7 @@ def test_promotion_and_rollback_take_effect_under_concurrent_requests_without_a_
     assert routed(rolled_back) == {"cluster-7@v0001"}
     assert {r.headers["x-slm-served-by"] for r in rolled_back if r.headers["x-slm-route"] != "none"} == {"slm"}
     assert routed(during) <= {"cluster-7@v0001", "cluster-7@v0002"}
+    assert max(engine.batch_sizes) > 1  # concurrent requests of the route were answered together
 
 
 def test_a_router_config_that_cannot_be_served_is_refused_and_a_bad_reload_keeps_the_old_one(router, tmp_path):
