@@ -297,3 +297,16 @@ def test_answers_become_openai_messages_and_a_garbled_tool_call_is_not_served():
     spelled.feed(b"data: [DONE]\n\n")
     assert spelled.message() == {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "id": "call_1", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
+
+
+def test_the_command_refuses_to_start_without_tokens_or_a_router_config(tmp_path, monkeypatch):
+    from pipeline.router_service import main
+
+    monkeypatch.delenv("SLM_ROUTER_TOKENS", raising=False)
+    with pytest.raises(SystemExit, match="set SLM_ROUTER_TOKENS"):
+        main(["--registry", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--no-auth is for loopback only"):
+        main(["--registry", str(tmp_path), "--no-auth", "--host", "0.0.0.0"])
+    monkeypatch.setenv("SLM_ROUTER_TOKENS", "a, b")
+    with pytest.raises(SystemExit, match=f"no router.yaml in {tmp_path}; run `slm-convert run` first"):
+        main(["--registry", str(tmp_path)])
