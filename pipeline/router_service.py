@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from pipeline import promote, rawzone
+from pipeline.calls import ROUTER_SLM_MODEL_PREFIX
 from pipeline.formats import json_text
 from pipeline.router import (
     EmbeddingCache, Match, RouteTable, RouterConfigError, SlmAnswer, SlmEngine, SlmTimeout, TraceWriter,
@@ -56,7 +57,8 @@ from pipeline.store import Store
 log = logging.getLogger("slm_router")
 
 TOKENS_ENV = "SLM_ROUTER_TOKENS"
-# Request `model` values that mean "whatever the router picks": forwarded as the fallback model.
+# Request `model` values that mean "whatever the router picks": forwarded as the fallback model
+# (so are the router's own model names from /v1/models, which the fallback does not know).
 ROUTER_MODEL_NAMES = ("", "auto", "slm-router")
 
 
@@ -321,7 +323,8 @@ class Router:
     async def forward(self, table: RouteTable, body: bytes, context: dict) -> Response:
         """The original request, sent to the fallback endpoint; its answer returned as it came."""
         fallback, payload = table.fallback, context["payload"]
-        if payload.get("model") in ROUTER_MODEL_NAMES or "model" not in payload:
+        requested = payload.get("model")
+        if requested in ROUTER_MODEL_NAMES or requested is None or str(requested).startswith(ROUTER_SLM_MODEL_PREFIX):
             payload = {**payload, "model": fallback["model"]}
             body = json.dumps(payload).encode()
         url = fallback["base_url"].rstrip("/") + "/chat/completions"
