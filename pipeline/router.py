@@ -40,6 +40,7 @@ from pipeline.calls import (
     signature_parts,
 )
 from pipeline.formats import json_text
+from pipeline.store import write_bytes
 
 
 @dataclass(frozen=True)
@@ -379,25 +380,30 @@ def trace_record(request: dict, message: dict, *, trace_id: str, called_at: date
 
 
 class TraceWriter:
-    """Canonical JSON lines into `<landing>/router/`, one file per rotation.
+    """Canonical JSON lines into `<landing>/router/`, one file per rotation (every `max_records`
+    calls or `max_age_seconds`, and at close).
 
-    A file is written under a hidden name (ingestion skips hidden files) and renamed when it is
-    closed, so the nightly run never reads a file half written. Files are owner-only (0600), and
-    the fields that say who made a call are replaced by keyed pseudonyms before anything is
-    written, as ingestion does: the same key makes a session's router calls group with its other
-    calls. Message contents are written as the agent sent them, like the agent's own logs;
-    curation scrubs them before anything is trained on.
+    The same policy as collection: the fields that say who made a call are replaced by keyed
+    pseudonyms before anything is written (the same key makes a session's router calls group
+    with its other calls), and with an encryption key (the raw zone's) a file is sealed with it
+    (Fernet) as a whole: its calls are kept in memory until the file is closed and written at
+    once as `router-*.jsonl.enc`, so no message text is ever on disk in the clear; collection
+    opens sealed files with the same key. Without a key, lines are appended to a file under a
+    hidden name (collection skips hidden files) that is renamed when closed. Either way no file
+    is visible half written, and files are owner-only (0600).
     """
 
-    def __init__(self, landing_dir: Path, pseudonym_key: str | None, max_records: int = 1000,
-                 max_age_seconds: float = 300.0):
+    def __init__(self, landing_dir: Path, pseudonym_key: str | None, encryption_key: str | None = None,
+                 max_records: int = 1000, max_age_seconds: float = 300.0):
         self.folder = Path(landing_dir) / ROUTER_LOG_FOLDER
         self.pseudonym_key = pseudonym_key
+        self.encryption_key = encryption_key
         self.max_records = max_records
         self.max_age_seconds = max_age_seconds
         self._lock = threading.Lock()
-        self._file = None
-        self._partial: Path | None = None
+        self._name: str | None = None  # the open file's final name; None: none open
+        self._lines: list[bytes] = []  # sealed files: the calls not written yet
+        self._file = None  # plain files: the hidden file being appended to
         self._records = 0
         self._opened = 0.0
         self.written_files: list[Path] = []
@@ -412,10 +418,13 @@ class TraceWriter:
     def write(self, record: dict) -> None:
         line = (json_text(record) + "\n").encode()
         with self._lock:
-            if self._file is None:
+            if self._name is None:
                 self._open()
-            self._file.write(line)
-            self._file.flush()
+            if self.encryption_key:
+                self._lines.append(line)
+            else:
+                self._file.write(line)
+                self._file.flush()
             self._records += 1
             if self._records >= self.max_records:
                 self._close()
@@ -423,26 +432,33 @@ class TraceWriter:
     def rotate_if_old(self) -> None:
         """Close the open file when it has been open longer than `max_age_seconds`."""
         with self._lock:
-            if self._file is not None and time.monotonic() - self._opened >= self.max_age_seconds:
+            if self._name is not None and time.monotonic() - self._opened >= self.max_age_seconds:
                 self._close()
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
+            if self._name is not None:
                 self._close()
 
     def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        self._partial = self.folder / f".router-{stamp}-{os.getpid()}.jsonl.partial"
-        self._file = os.fdopen(os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        self._name = f"router-{stamp}-{os.getpid()}.jsonl" + (rawzone.ENCRYPTED_SUFFIX if self.encryption_key else "")
+        if not self.encryption_key:
+            hidden = self.folder / f".{self._name}.partial"
+            self._file = os.fdopen(os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         self._records, self._opened = 0, time.monotonic()
 
     def _close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self._partial.with_name(self._partial.name.lstrip(".").removesuffix(".partial"))
-        self._partial.rename(final)
+        final = self.folder / self._name
+        if self.encryption_key:
+            write_bytes(final, rawzone.seal(b"".join(self._lines), self.encryption_key))  # atomic, 0600
+            self._lines = []
+        else:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            (self.folder / f".{self._name}.partial").rename(final)
+            self._file = None
         self.written_files.append(final)
-        self._file, self._partial = None, None
+        self._name = None

@@ -15,7 +15,8 @@ one JSON line per request, and each answered call goes to the landing folder as 
 
 Environment: SLM_ROUTER_TOKENS (comma-separated bearer tokens the API accepts), the fallback's
 key in the variable router.yaml names (`fallback.api_key_env`, SLM_FALLBACK_API_KEY by default),
-SLM_PSEUDONYM_KEY (pseudonyms of session and user ids in the trace log), SLM_OUTPUT_DIR and
+SLM_RAW_ENCRYPTION_KEY and SLM_PSEUDONYM_KEY (the raw zone's keys: the trace log is sealed with
+the first, session and user ids in it are pseudonymized with the second), SLM_OUTPUT_DIR and
 SLM_LANDING_DIR (where the registry and the landing folder are).
 """
 
@@ -68,6 +69,7 @@ class RouterSettings:
     landing_dir: Path | None  # where the trace log goes (None: not written)
     tokens: tuple[str, ...]  # bearer tokens the API accepts; empty: no authentication
     pseudonym_key: str | None = None
+    encryption_key: str | None = None  # the raw zone's: trace files are sealed with it (None: plain)
     slm_timeout: float = 10.0  # seconds a request waits for the SLM (queue included) before falling back
     fallback_timeout: float = 120.0
     max_request_bytes: int = 4 * 1024 * 1024
@@ -137,8 +139,8 @@ class Router:
         self.engine = engine or SlmEngine()
         self.embeddings = EmbeddingCache()
         self.metrics = Metrics()
-        self.traces = TraceWriter(settings.landing_dir, settings.pseudonym_key, settings.log_max_records,
-                                  settings.log_max_age) if settings.landing_dir else None
+        self.traces = TraceWriter(settings.landing_dir, settings.pseudonym_key, settings.encryption_key,
+                                  settings.log_max_records, settings.log_max_age) if settings.landing_dir else None
         self.table: RouteTable | None = None
         self._seen: tuple[int, int] | None = None  # router.yaml's (mtime, size) last read
         self._reload_lock = threading.Lock()
@@ -539,9 +541,14 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise SystemExit(f"slm-router: no {promote.ROUTER_CONFIG} in {registry}; run `slm-convert run` first "
                          "(it writes one even when nothing is promoted) or pass --registry")
     landing = None if args.no_trace_log else Path(args.landing or os.environ.get("SLM_LANDING_DIR", "data/landing"))
+    encryption_key = os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None
+    if landing and not args.unencrypted_trace_log and not encryption_key:
+        raise SystemExit(f"slm-router: set {rawzone.ENCRYPTION_KEY_ENV} (and {rawzone.PSEUDONYM_KEY_ENV}), the raw zone's "
+                         "keys, so that the trace log is sealed and pseudonymized as collection stores calls; or pass "
+                         "--unencrypted-trace-log or --no-trace-log")
     return RouterSettings(
         registry=registry, landing_dir=landing, tokens=tokens,
-        pseudonym_key=os.environ.get(rawzone.PSEUDONYM_KEY_ENV) or None,
+        pseudonym_key=os.environ.get(rawzone.PSEUDONYM_KEY_ENV) or None, encryption_key=encryption_key,
         slm_timeout=args.slm_timeout, max_request_bytes=args.max_request_bytes, reload_interval=args.reload_interval)
 
 
@@ -552,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", help="the model registry (default: $SLM_OUTPUT_DIR/registry)")
     parser.add_argument("--landing", help="landing folder for the trace log (default: $SLM_LANDING_DIR)")
     parser.add_argument("--no-trace-log", action="store_true", help="do not write served calls to the landing folder")
+    parser.add_argument("--unencrypted-trace-log", action="store_true",
+                        help=f"write the trace log in the clear when {rawzone.ENCRYPTION_KEY_ENV} is not set")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a token (loopback only)")

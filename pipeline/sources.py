@@ -1,4 +1,4 @@
-"""Reading landing files safely: gzip or plain, JSON lines or one JSON document, in bounded memory.
+"""Reading landing files safely: gzip, sealed or plain, JSON lines or one JSON document, in bounded memory.
 
 A landing file yields *records*: decoded JSON values with the place they came from (a line
 number, or an item number inside a document). Whatever cannot become a record (an empty line,
@@ -10,7 +10,9 @@ without a trace.
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any, BinaryIO, Iterator
 import orjson
 
 GZIP_MAGIC = b"\x1f\x8b"
+# How a Fernet token starts (version byte 0x80, then a timestamp's zero high bytes, in base64).
+SEALED_MAGIC = b"gAAAAA"
 # A single logged call is rarely above 1 MB (128k tokens of text is about 0.5 MB); 16 MB leaves
 # room for inline images while keeping one line's memory bounded.
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
@@ -44,14 +48,29 @@ def excerpt(raw: bytes) -> str:
     return raw[:EXCERPT_CHARS].decode("utf-8", errors="replace").rstrip()
 
 
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
+class SealedFileError(OSError):
+    """A sealed landing file that cannot be decrypted; the message says why and what to do."""
 
 
 def open_binary(path: Path) -> BinaryIO:
-    """The file's bytes, decompressed on the fly when it is gzip (by content, not by name)."""
-    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    """The file's bytes, by content, not by name: decompressed on the fly when gzip, decrypted
+    when sealed with the raw zone's key (slm-router writes its trace log sealed so)."""
+    with open(path, "rb") as f:
+        head = f.read(len(SEALED_MAGIC))
+    if head.startswith(GZIP_MAGIC):
+        return gzip.open(path, "rb")
+    if head == SEALED_MAGIC:
+        return io.BytesIO(_unsealed(path))  # sealed files are closed every 1,000 calls: small
+    return open(path, "rb")
+
+
+def _unsealed(path: Path) -> bytes:
+    from pipeline import rawzone
+
+    try:
+        return rawzone.unseal(path, os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None)
+    except rawzone.RawZoneKeyError as err:
+        raise SealedFileError(str(err)) from err
 
 
 def _read_line(stream: BinaryIO, max_bytes: int) -> tuple[bytes, bool]:
@@ -93,6 +112,8 @@ def sniff_layout(path: Path) -> str:
     try:
         with open_binary(path) as stream:
             head = stream.read(64 * 1024)
+    except SealedFileError:
+        raise
     except (OSError, EOFError, zlib.error):
         return "not-json"
     lines = [line.strip() for line in head.split(b"\n")]
@@ -122,6 +143,8 @@ def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
                     yield Record(line_number, _decode(raw), raw)
                 except ValueError as err:
                     yield Rejected(line_number, str(err), excerpt(raw))
+    except SealedFileError as err:
+        yield Rejected(0, str(err))
     except (OSError, EOFError, zlib.error) as err:
         # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError
         yield Rejected(line_number + 1, f"compressed stream is corrupt or truncated ({err})")

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from pipeline import curate, ingest, promote
-from pipeline.router import RouteTable, RouterConfigError, SlmEngine, answer_to_message
+from pipeline import curate, ingest, promote, rawzone
+from pipeline.router import RouteTable, RouterConfigError, SlmEngine, TraceWriter, answer_to_message
 from pipeline.router_service import Router, RouterSettings, StreamedAnswer, serving
 from tests.conftest import LANDING
 from tests.fake_openai import FALLBACK_ANSWER, FakeOpenAI
 from tests.router_setup import promoted_registry, step_route, untrained_adapter
 
 TOKEN = "test-token-1"
+ENCRYPTION_KEY = rawzone.new_keys()[rawzone.ENCRYPTION_KEY_ENV]
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 UNRELATED = {"model": "gpt-4.1", "messages": [
     {"role": "system", "content": "You are a poet who writes short poems about nature."},
@@ -77,7 +78,8 @@ def router(sample_calls, adapter_dir, base_model_dir, fallback, engine, tmp_path
     monkeypatch.setenv("TEST_FALLBACK_KEY", "fallback-secret")
     registry = make_registry(tmp_path, [intent_route(sample_calls, adapter_dir, base_model_dir, "cluster-2", 0.0)], fallback)
     settings = RouterSettings(registry=registry, landing_dir=tmp_path / "landing", tokens=(TOKEN,),
-                              pseudonym_key="test-pseudonym-key", reload_interval=0.1, slm_timeout=120)
+                              pseudonym_key="test-pseudonym-key", encryption_key=ENCRYPTION_KEY,
+                              reload_interval=0.1, slm_timeout=120)
     return Router(settings, engine)
 
 
@@ -184,31 +186,52 @@ def test_streamed_answers_spell_the_same_message_from_the_slm_and_from_the_fallb
     assert streams["fallback"].complete and streams["fallback"].message()["content"] == FALLBACK_ANSWER
 
 
-def test_served_calls_land_as_canonical_traces_that_ingestion_reads_and_curation_keeps_slm_answers_out(router, sample_calls):
+def test_served_calls_land_sealed_as_canonical_traces_that_ingestion_reads_and_curation_keeps_slm_answers_out(
+        router, sample_calls, monkeypatch):
+    call = intent_call(sample_calls, 3)
     with TestClient(router.app()) as client:
-        slm = client.post("/v1/chat/completions", json={**request_of(intent_call(sample_calls, 3)), "user": "alice@example.com"},
+        slm = client.post("/v1/chat/completions", json={**request_of(call), "user": "alice@example.com"},
                           headers={**AUTH, "x-session-id": "sess-42"})
         llm = client.post("/v1/chat/completions", json={**UNRELATED, "stream": True}, headers={**AUTH, "x-session-id": "sess-42"})
         assert slm.headers["x-slm-served-by"] == "slm" and llm.headers["x-slm-served-by"] == "fallback"
         folder = router.settings.landing_dir / "router"
-        assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == []  # still being written
-    files = sorted(folder.iterdir())  # closed at shutdown
-    assert len(files) == 1 and not files[0].name.startswith(".")
+        assert not folder.exists() or not any(folder.iterdir())  # nothing on disk until the file is sealed
+    files = sorted(folder.iterdir())  # sealed and written at shutdown
+    assert [f.name.endswith(".jsonl.enc") for f in files] == [True]
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    sealed = files[0].read_bytes()
+    user_text = json.loads(call["messages"])[-1]["content"]
+    assert not any(text.encode() in sealed for text in ("sess-42", "alice@example.com", user_text[:30], FALLBACK_ANSWER))
 
+    # collection opens the sealed file with the raw zone's key, and says what is missing without it
+    monkeypatch.delenv(rawzone.ENCRYPTION_KEY_ENV, raising=False)
+    unreadable = ingest.read_calls(ingest.find_landing_files(router.settings.landing_dir))
+    assert unreadable.traces.empty and "is encrypted: set SLM_RAW_ENCRYPTION_KEY" in unreadable.quarantine["reason"].iloc[0]
+    monkeypatch.setenv(rawzone.ENCRYPTION_KEY_ENV, ENCRYPTION_KEY)
     calls = ingest.read_calls(ingest.find_landing_files(router.settings.landing_dir)).traces
     assert len(calls) == 2
     by_model = calls.set_index("model")
     slm_row = by_model.loc["slm-router/cluster-2@v0001"]
     assert json.loads(slm_row["response_message"]) == slm.json()["choices"][0]["message"]
+    assert json.loads(slm_row["messages"]) == json.loads(call["messages"])
     assert json.loads(by_model.loc["gpt-4.1"]["response_message"])["content"] == FALLBACK_ANSWER
-    # who made the calls is stored as a keyed pseudonym only
-    raw = files[0].read_text()
-    assert "sess-42" not in raw and "alice@example.com" not in raw
+    # who made the calls is kept as a keyed pseudonym only; the session's calls still group
     assert calls["session_id"].nunique() == 1 and calls["session_id"].iloc[0].startswith("anon-")
     # an SLM's own answer never becomes training or evaluation data
     reasons = [curate.unusable_reason(r, f, m) for r, f, m in zip(calls["response_message"], calls["finish_reason"], calls["model"])]
     assert sorted(reasons, key=str) == [None, "answered by the router's SLM, not the LLM"]
+
+
+def test_without_an_encryption_key_the_trace_log_is_hidden_until_complete(tmp_path):
+    writer = TraceWriter(tmp_path, pseudonym_key=None, encryption_key=None, max_records=2)
+    record = {"trace_id": "t1", "called_at": "2026-11-23T10:00:00+00:00",
+              "messages": [{"role": "user", "content": "hi"}], "response_message": {"role": "assistant", "content": "hello"}}
+    writer.write(record)
+    folder = tmp_path / "router"
+    assert [p.name.startswith(".") for p in folder.iterdir()] == [True]  # collection skips it
+    writer.write({**record, "trace_id": "t2"})  # the second call closes the file
+    assert [p.name for p in folder.iterdir()] == [writer.written_files[0].name]
+    assert list(ingest.read_calls(writer.written_files).traces["trace_id"]) == ["t1", "t2"]
 
 
 def test_metrics_count_requests_by_path_and_fallback_reason(router, sample_calls):
@@ -309,4 +332,8 @@ def test_the_command_refuses_to_start_without_tokens_or_a_router_config(tmp_path
         main(["--registry", str(tmp_path), "--no-auth", "--host", "0.0.0.0"])
     monkeypatch.setenv("SLM_ROUTER_TOKENS", "a, b")
     with pytest.raises(SystemExit, match=f"no router.yaml in {tmp_path}; run `slm-convert run` first"):
+        main(["--registry", str(tmp_path)])
+    promote.write_router_config(tmp_path, [], {"model": "gpt-4.1", "base_url": "http://127.0.0.1:9/v1"})
+    monkeypatch.delenv(rawzone.ENCRYPTION_KEY_ENV, raising=False)
+    with pytest.raises(SystemExit, match="set SLM_RAW_ENCRYPTION_KEY .* so that the trace log is sealed"):
         main(["--registry", str(tmp_path)])

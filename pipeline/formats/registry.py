@@ -25,7 +25,10 @@ def detect(records: list[Any]) -> str | None:
 
 def detect_file(path: Path) -> tuple[str, str | None, str]:
     """(layout, format or None, reason when None) for one landing file."""
-    layout = sources.sniff_layout(path)
+    try:
+        layout = sources.sniff_layout(path)
+    except sources.SealedFileError as err:
+        return "not-json", None, str(err)
     if layout == "not-json":
         return layout, None, "file is not JSON or JSON lines"
     records = sources.first_records(path, layout, DOCUMENT_ITEM_PATHS)
