@@ -80,6 +80,8 @@ class EmbeddingCache:
         self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._max_texts = max_texts
         self._lock = threading.Lock()
+        # one encode at a time: a fast tokenizer used by two threads at once raises "Already borrowed"
+        self._encoding = threading.Lock()
 
     def embed(self, texts: list[str], model_name: str) -> np.ndarray:
         with self._lock:
@@ -88,7 +90,8 @@ class EmbeddingCache:
                 self._vectors.move_to_end((model_name, text))
         missing = sorted(set(texts) - set(found))
         if missing:
-            vectors = cluster.embed_texts(missing, model_name)
+            with self._encoding:
+                vectors = cluster.embed_texts(missing, model_name)
             found.update(zip(missing, vectors))
             with self._lock:
                 for text, vector in zip(missing, vectors):

@@ -100,7 +100,11 @@ def test_each_promotion_is_a_new_version_and_a_rollback_serves_the_one_before(tm
     first = promote.promote_routes(registry, [(_route(tmp_path, "cluster-2", 0.5), {"score": 0.9})], FALLBACK, "0001")
     assert [(r["name"], r["version"]) for r in first["routes"]] == [("cluster-2", "v0001")]
     entry = first["routes"][0]
-    assert entry["adapter"] == "cluster-2/v0001/adapter" and entry["match"] == {"centroid": [0.6, 0.8], "min_similarity": 0.5}
+    assert entry["adapter"] == "cluster-2/v0001/adapter" and entry["match"] == {
+        "centroid": [0.6, 0.8], "min_similarity": 0.5,
+        # a route that does not say how its centroid was embedded was embedded with clustering's defaults
+        "embedding_model": "bundled:all-MiniLM-L6-v2", "signature": "weighted_parts"}
+    assert entry["max_new_tokens"] == promote.DEFAULT_MAX_NEW_TOKENS  # eval.json names no budget
     version_dir = registry / "cluster-2" / "v0001"
     assert json.loads((version_dir / "eval.json").read_text()) == {"score": 0.9}
     hashes = json.loads((version_dir / "hashes.json").read_text())
