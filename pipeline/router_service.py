@@ -100,9 +100,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}},
-                            status_code=self.status)
+                            status_code=self.status, headers=headers)
 
 
 @dataclass
@@ -339,9 +339,9 @@ class Router:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
-            self.finish(context, 502, None, fallback["model"], None, None, "none")
+            headers = self.finish(context, 502, None, fallback["model"], None, None, "none")
             return ApiError(502, f"The fallback at {fallback['base_url']} did not answer: {type(err).__name__}",
-                            "fallback_error").response()
+                            "fallback_error").response(headers)
         if payload.get("stream") and response.status_code < 400:
             return StreamingResponse(self.relay(response, context), status_code=response.status_code,
                                      media_type=response.headers.get("content-type", "text/event-stream"),

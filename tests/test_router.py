@@ -165,6 +165,13 @@ def test_auth_is_enforced_and_bad_requests_get_clear_4xx_errors(router, sample_c
         too_big = client.post("/v1/chat/completions", json=huge, headers=AUTH)
         assert too_big.status_code == 413 and "over the limit of 20000 bytes" in too_big.json()["error"]["message"]
 
+        table = router.table
+        router.table = table.__class__(table.version, table.routes, {**table.fallback, "base_url": "http://127.0.0.1:9/v1"})
+        unreachable = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
+        router.table = table
+        assert unreachable.status_code == 502 and unreachable.json()["error"]["type"] == "fallback_error"
+        assert unreachable.headers["x-slm-served-by"] == "fallback" and unreachable.headers["x-slm-reason"].startswith("no route")
+
         models = client.get("/v1/models", headers=AUTH).json()["data"]
         assert [m["id"] for m in models] == ["slm-router/cluster-2@v0001", "gpt-4.1"]
 
