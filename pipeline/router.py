@@ -128,9 +128,6 @@ class RouteTable:
             raise RouterConfigError(f"{path} is not a valid router config ({type(err).__name__}: {err}); "
                                     "see ROUTER_SCHEMA in pipeline/promote.py") from err
 
-    def route(self, key: str) -> Route | None:
-        return next((r for r in self.routes if r.key == key), None)
-
     def match(self, messages_json: str, tools_json: str | None, embeddings: EmbeddingCache) -> Match:
         """The nearest route whose match rule admits the call (cosine similarity of the call's
         task signature to the route's centroid at least its min_similarity)."""

@@ -325,16 +325,16 @@ class Router:
     async def forward(self, table: RouteTable, body: bytes, context: dict) -> Response:
         """The original request, sent to the fallback endpoint; its answer returned as it came."""
         fallback, payload = table.fallback, context["payload"]
-        requested = payload.get("model")
-        if requested in ROUTER_MODEL_NAMES or requested is None or str(requested).startswith(ROUTER_SLM_MODEL_PREFIX):
-            payload = {**payload, "model": fallback["model"]}
-            body = json.dumps(payload).encode()
+        model = payload.get("model")
+        if model in ROUTER_MODEL_NAMES or model is None or str(model).startswith(ROUTER_SLM_MODEL_PREFIX):
+            model = fallback["model"]
+            body = json.dumps({**payload, "model": model}).encode()
         url = fallback["base_url"].rstrip("/") + "/chat/completions"
-        headers = {"content-type": "application/json"}
+        outgoing = {"content-type": "application/json"}
         key = os.environ.get(fallback.get("api_key_env") or "", "")
         if key:
-            headers["authorization"] = f"Bearer {key}"
-        request = self.client.build_request("POST", url, content=body, headers=headers,
+            outgoing["authorization"] = f"Bearer {key}"
+        request = self.client.build_request("POST", url, content=body, headers=outgoing,
                                             timeout=self.settings.fallback_timeout)
         try:
             response = await self.client.send(request, stream=True)
@@ -343,7 +343,7 @@ class Router:
             return ApiError(502, f"The fallback at {fallback['base_url']} did not answer: {type(err).__name__}",
                             "fallback_error").response(headers)
         if payload.get("stream") and response.status_code < 400:
-            return StreamingResponse(self.relay(response, context), status_code=response.status_code,
+            return StreamingResponse(self.relay(response, model, context), status_code=response.status_code,
                                      media_type=response.headers.get("content-type", "text/event-stream"),
                                      headers=context["decision"].headers((time.perf_counter() - context["started"]) * 1000))
         content = await response.aread()
@@ -355,12 +355,11 @@ class Router:
                 choice = completion["choices"][0]
                 message, finish_reason = choice["message"], choice.get("finish_reason")
                 usage, trace_id = completion.get("usage"), completion.get("id") or trace_id
-        model = payload.get("model") or fallback["model"]
         headers = self.finish(context, response.status_code, message, model, finish_reason, usage, trace_id)
         return Response(content, status_code=response.status_code,
                         media_type=response.headers.get("content-type", "application/json"), headers=headers)
 
-    async def relay(self, response: httpx.Response, context: dict):
+    async def relay(self, response: httpx.Response, model: str, context: dict):
         """Pass the fallback's event stream through as it comes, and trace the answer it spelled."""
         stream = StreamedAnswer()
         try:
@@ -369,16 +368,12 @@ class Router:
                 yield chunk
         finally:
             await response.aclose()
-            self.finish(context, response.status_code, stream.message(), context["payload"].get("model") or "",
-                        stream.finish_reason, stream.usage, stream.id or "none")
+            self.finish(context, response.status_code, stream.message(), model, stream.finish_reason, stream.usage,
+                        stream.id or "none")
 
     # -- app -----------------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        try:
-            self.authorize(request)
-        except ApiError as err:
-            return err.response()
         table = self.table
         data = [{"id": slm_model_name(r), "object": "model", "owned_by": "slm-router", "route": r.name, "label": r.label}
                 for r in table.routes]
@@ -390,10 +385,6 @@ class Router:
         return JSONResponse({"status": "ok", "router_version": table.version, "routes": [r.key for r in table.routes]})
 
     async def metrics_text(self, request: Request) -> Response:
-        try:
-            self.authorize(request)
-        except ApiError as err:
-            return err.response()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
@@ -413,10 +404,20 @@ class Router:
     def app(self) -> Starlette:
         return Starlette(routes=[
             HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            HttpRoute("/v1/models", self.models, methods=["GET"]),
+            HttpRoute("/v1/models", self.token_required(self.models), methods=["GET"]),
             HttpRoute("/healthz", self.healthz, methods=["GET"]),
-            HttpRoute("/metrics", self.metrics_text, methods=["GET"]),
+            HttpRoute("/metrics", self.token_required(self.metrics_text), methods=["GET"]),
         ], lifespan=self.lifespan)
+
+    def token_required(self, handler):
+        """`handler` behind the bearer-token check (chat completions checks it with its body)."""
+        async def checked(request: Request) -> Response:
+            try:
+                self.authorize(request)
+            except ApiError as err:
+                return err.response()
+            return await handler(request)
+        return checked
 
 
 def validate_chat_request(payload) -> dict:
