@@ -12,7 +12,14 @@ Parts older than the retention period (counted from ingestion) are deleted. Fiel
 by keyed HMAC-SHA256 pseudonyms before anything is stored: calls of one session still group
 together, but the stored data no longer names the session.
 
-    python -m pipeline.rawzone new-keys     prints a fresh pair of keys as environment lines
+Key rotation: SLM_RAW_ENCRYPTION_KEY may hold several keys separated by commas, newest first.
+New data is sealed with the first; data sealed with any of them stays readable (Fernet's
+MultiFernet). `rotate` re-seals the stored parts under the first key, after which the old keys
+can be dropped from the variable.
+
+    python -m pipeline.rawzone new-keys          prints a fresh pair of keys as environment lines
+    python -m pipeline.rawzone new-key           prints one fresh encryption key
+    python -m pipeline.rawzone rotate OUTPUT_DIR re-seals the raw zone under the first key
 """
 
 from __future__ import annotations
@@ -45,16 +52,20 @@ class RawZoneKeyError(RuntimeError):
     """A raw-zone key is missing or wrong; the message says which and what to do."""
 
 
-def _fernet(key: str):
-    from cryptography.fernet import Fernet
+def _fernet(keys: str):
+    """The keys of SLM_RAW_ENCRYPTION_KEY: the first seals, any of them opens."""
+    from cryptography.fernet import Fernet, MultiFernet
 
-    try:
-        return Fernet(key.encode() if isinstance(key, str) else key)
-    except (ValueError, TypeError) as err:
-        raise RawZoneKeyError(
-            f"{ENCRYPTION_KEY_ENV} is not a Fernet key (32 url-safe base64-encoded bytes); "
-            "make one with `python -m pipeline.rawzone new-keys`"
-        ) from err
+    fernets = []
+    for position, key in enumerate(k.strip() for k in keys.split(",")):
+        try:
+            fernets.append(Fernet(key.encode()))
+        except (ValueError, TypeError) as err:
+            raise RawZoneKeyError(
+                f"key {position + 1} of {ENCRYPTION_KEY_ENV} is not a Fernet key (32 url-safe base64-encoded bytes); "
+                "make one with `python -m pipeline.rawzone new-key`"
+            ) from err
+    return MultiFernet(fernets)
 
 
 def seal(payload: bytes, encryption_key: str | None) -> bytes:
@@ -71,7 +82,10 @@ def unseal(path: Path, encryption_key: str | None) -> bytes:
     try:
         return _fernet(encryption_key).decrypt(path.read_bytes())
     except InvalidToken as err:
-        raise RawZoneKeyError(f"{path} cannot be decrypted with the key in {ENCRYPTION_KEY_ENV}") from err
+        raise RawZoneKeyError(
+            f"{path} cannot be decrypted with the key(s) in {ENCRYPTION_KEY_ENV}: after a rotation keep the old "
+            "key after the new one (comma-separated) until `python -m pipeline.rawzone rotate` has run"
+        ) from err
 
 
 def write_part(path: Path, rows: list[dict], schema: pa.Schema, encryption_key: str | None) -> Path:
@@ -216,16 +230,60 @@ def _keyed_digest(value: str, key: str) -> str:
 
 
 
-def new_keys() -> dict[str, str]:
-    import secrets
+def rotate(root: Path, encryption_keys: str) -> int:
+    """Re-seal every encrypted part of the raw zone under the first of `encryption_keys`;
+    returns how many parts were re-sealed. Each part is replaced atomically, so a rotation that
+    stops midway leaves every part readable with the same keys, and running it again finishes it."""
+    from cryptography.fernet import InvalidToken
 
+    fernet = _fernet(encryption_keys)
+    rotated = 0
+    for kind in (TRACES, QUARANTINE):
+        for part in part_files(root, kind):
+            if part.suffix != ENCRYPTED_SUFFIX:
+                continue
+            try:
+                write_bytes(part, fernet.rotate(part.read_bytes()))
+            except InvalidToken as err:
+                raise RawZoneKeyError(f"{part} cannot be decrypted with any key in {ENCRYPTION_KEY_ENV}") from err
+            rotated += 1
+    return rotated
+
+
+def new_encryption_key() -> str:
     from cryptography.fernet import Fernet
 
-    return {ENCRYPTION_KEY_ENV: Fernet.generate_key().decode(), PSEUDONYM_KEY_ENV: secrets.token_urlsafe(32)}
+    return Fernet.generate_key().decode()
+
+
+def new_keys() -> dict[str, str]:
+    return {ENCRYPTION_KEY_ENV: new_encryption_key(), PSEUDONYM_KEY_ENV: secrets.token_urlsafe(32)}
+
+
+USAGE = "usage: python -m pipeline.rawzone new-keys | new-key | rotate OUTPUT_DIR"
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["new-keys"]:
+        for name, value in new_keys().items():
+            print(f"{name}={value}")
+    elif argv == ["new-key"]:
+        print(new_encryption_key())
+    elif len(argv) == 2 and argv[0] == "rotate":
+        keys = os.environ.get(ENCRYPTION_KEY_ENV, "")
+        if not keys:
+            sys.exit(f"rotate: set {ENCRYPTION_KEY_ENV} to the new key, then the old ones, comma-separated")
+        raw = Path(argv[1]) / "raw"
+        if not raw.is_dir():
+            sys.exit(f"rotate: {raw} does not exist (give the pipeline's output folder, SLM_OUTPUT_DIR)")
+        try:
+            print(f"re-sealed {rotate(raw, keys)} raw parts under the first key of {ENCRYPTION_KEY_ENV}")
+        except RawZoneKeyError as err:
+            sys.exit(f"rotate: {err}")
+    else:
+        sys.exit(USAGE)
+    return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["new-keys"]:
-        sys.exit("usage: python -m pipeline.rawzone new-keys")
-    for name, value in new_keys().items():
-        print(f"{name}={value}")
+    sys.exit(main(sys.argv[1:]))

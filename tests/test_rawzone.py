@@ -109,6 +109,33 @@ def test_reading_needs_the_right_key(tmp_path, keys):
     assert rawzone.read_part(part, keys[rawzone.ENCRYPTION_KEY_ENV]).to_pylist() == rows
 
 
+def test_a_rotated_key_keeps_old_data_readable_and_seals_new_data_under_the_new_key(one_day_landing, tmp_path, capsys, monkeypatch):
+    old, new = rawzone.new_encryption_key(), rawzone.new_encryption_key()
+    raw = tmp_path / "out" / "raw"
+    _collect(one_day_landing, raw, old)
+    old_parts = {p: p.read_bytes() for p in rawzone.part_files(raw, rawzone.TRACES)}
+    # the new key first, the old one after it: the next day is sealed under the new key only
+    shutil.copy(LANDING / "traces-2026-10-02.jsonl", one_day_landing)
+    _collect(one_day_landing, raw, f"{new}, {old}")
+    new_parts = [p for p in rawzone.part_files(raw, rawzone.TRACES) if p not in old_parts]
+    assert new_parts and all(rawzone.read_part(p, new).num_rows for p in new_parts)
+    with pytest.raises(rawzone.RawZoneKeyError, match="keep the old key after the new one"):
+        ingest.stored_traces(raw, new)  # the first day is still under the old key
+    both = ingest.stored_traces(raw, f"{new},{old}")
+    assert set(both["called_at"].astype(str).str[:10]) == {"2026-10-01", "2026-10-02"}
+
+    monkeypatch.setenv(rawzone.ENCRYPTION_KEY_ENV, f"{new},{old}")
+    assert rawzone.main(["rotate", str(raw.parent)]) == 0
+    assert "re-sealed" in capsys.readouterr().out
+    assert all(p.read_bytes() != payload for p, payload in old_parts.items())
+    # after the rotation the old key can go: everything reads with the new key alone, unchanged
+    assert ingest.stored_traces(raw, new).equals(both)
+    with pytest.raises(rawzone.RawZoneKeyError, match="cannot be decrypted"):
+        rawzone.read_part(next(iter(old_parts)), old)
+    with pytest.raises(rawzone.RawZoneKeyError, match="key 2 of SLM_RAW_ENCRYPTION_KEY is not a Fernet key"):
+        rawzone.seal(b"x", f"{new},not-a-key")
+
+
 def test_without_keys_raw_data_is_refused_unless_the_config_says_so(one_day_landing, tmp_path):
     refused = _materialize_raw(one_day_landing, tmp_path / "refused", {})
     assert not refused.success
