@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_env
 from pipeline import ingest, models
 from pipeline import promote
@@ -61,12 +59,13 @@ def describe_routes(registry: Path) -> str:
 def run(config_file: Path | None) -> int:
     import dagster as dg
 
+    from assets import run_config as run_configs
     from assets.data import daily_calls
-    from assets.definitions import all_assets, all_checks
+    from assets.definitions import all_assets, all_checks, defs, stage_configs
 
-    run_config = {}
-    if config_file:
-        run_config = yaml.safe_load(config_file.read_text()) or {}
+    run_config = run_configs.load_run_config(config_file) if config_file else {}
+    # every problem of the config at once, before any stage runs
+    run_configs.check(defs.resolve_job_def("slm_conversion"), run_config, stage_configs, str(config_file))
     # Progress and results, not every engine event: Dagster's DEBUG lines drown the stage logs.
     run_config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     resources = resources_from_env(resolve=True)
@@ -131,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             prepare_models(Path(resource.model_cache_dir), args.candidates)
             return 0
         if args.command == "run":
-            if args.config and not args.config.is_file():
-                raise FileNotFoundError(f"run config {args.config} does not exist")
             return run(args.config)
         registry = Store(Path(resource.output_dir)).registry
         if args.command == "routes":

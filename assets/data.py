@@ -2,8 +2,10 @@
 
 import base64
 import os
+from typing import Literal
 
 import dagster as dg
+from pydantic import Field
 
 from assets.metadata import markdown_table
 from assets.resources import PipelineStore, RawZoneKeys
@@ -14,14 +16,14 @@ GROUP = "traces"
 
 
 class IngestConfig(dg.Config):
-    max_quarantined_share: float = 0.05  # the check fails above this share of a run's calls and lines
+    max_quarantined_share: float = Field(0.05, ge=0, le=1)  # the check fails above this share of a run's calls and lines
     encrypt_raw: bool = True  # false stores raw tables unencrypted (never for real user data)
     pseudonymize_origins: bool = True  # false keeps origin fields as logged
     origin_fields: list[str] = list(ingest.DEFAULT_ORIGIN_FIELDS)  # metadata fields that say who called
     step_tag_fields: list[str] = list(ingest.DEFAULT_STEP_TAG_FIELDS)  # metadata fields that name the agent's step
     formats: dict[str, str] = {}  # file glob -> format name, for files auto-detection gets wrong
-    max_record_bytes: int = sources.DEFAULT_MAX_RECORD_BYTES  # a longer line is quarantined
-    raw_retention_days: int = 30  # raw parts are deleted this long after ingestion; 0 keeps them
+    max_record_bytes: int = Field(sources.DEFAULT_MAX_RECORD_BYTES, ge=1024)  # a longer line is quarantined
+    raw_retention_days: int = Field(30, ge=0)  # raw parts are deleted this long after ingestion; 0 keeps them
 
 
 def _required_key(value: str, enabled: bool, env_var: str, setting: str) -> str | None:
@@ -121,8 +123,8 @@ def quarantined_share_below_limit(pipeline_store: PipelineStore) -> dg.AssetChec
 
 class CurationConfig(dg.Config):
     entities: list[str] = list(curate.DEFAULT_ENTITIES)  # Presidio entity types to scrub
-    score_threshold: float = 0.4
-    near_duplicate_threshold: float = dedup.NEAR_THRESHOLD  # Jaccard similarity of word 3-grams
+    score_threshold: float = Field(0.4, ge=0, le=1)  # Presidio's confidence score
+    near_duplicate_threshold: float = Field(dedup.NEAR_THRESHOLD, gt=0, le=1)  # Jaccard similarity of word 3-grams
     # keep what was found in each text (types and positions, keyed by a keyed hash, no text) so
     # that nightly reruns analyze only new texts; needs SLM_PSEUDONYM_KEY for the hash
     reuse_findings: bool = True
@@ -173,13 +175,13 @@ def no_known_pii_in_curated_traces(pipeline_store: PipelineStore) -> dg.AssetChe
 
 class ClusteringConfig(dg.Config):
     embedding_model: str = cluster.BUNDLED_EMBEDDER  # or any sentence-transformers id or path
-    signature: str = cluster.DEFAULT_SIGNATURE  # what text stands for a call's task (cluster.SIGNATURES)
-    reduced_dimensions: int = cluster.REDUCED_DIMENSIONS  # PCA before HDBSCAN; 0 keeps all
-    max_fit_calls: int = cluster.MAX_FIT_CALLS  # HDBSCAN's sample; the other calls join by centroid
-    min_cluster_size: int = 0  # 0: 1% of the fitted calls, at least 15
-    min_samples: int = 0  # 0: HDBSCAN's default (min_cluster_size)
+    signature: Literal[tuple(cluster.SIGNATURES)] = cluster.DEFAULT_SIGNATURE  # what text stands for a call's task (cluster.SIGNATURES)
+    reduced_dimensions: int = Field(cluster.REDUCED_DIMENSIONS, ge=0)  # PCA before HDBSCAN; 0 keeps all
+    max_fit_calls: int = Field(cluster.MAX_FIT_CALLS, ge=100)  # HDBSCAN's sample; the other calls join by centroid
+    min_cluster_size: int = Field(0, ge=0)  # 0: 1% of the fitted calls, at least 15
+    min_samples: int = Field(0, ge=0)  # 0: HDBSCAN's default (min_cluster_size)
     attach_noise: bool = True  # noise calls near a cluster's edge join it; the others stay on the LLM
-    noise_tolerance: float = cluster.NOISE_TOLERANCE  # how far outside a cluster's edge, in its own spreads
+    noise_tolerance: float = Field(cluster.NOISE_TOLERANCE, ge=0)  # how far outside a cluster's edge, in its own spreads
     use_step_tags: bool = True  # where calls carry the agent's own step tag, the tags make the clusters
 
 

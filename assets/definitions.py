@@ -34,6 +34,18 @@ all_checks = [
 
 conversion_job = dg.define_asset_job("slm_conversion", selection=dg.AssetSelection.all())
 
+# Each stage's Config class by asset name: `slm-convert run` checks a run config against them
+# (value ranges) after Dagster's schema (keys and types).
+stage_configs = {
+    "raw_traces": data.IngestConfig,
+    "curated_traces": data.CurationConfig,
+    "task_clusters": data.ClusteringConfig,
+    "slm_candidates": models.SelectionConfig,
+    "finetuned_adapters": models.FinetuneConfig,
+    "shadow_eval": promotion.ShadowEvalConfig,
+    "promotion_decisions": promotion.PromotionConfig,
+}
+
 # 02:00 UTC every night, after the day's logs have landed, for the newest call day (collection
 # takes in every new file whatever the day).
 nightly_conversion = dg.build_schedule_from_partitioned_job(conversion_job, name="nightly_conversion", hour_of_day=2)

@@ -3,8 +3,10 @@
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
+from pydantic import Field, model_validator
 
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
@@ -18,13 +20,13 @@ GROUP = "models"
 
 class SelectionConfig(dg.Config):
     candidates_file: str = str(REPO_ROOT / "configs" / "candidates.yaml")
-    min_calls: int = 40  # fewer calls than this cannot train and judge an SLM
-    max_mean_completion_tokens: int = 60  # longer reasoning or free text stays on the LLM
+    min_calls: int = Field(40, ge=1)  # fewer calls than this cannot train and judge an SLM
+    max_mean_completion_tokens: int = Field(60, ge=1)  # longer reasoning or free text stays on the LLM
     probe: bool = True  # each qualifying candidate answers a few calls zero- and few-shot before the choice
-    probe_calls: int = select.ProbeSettings.calls  # calls of a cluster each candidate answers
-    probe_shots: int = select.ProbeSettings.shots  # solved calls in the few-shot prompt
-    probe_margin: float = select.ProbeSettings.margin  # a larger candidate must beat the smallest by more
-    probe_max_new_tokens: int = select.ProbeSettings.max_new_tokens_cap  # longest probe answer
+    probe_calls: int = Field(select.ProbeSettings.calls, ge=1)  # calls of a cluster each candidate answers
+    probe_shots: int = Field(select.ProbeSettings.shots, ge=0)  # solved calls in the few-shot prompt
+    probe_margin: float = Field(select.ProbeSettings.margin, ge=0, le=1)  # a larger candidate must beat the smallest by more
+    probe_max_new_tokens: int = Field(select.ProbeSettings.max_new_tokens_cap, ge=1)  # longest probe answer
 
 
 @dg.asset(group_name=GROUP, deps=[curated_traces, task_clusters], kinds={"python"})
@@ -81,22 +83,28 @@ def chosen_candidates_available(pipeline_store: PipelineStore) -> dg.AssetCheckR
 class FinetuneConfig(dg.Config):
     """LoRA settings; the defaults are a short CPU run (see configs/gpu.yaml for a GPU)."""
 
-    max_steps: int = 6
-    batch_size: int = 2  # rows of max_length tokens, each packed with whole calls
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 0.0  # 0: by the base model's size (5e-4 up to 500M parameters, 2e-4 to 2B, 1e-4 above)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    max_length: int = 768  # capped at the base model's context length
-    quantization: str = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
-    kernels: str = "auto"  # "liger": Liger's fused kernels (CUDA); "none"; auto: Liger where it runs
+    max_steps: int = Field(6, ge=1)
+    batch_size: int = Field(2, ge=1)  # rows of max_length tokens, each packed with whole calls
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(0.0, ge=0, lt=1)  # 0: by the base model's size (5e-4 up to 500M parameters, 2e-4 to 2B, 1e-4 above)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(768, ge=32)  # capped at the base model's context length
+    quantization: Literal["none", "4bit"] = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
+    kernels: Literal["auto", "liger", "none"] = "auto"  # "liger": Liger's fused kernels (CUDA); "none"; auto: Liger where it runs
     compile: bool = False  # torch.compile each decoder layer (CUDA; the fastest on an H100)
-    save_steps: int = 0  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
+    save_steps: int = Field(0, ge=0)  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
     merged_weights: bool = False  # also write the base model with the adapter merged in (servers without LoRA)
-    holdout_fraction: float = 0.2  # latest share of each cluster's calls, kept for shadow eval
-    min_holdout: int = 10
-    max_holdout: int = 200
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # latest share of each cluster's calls, kept for shadow eval
+    min_holdout: int = Field(10, ge=1)
+    max_holdout: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _holdout_bounds_in_order(self):
+        if self.max_holdout < self.min_holdout:
+            raise ValueError(f"max_holdout ({self.max_holdout}) is below min_holdout ({self.min_holdout})")
+        return self
 
     def train_settings(self, candidate: models.Candidate) -> finetune.TrainSettings:
         return finetune.settings_for_model(self.model_dump(), candidate.params_millions, candidate.context_length)

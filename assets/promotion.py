@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 import pandas as pd
 
 from assets.models import finetuned_adapters
@@ -27,17 +28,17 @@ GROUP = "promotion"
 
 class ShadowEvalConfig(dg.Config):
     # latest held-out calls answered per cluster (0: all); sized for a CPU demo, configs/gpu.yaml takes all
-    max_calls_per_cluster: int = 24
-    calibration_share: float = 0.5  # the earlier part of them, where the threshold is chosen
-    batch_size: int = 16  # calls answered together; 16 was fastest on the 2-core CPU (bench/README.md)
-    max_new_tokens_cap: int = 160
-    quality_floor: float = 0.8  # mean score vs baseline a cluster must reach to be promoted
-    latency_calls: int = 2  # test calls answered one at a time as well, for the batch-1 latency
-    arm_calls: int = 4  # latest test calls the base model answers too (zero-shot, in-context); 0: none
-    shots: int = 2  # retrieved training calls in the in-context arm's prompt
-    llm_input_price_per_million_tokens: float = 2.0  # USD; the baseline's list price (gpt-4.1)
-    llm_output_price_per_million_tokens: float = 8.0
-    slm_hardware_price_per_hour: float = 0.10  # USD per hour of the machine that serves the SLM
+    max_calls_per_cluster: int = Field(24, ge=0)
+    calibration_share: float = Field(0.5, gt=0, lt=1)  # the earlier part of them, where the threshold is chosen
+    batch_size: int = Field(16, ge=1)  # calls answered together; 16 was fastest on the 2-core CPU (bench/README.md)
+    max_new_tokens_cap: int = Field(160, ge=1)
+    quality_floor: float = Field(0.8, ge=0, le=1)  # mean score vs baseline a cluster must reach to be promoted
+    latency_calls: int = Field(2, ge=0)  # test calls answered one at a time as well, for the batch-1 latency
+    arm_calls: int = Field(4, ge=0)  # latest test calls the base model answers too (zero-shot, in-context); 0: none
+    shots: int = Field(2, ge=0)  # retrieved training calls in the in-context arm's prompt
+    llm_input_price_per_million_tokens: float = Field(2.0, ge=0)  # USD; the baseline's list price (gpt-4.1)
+    llm_output_price_per_million_tokens: float = Field(8.0, ge=0)
+    slm_hardware_price_per_hour: float = Field(0.10, ge=0)  # USD per hour of the machine that serves the SLM
 
 
 def _training_records(store) -> list[dict]:
@@ -140,9 +141,9 @@ def holdout_never_trained_on(pipeline_store: PipelineStore) -> dg.AssetCheckResu
 
 
 class PromotionConfig(dg.Config):
-    min_holdout: int = 10  # fewer held-out test calls than this are no evidence
-    confidence: float = 0.95  # a cluster is promoted when this lower bound of its score clears the floor
-    max_lora_rank: int = promote.SERVING_MAX_RANK  # the serving stack's limit (vLLM --max-lora-rank)
+    min_holdout: int = Field(10, ge=1)  # fewer held-out test calls than this are no evidence
+    confidence: float = Field(0.95, ge=0.5, lt=1)  # a cluster is promoted when this lower bound of its score clears the floor
+    max_lora_rank: int = Field(promote.SERVING_MAX_RANK, ge=1)  # the serving stack's limit (vLLM --max-lora-rank)
     allow_extra_modules: bool = False  # full weights (modules_to_save, lm_head) beside LoRA
     fallback_model: str = "gpt-4.1"  # what the router escalates to
     fallback_base_url: str = "https://api.openai.com/v1"

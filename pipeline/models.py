@@ -13,18 +13,24 @@ import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import ConfigDict, Field
 
 READY_MARKER = ".slm-convert-ready"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str
-    source: str  # bundled-gguf | hub | local
-    params_millions: int
-    context_length: int
+    # a candidate list is checked against these fields: unknown keys, wrong types and values
+    # out of range are refused with the entry and key named
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1)]
+    source: Literal["bundled-gguf", "hub", "local"]
+    params_millions: Annotated[int, Field(gt=0, strict=True)]  # strict: "135" is a typo, not 135
+    context_length: Annotated[int, Field(gt=0, strict=True)]
     licence: str
     chat_template: str | None = None  # the prompt format it was trained with (informative)
     model_id: str | None = None
@@ -50,20 +56,24 @@ def load_candidates(path: Path) -> list[Candidate]:
 
 
 def load_candidates_from_dicts(entries: list[dict], source: str = "candidates") -> list[Candidate]:
-    """Candidates from their dict form, with the entry at fault named on bad input."""
-    candidates = []
-    for i, entry in enumerate(entries):
-        try:
-            candidate = Candidate(**entry)
-        except TypeError as err:
-            raise ValueError(f"{source}: candidates[{i}] is not a valid candidate: {err}") from err
-        if candidate.source not in ("bundled-gguf", "hub", "local"):
-            raise ValueError(
-                f"{source}: candidates[{i}].source is {candidate.source!r}; "
-                "expected bundled-gguf, hub or local"
-            )
-        candidates.append(candidate)
+    """Candidates from their dict form, every bad key named by its path (candidates[2].source)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        candidates = TypeAdapter(list[Candidate]).validate_python(entries)
+    except ValidationError as err:
+        problems = [f"candidates{_path(e['loc'])}: {e['msg']}" + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})")
+                    for e in err.errors()]
+        raise ValueError(f"{source} has {len(problems)} problem(s):\n  " + "\n  ".join(problems)) from err
+    names = [c.name for c in candidates]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{source}: candidate names must be unique; repeated: {', '.join(repeated)}")
     return candidates
+
+
+def _path(loc: tuple) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
 
 
 def _bundled_gguf(candidate: Candidate) -> Path:
