@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_env
-from pipeline import ingest, models
+from pipeline import ingest, models, sources
 from pipeline import promote
 from pipeline.promote import format_summary, latest_run
 from pipeline.store import Store, read_json
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(format_summary(latest_summary(Path(resource.output_dir))))
         return 0
-    except (FileNotFoundError, ValueError, models.ModelUnavailable, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, models.ModelUnavailable, RuntimeError, sources.UnreadableLandingFile) as err:
         print(f"slm-convert: {err}", file=sys.stderr)
         return 2
 

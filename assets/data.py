@@ -71,7 +71,8 @@ def raw_traces(
         result = ingest.collect(
             pipeline_store.landing(), store.raw, options, encryption_key, config.raw_retention_days, progress=context.log.info
         )
-    except ValueError as err:  # a format named in the config that does not exist
+    # a format the config names that does not exist; a landing file that cannot be opened
+    except (ValueError, sources.UnreadableLandingFile) as err:
         raise dg.Failure(description=str(err)) from err
     stats = result.stats
     if not result.days_stored:

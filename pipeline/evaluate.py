@@ -29,6 +29,7 @@ from pipeline.calls import (
     Chat, answer_message, baseline_answer, chat_of_call, few_shot_prompt, render_prompt, renders_tools, signature_parts,
 )
 from pipeline.judge import Judge
+from pipeline.models import require_checkpoint
 from pipeline.scoring import FREE_TEXT, score_answer
 
 LLM_JUDGE = "llm_judge"
@@ -62,6 +63,9 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path | None, adapter_name: s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_checkpoint(base_dir)
+    if adapter_dir is not None:
+        require_checkpoint(adapter_dir, "adapter")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)

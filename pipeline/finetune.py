@@ -27,6 +27,7 @@ from typing import Callable
 import pandas as pd
 
 from pipeline.calls import answer_message, chat_of_call, renders_tools
+from pipeline.models import require_checkpoint
 
 PACKED_ATTENTION = "packed"
 
@@ -582,6 +583,7 @@ def train_adapter(
     from trl import SFTTrainer
 
     disable_progress_bar()
+    require_checkpoint(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

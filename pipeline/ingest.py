@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import errno
 import hashlib
+import sqlite3
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from pipeline import rawzone, sources
 from pipeline.formats import json_text, registry
 from pipeline.formats.openai_batch import BatchRequests, input_file_for
 from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
+from pipeline.store import DiskFullError, disk_full_message
 
 # One canonical schema for every source. Messages, tools and the response message stay JSON
 # text: their shapes vary between agents (content parts, tool calls), and JSON keeps them exact.
@@ -174,6 +177,8 @@ def find_landing_files(landing_dir: Path) -> list[Path]:
             "(OpenAI request/response JSON lines, OpenAI Batch files, OTLP/JSON GenAI spans, "
             "Langfuse exports or canonical JSON lines; see docs/formats.md)."
         )
+    for path in files:  # one the pipeline cannot open stops the run before anything is read
+        sources.check_readable(path)
     return files
 
 
@@ -438,9 +443,11 @@ def collect(
             stats = ingest(planned, writer, ledger, options, run_id, now, progress)
             writer.flush()
             ledger.commit(run_id, now)
-        except BaseException:
+        except BaseException as err:
             ledger.rollback()
             writer.discard()
+            if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise DiskFullError(errno.ENOSPC, disk_full_message(raw_root / "ledger.sqlite")) from err
             raise
         rawzone.publish(raw_root, run_id)
         expired = rawzone.expire(raw_root, retention_days, now)

@@ -75,7 +75,8 @@ class Ledger:
         self._db.execute("BEGIN")
 
     def rollback(self) -> None:
-        self._db.execute("ROLLBACK")
+        if self._db.in_transaction:  # SQLite has rolled back already after some errors (a full disk)
+            self._db.execute("ROLLBACK")
         self._db.execute("BEGIN")
 
     def close(self) -> None:

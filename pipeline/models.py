@@ -123,6 +123,21 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
+def require_checkpoint(path: Path, kind: str = "base model") -> Path:
+    """`path` when it holds a loadable checkpoint (its config and weights); else ModelUnavailable
+    naming the folder and the fix, before transformers fails with its own long error."""
+    path = Path(path)
+    config = "adapter_config.json" if kind == "adapter" else "config.json"
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")] if path.is_dir() else []
+    if not (path / config).is_file() or not weights:
+        fix = ("materialize finetuned_adapters again (`slm-convert run`) to train it" if kind == "adapter" else
+               "run `slm-convert prepare-models` to convert the bundled model again, or point SLM_MODEL_CACHE at "
+               "the cache it was converted into")
+        missing = "the folder" if not path.is_dir() else (config if not (path / config).is_file() else "its weights")
+        raise ModelUnavailable(f"{kind} {path} is missing {missing}: {fix}")
+    return path
+
+
 def resolve_model_dir(candidate: Candidate, cache_dir: Path, prepare: bool = True) -> Path:
     """The local folder of a candidate's transformers checkpoint, preparing it if allowed.
 

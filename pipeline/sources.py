@@ -52,10 +52,31 @@ class SealedFileError(OSError):
     """A sealed landing file that cannot be decrypted; the message says why and what to do."""
 
 
+class UnreadableLandingFile(OSError):
+    """A landing file the pipeline may not or cannot open. Not quarantined: the file is not
+    malformed, and recording it as read would lose its calls for good; the run stops instead."""
+
+
+def check_readable(path: Path) -> None:
+    """Raise UnreadableLandingFile, naming the file and the fix, unless `path` opens for reading."""
+    with open_raw(path) as f:
+        f.read(1)
+
+
+def open_raw(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise UnreadableLandingFile(
+            err.errno, f"cannot read landing file {path} ({err.strerror or err}): give the pipeline's user read "
+            "access to it (or move it out of the landing folder) and run again; nothing of this run was stored"
+        ) from err
+
+
 def open_binary(path: Path) -> BinaryIO:
     """The file's bytes, by content, not by name: decompressed on the fly when gzip, decrypted
     when sealed with the raw zone's key (slm-router writes its trace log sealed so)."""
-    with open(path, "rb") as f:
+    with open_raw(path) as f:
         head = f.read(len(SEALED_MAGIC))
     if head.startswith(GZIP_MAGIC):
         return gzip.open(path, "rb")
@@ -112,7 +133,7 @@ def sniff_layout(path: Path) -> str:
     try:
         with open_binary(path) as stream:
             head = stream.read(64 * 1024)
-    except SealedFileError:
+    except (SealedFileError, UnreadableLandingFile):
         raise
     except (OSError, EOFError, zlib.error):
         return "not-json"
@@ -145,6 +166,8 @@ def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
                     yield Rejected(line_number, str(err), excerpt(raw))
     except SealedFileError as err:
         yield Rejected(0, str(err))
+    except UnreadableLandingFile:
+        raise
     except (OSError, EOFError, zlib.error) as err:
         # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError
         yield Rejected(line_number + 1, f"compressed stream is corrupt or truncated ({err})")
@@ -168,6 +191,8 @@ def read_document(path: Path, item_paths: tuple[str, ...]) -> Iterator[Record | 
         except ijson.JSONError as err:
             yield Rejected(count + 1, f"invalid JSON document after item {count} ({err})")
             return
+        except UnreadableLandingFile:
+            raise
         except (OSError, EOFError, zlib.error) as err:
             yield Rejected(count + 1, f"compressed stream is corrupt or truncated ({err})")
             return

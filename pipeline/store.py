@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -48,41 +51,77 @@ class Store:
         return self.tables / f"{name}.json"
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    """A temporary file beside `path`; mkstemp creates it readable by its owner only (0600)."""
+class DamagedFileError(RuntimeError):
+    """A file of the output folder that cannot be read; the message names it and the fix."""
+
+
+class DiskFullError(OSError):
+    """A write that ran out of space; the file it would have replaced is left as it was."""
+
+
+# errno values of a write that found no room: no space left, disk quota exceeded
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT}
+
+
+def disk_full_message(path: Path) -> str:
+    free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+    kept = "the file there before was left as it was" if path.exists() else "nothing was written in its place"
+    return (f"no space left on the device writing {path} ({free / 2**20:.1f} MiB free there): free space, or point "
+            f"SLM_OUTPUT_DIR at a larger disk, and run again ({kept})")
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[tuple[int, str]]:
+    """A temporary file beside `path` (an open descriptor, owner-only 0600) that replaces `path`
+    in one rename when the block ends; on any error it is removed and `path` stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        with suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in NO_ROOM:
+            raise DiskFullError(err.errno, disk_full_message(path)) from err
+        raise
 
 
 def write_bytes(path: Path, payload: bytes) -> None:
     """Write bytes atomically to an owner-only (0600) file."""
-    fd, tmp = _atomic_target(path)
-    with os.fdopen(fd, "wb") as f:
+    with _atomic(path) as (fd, _), os.fdopen(fd, "wb") as f:
         f.write(payload)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    fd, tmp = _atomic_target(path)
-    with os.fdopen(fd, "w") as f:
+    with _atomic(path) as (fd, _), os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
-    os.replace(tmp, path)
+
+
+def _damaged(path: Path, err: Exception) -> DamagedFileError:
+    return DamagedFileError(
+        f"{path} is damaged and cannot be read ({type(err).__name__}: {err}). The pipeline writes it "
+        "atomically, so something outside it changed the file (a disk fault, a partial copy, an edit): "
+        "delete it and run again (`slm-convert run`, or materialize the stage that writes it and those after it)"
+    )
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _damaged(path, err) from err
 
 
 def write_table(path: Path, frame: pd.DataFrame, schema: pa.Schema | None = None) -> None:
     """Write a Parquet table atomically (temporary file, then rename)."""
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with _atomic(path) as (fd, tmp):
+        os.close(fd)
+        pq.write_table(table, tmp)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -90,4 +129,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise FileNotFoundError(
             f"{path} does not exist: materialize the upstream asset that writes it first"
         )
-    return pq.read_table(path).to_pandas()
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as err:  # a truncated file is ArrowInvalid, a bad page an OSError
+        raise _damaged(path, err) from err
