@@ -24,7 +24,7 @@ from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_
 from pipeline import ingest, models, sources
 from pipeline import promote
 from pipeline.promote import format_summary, latest_run
-from pipeline.store import Store, read_json
+from pipeline.store import Store, exclusive, read_json
 
 
 def prepare_models(cache: Path, candidates_file: Path) -> None:
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_routes(registry))
             return 0
         if args.command == "rollback":
-            router = promote.rollback(registry, args.route, args.to)
+            # router.yaml is read, changed and replaced: not while a run promotes
+            with exclusive(Path(resource.output_dir), f"slm-convert rollback {args.route}", print):
+                router = promote.rollback(registry, args.route, args.to)
             served = {r["name"]: r["version"] for r in router["routes"]}
             print(f"{args.route} now serves {served.get(args.route, 'nothing (its calls go to the LLM)')}; "
                   f"router.yaml version {router['version']}")

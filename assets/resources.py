@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import dagster as dg
+from pydantic import PrivateAttr
 
 from pipeline import rawzone
 from pipeline.judge import Judge
-from pipeline.store import Store
+from pipeline.store import Store, exclusive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class PipelineStore(dg.ConfigurableResource):
-    """The landing folder of the agent's logs, the output folder, and the model cache."""
+    """The landing folder of the agent's logs, the output folder, and the model cache.
+
+    A run holds the output folder alone while it runs (each step alone, where steps run in
+    processes of their own): a backfill started while the nightly run works waits for it, and the
+    wait is logged with the run that holds the folder. Sensors only look at the landing folder
+    and take no lock.
+    """
 
     landing_dir: str
     output_dir: str
     model_cache_dir: str
+    _held: ExitStack | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.dagster_run is None:  # a sensor's evaluation, not a run
+            return
+        self._held = ExitStack()
+        holder = f"run {context.dagster_run.run_id} ({context.dagster_run.job_name})"
+        self._held.enter_context(exclusive(Path(self.output_dir), holder, context.log.info))
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def store(self) -> Store:
         return Store(Path(self.output_dir))

@@ -62,8 +62,8 @@ def load_candidates_from_dicts(entries: list[dict], source: str = "candidates") 
     try:
         candidates = TypeAdapter(list[Candidate]).validate_python(entries)
     except ValidationError as err:
-        problems = [f"candidates{_path(e['loc'])}: {e['msg']}" + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})")
-                    for e in err.errors()]
+        problems = [f"candidates{_path(e['loc'])}: " + ("unknown key" if e["type"] == "unexpected_keyword_argument" else e["msg"])
+                    + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})") for e in err.errors()]
         raise ValueError(f"{source} has {len(problems)} problem(s):\n  " + "\n  ".join(problems)) from err
     names = [c.name for c in candidates]
     repeated = sorted({n for n in names if names.count(n) > 1})

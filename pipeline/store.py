@@ -6,11 +6,13 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -49,6 +51,43 @@ class Store:
 
     def stats(self, name: str) -> Path:
         return self.tables / f"{name}.json"
+
+
+# One run at a time writes an output folder: the lock file's lock (flock) is held for the run
+# (or each of its steps) and released by the OS when the holder exits, even when it is killed.
+LOCK_FILE, LOCK_HOLDER = ".slm-convert.lock", ".slm-convert.lock.holder.json"
+
+
+@contextmanager
+def exclusive(root: Path, holder: str, on_wait: Callable[[str], None] = print, report_every: float = 60.0) -> Iterator[None]:
+    """Hold the output folder `root` alone for the block, waiting (and saying who holds it, every
+    `report_every` seconds) while another run has it."""
+    from filelock import FileLock, Timeout
+
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK_FILE, mode=0o600)
+    timeout = 0.0  # the first try says at once that the run waits
+    while True:
+        try:
+            lock.acquire(timeout=timeout)
+            break
+        except Timeout:
+            on_wait(f"waiting for the output folder {root}, held by {_lock_holder(root)}")
+            timeout = report_every
+    try:
+        write_json(root / LOCK_HOLDER, {"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        yield
+    finally:
+        lock.release()
+
+
+def _lock_holder(root: Path) -> str:
+    try:
+        held = read_json(root / LOCK_HOLDER)
+        return f"{held['holder']} (pid {held['pid']} on {held['host']}, since {held['since']})"
+    except (OSError, DamagedFileError, KeyError, TypeError):
+        return "another process"
 
 
 class DamagedFileError(RuntimeError):

@@ -89,7 +89,7 @@ def test_a_candidate_list_with_bad_entries_is_refused_with_every_key_named():
         "  candidates[0].source: Input should be 'bundled-gguf', 'hub' or 'local' (got 'hubb')",
         "  candidates[0].params_millions: Input should be a valid integer (got '135')",
         "  candidates[0].context_length: Input should be greater than 0 (got -1)",
-        "  candidates[0].size: Unexpected keyword argument (got 1)",
+        "  candidates[0].size: unknown key (got 1)",
         "  candidates[1].context_length: Field required",
     ]
     with pytest.raises(ValueError, match="names must be unique; repeated: tiny"):

@@ -11,6 +11,7 @@ from assets import data, promotion, sensors
 from assets.definitions import all_assets, all_checks, defs
 from assets.resources import JudgeEndpoint, PipelineStore, RawZoneKeys
 from pipeline import rawzone
+from pipeline.store import LOCK_HOLDER
 from tests import score_run
 from tests.conftest import LANDING, REPO, quiet_dagster_home
 from tests.test_webserver import start_webserver
@@ -49,25 +50,31 @@ def test_definitions_load_with_every_stage_a_check_and_a_nightly_schedule():
     assert defs.resolve_sensor_def("new_landing_files").job_name == "trace_collection"
 
 
+def _evaluate_sensor(resources: dict, cursor: str | None = None):
+    # PipelineStore has setup and teardown (the run's lock on the output folder), so the
+    # context opens its resources as a context manager; a sensor's evaluation takes no lock
+    with dg.build_sensor_context(resources=resources, cursor=cursor) as context:
+        return sensors.new_landing_files(context), context.cursor
+
+
 def test_sensor_starts_collection_once_per_new_or_changed_landing_file(one_day_landing, tmp_path):
     resources = {"pipeline_store": PipelineStore(landing_dir=str(one_day_landing), output_dir=str(tmp_path), model_cache_dir=str(tmp_path))}
-    context = dg.build_sensor_context(resources=resources)
-    first = sensors.new_landing_files(context)
+    first, cursor = _evaluate_sensor(resources)
     assert isinstance(first, dg.RunRequest) and first.partition_key == data.daily_calls.get_last_partition_key()
-    cursor = json.loads(context.cursor)
-    assert list(cursor) == [str(one_day_landing / "traces-2026-10-01.jsonl")]
+    assert list(json.loads(cursor)) == [str(one_day_landing / "traces-2026-10-01.jsonl")]
 
-    quiet = sensors.new_landing_files(dg.build_sensor_context(resources=resources, cursor=json.dumps(cursor)))
+    quiet, _ = _evaluate_sensor(resources, cursor)
     assert isinstance(quiet, dg.SkipReason) and "no new or changed files among 1" in quiet.skip_message
 
     (one_day_landing / "batch_output.jsonl").write_text("{}\n")
-    new = sensors.new_landing_files(dg.build_sensor_context(resources=resources, cursor=json.dumps(cursor)))
+    new, _ = _evaluate_sensor(resources, cursor)
     assert isinstance(new, dg.RunRequest) and new.run_key != first.run_key
     assert new.tags["slm-convert/changed_files"] == "1"
 
-    gone = sensors.new_landing_files(dg.build_sensor_context(resources={"pipeline_store": PipelineStore(
-        landing_dir=str(tmp_path / "missing"), output_dir=str(tmp_path), model_cache_dir=str(tmp_path))}))
+    gone, _ = _evaluate_sensor({"pipeline_store": PipelineStore(
+        landing_dir=str(tmp_path / "missing"), output_dir=str(tmp_path), model_cache_dir=str(tmp_path))})
     assert isinstance(gone, dg.SkipReason) and "does not exist" in gone.skip_message
+    assert not (tmp_path / LOCK_HOLDER).exists()  # the sensor never took the output folder
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def test_candidate_list_errors_name_the_entry(tmp_path):
     with pytest.raises(ValueError, match=r"candidates\[0\].source"):
         models.load_candidates(bad)
     bad.write_text("candidates:\n  - name: x\n    sauce: hub\n")
-    with pytest.raises(ValueError, match=r"candidates\[0\] is not a valid candidate"):
+    with pytest.raises(ValueError, match=r"candidates\[0\].sauce: unknown key"):
         models.load_candidates(bad)
     with pytest.raises(FileNotFoundError):
         models.load_candidates(tmp_path / "missing.yaml")
