@@ -15,10 +15,16 @@ DOCUMENT_ITEM_PATHS = ("resourceSpans.item", "data.item", "item")
 
 
 def detect(records: list[Any]) -> str | None:
-    """The first format that most of a file's first records look like, or None."""
+    """The first format that most of a file's first recognisable records look like, or None.
+
+    Records that look like no format at all (`null`, a number, a stray object) do not vote: a
+    file of real calls with some junk lines is read, its junk quarantined line by line, rather
+    than the whole file quarantined with its calls."""
     checks = {**{name: adapter.looks_like for name, adapter in ADAPTERS.items()}, **COMPANION_FORMATS}
-    for name, looks_like in checks.items():
-        if records and sum(1 for r in records if looks_like(r)) * 2 > len(records):
+    votes = {name: [looks_like(r) for r in records] for name, looks_like in checks.items()}
+    recognisable = sum(1 for matches in zip(*votes.values()) if any(matches))
+    for name, matches in votes.items():
+        if recognisable and sum(matches) * 2 > recognisable:
             return name
     return None
 
