@@ -26,6 +26,7 @@ from typing import Callable
 
 import pandas as pd
 
+from pipeline import failpoints
 from pipeline.calls import answer_message, chat_of_call, renders_tools
 from pipeline.models import require_checkpoint
 
@@ -378,6 +379,9 @@ class TrainingMeter:
                 if logs and "loss" in logs:
                     meter.report(state.global_step, logs["loss"])
 
+            def on_save(self, args, state, control, **kwargs):
+                failpoints.reached("finetune:checkpoint-saved")  # a killed run resumes from it
+
         trainer.data_collator = counting_collator
         trainer.add_callback(Progress())
         self.batches_per_step = trainer.args.gradient_accumulation_steps
@@ -505,6 +509,9 @@ def write_model_card(adapter_dir: Path, card: ModelCard, metrics: dict) -> None:
     settings = metrics["settings"]
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     first, last = metrics.get("first_called_at", "?"), metrics.get("last_called_at", "?")
+    tokens = f"{metrics['tokens']:,} tokens"
+    resumed = (f" (resumed from a checkpoint at step {metrics['resumed_from_step']}; {tokens} trained on after it)"
+               if metrics.get("resumed_from_step") else f", {tokens} trained on")
     text = f"""---
 base_model: {card.base_model}
 library_name: peft
@@ -520,7 +527,7 @@ not by this card.
 ## Data
 - {metrics["train_calls"]} logged calls of the cluster, {first} to {last}; the cluster's latest
   calls are held out for evaluation and were not trained on.
-- {metrics["tokens"]:,} tokens trained on ({metrics["steps"]} steps); {metrics["calls_cut_by_max_length"]} calls
+- {metrics["steps"]} steps{resumed}; {metrics["calls_cut_by_max_length"]} calls
   longer than max_length {settings["max_length"]} had their answers cut.
 - Curated before training: personal data and secrets replaced by typed placeholders,
   duplicates and calls with errored, truncated or rejected answers removed. This card holds no

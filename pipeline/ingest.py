@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import rawzone, sources
+from pipeline import failpoints, rawzone, sources
 from pipeline.formats import json_text, registry
 from pipeline.formats.openai_batch import BatchRequests, input_file_for
 from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
@@ -443,6 +443,7 @@ def collect(
             stats = ingest(planned, writer, ledger, options, run_id, now, progress)
             writer.flush()
             ledger.commit(run_id, now)
+            failpoints.reached("raw_traces:committed")  # the next run publishes what this one staged
         except BaseException as err:
             ledger.rollback()
             writer.discard()

@@ -14,7 +14,10 @@ The model registry:
         runs/LATEST                   the name of the newest run
 
 A version folder is written under a temporary name and renamed when complete, and router.yaml
-is replaced by a rename, so the router never reads half of either. A run that does not promote
+is replaced by a rename, so the router never reads half of either. router.yaml is the commit
+point: a promotion's history lines are written first, naming the router.yaml version they lead
+to, and a promotion killed before router.yaml was replaced is undone by the next write (its
+lines and the versions only it wrote are removed; `history` never shows them). A run that does not promote
 a route leaves the route's serving version as it was; `slm-convert rollback` moves a route back
 to an earlier version (or off to the LLM).
 """
@@ -158,14 +161,17 @@ def _versions(registry: Path, route: str) -> list[str]:
     return sorted(p.name for p in folder.glob("v[0-9]*") if p.is_dir()) if folder.is_dir() else []
 
 
-def write_route_version(registry: Path, route: dict, evaluation: dict) -> str:
-    """Copy one promoted adapter into registry/<route>/<next version>/; returns the version.
+def next_version(registry: Path, route: str) -> str:
+    versions = _versions(registry, route)
+    return f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+
+
+def write_route_version(registry: Path, route: dict, evaluation: dict, version: str) -> None:
+    """Copy one promoted adapter into registry/<route>/<version>/ (from `next_version`).
 
     `route`: name, label, base_model, base_model_path, adapter_dir, threshold, centroid,
     min_similarity, match_embedding (the embedding model and signature of the centroid), training.
     """
-    versions = _versions(registry, route["name"])
-    version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
     staging = registry / route["name"] / f".{version}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(route["adapter_dir"], staging / "adapter")
@@ -173,7 +179,6 @@ def write_route_version(registry: Path, route: dict, evaluation: dict) -> str:
     write_json(staging / "route.json", {k: v for k, v in route.items() if k != "adapter_dir"})
     write_json(staging / "hashes.json", file_hashes(staging))
     staging.rename(registry / route["name"] / version)
-    return version
 
 
 def read_router_config(registry: Path) -> dict:
@@ -213,34 +218,65 @@ def write_router_config(registry: Path, routes: list[dict], fallback: dict) -> d
     return router
 
 
-def log_event(registry: Path, event: dict) -> None:
-    """Append one promotion or rollback to history.jsonl."""
+def log_events(registry: Path, events: list[dict]) -> None:
+    """Add promotion or rollback lines to history.jsonl. The file is replaced whole in one
+    rename, so a crash never leaves half a line."""
     registry.mkdir(parents=True, exist_ok=True)
-    line = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **event}
-    with open(registry / HISTORY, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [*_history_lines(registry), *({"at": at, **event} for event in events)]
+    write_bytes(registry / HISTORY, "".join(json.dumps(line) + "\n" for line in lines).encode())
+
+
+def _history_lines(registry: Path) -> list[dict]:
+    path = registry / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def history(registry: Path) -> list[dict]:
-    path = registry / HISTORY
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """Every promotion and rollback that took effect, oldest first."""
+    served = read_router_config(registry)["version"]
+    return [e for e in _history_lines(registry) if e.get("router_version", 0) <= served]
+
+
+def forget_unfinished(registry: Path) -> int:
+    """Undo what a promotion or rollback killed before it replaced router.yaml left: its history
+    lines (each written first, naming the router.yaml version it was about to write) and the
+    route versions that only it wrote. router.yaml is the commit point: a change that did not
+    reach it never happened. Returns how many history lines were dropped."""
+    served = read_router_config(registry)["version"]
+    lines = _history_lines(registry)
+    unfinished = [e for e in lines if e.get("router_version", 0) > served]
+    for event in unfinished:
+        if event["action"] == "promote":
+            shutil.rmtree(registry / event["route"] / event["version"], ignore_errors=True)
+    if unfinished:
+        kept = [e for e in lines if e not in unfinished]
+        write_bytes(registry / HISTORY, "".join(json.dumps(line) + "\n" for line in kept).encode())
+    return len(unfinished)
 
 
 def promote_routes(registry: Path, promoted: list[tuple[dict, dict]], fallback: dict, run: str) -> dict:
     """Write a version for each promoted (route, evaluation) and the new router.yaml. Routes
     not promoted by this run keep the version they serve. Returns the router config."""
-    serving = {r["name"]: r for r in read_router_config(registry)["routes"]}
+    forget_unfinished(registry)
+    router = read_router_config(registry)
+    serving = {r["name"]: r for r in router["routes"]}
+    versions = {route["name"]: next_version(registry, route["name"]) for route, _ in promoted}
+    # logged first, with the router.yaml version they lead to: if the process dies before
+    # router.yaml is replaced, the next write finds them unfinished and undoes them
+    log_events(registry, [{"action": "promote", "route": route["name"], "version": versions[route["name"]],
+                           "replaces": serving.get(route["name"], {}).get("version"), "run": run,
+                           "router_version": router["version"] + 1} for route, _ in promoted])
     for route, evaluation in promoted:
-        version = write_route_version(registry, route, evaluation)
-        log_event(registry, {"action": "promote", "route": route["name"], "version": version,
-                             "replaces": serving.get(route["name"], {}).get("version"), "run": run})
-        serving[route["name"]] = router_entry(registry, route["name"], version)
+        write_route_version(registry, route, evaluation, versions[route["name"]])
+        serving[route["name"]] = router_entry(registry, route["name"], versions[route["name"]])
     return write_router_config(registry, list(serving.values()), fallback)
 
 
 def rollback(registry: Path, route: str, to: str | None = None) -> dict:
     """Point `route` at an earlier version (default: the one before the version it serves), or
     take it off to the LLM with `to=OFF`. Returns the new router config."""
+    forget_unfinished(registry)
     router = read_router_config(registry)
     serving = {r["name"]: r for r in router["routes"]}
     current = serving.get(route, {}).get("version")
@@ -261,9 +297,9 @@ def rollback(registry: Path, route: str, to: str | None = None) -> dict:
         raise ValueError(f"{route} has no version {to!r} (versions: {', '.join(versions)})")
     else:
         serving[route] = router_entry(registry, route, to)
-    updated = write_router_config(registry, list(serving.values()), router["fallback"])
-    log_event(registry, {"action": "rollback", "route": route, "version": to, "replaces": current})
-    return updated
+    log_events(registry, [{"action": "rollback", "route": route, "version": to, "replaces": current,
+                           "router_version": router["version"] + 1}])
+    return write_router_config(registry, list(serving.values()), router["fallback"])
 
 
 def routed_share(registry: Path, router: dict, cluster_shares: dict[str, float]) -> float:

@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import failpoints
+
 
 @dataclass(frozen=True)
 class Store:
@@ -59,7 +61,7 @@ LOCK_FILE, LOCK_HOLDER = ".slm-convert.lock", ".slm-convert.lock.holder.json"
 
 
 @contextmanager
-def exclusive(root: Path, holder: str, on_wait: Callable[[str], None] = print, report_every: float = 60.0) -> Iterator[None]:
+def exclusive(root: Path, holder: str, log: Callable[[str], None] = print, report_every: float = 60.0) -> Iterator[None]:
     """Hold the output folder `root` alone for the block, waiting (and saying who holds it, every
     `report_every` seconds) while another run has it."""
     from filelock import FileLock, Timeout
@@ -72,14 +74,32 @@ def exclusive(root: Path, holder: str, on_wait: Callable[[str], None] = print, r
             lock.acquire(timeout=timeout)
             break
         except Timeout:
-            on_wait(f"waiting for the output folder {root}, held by {_lock_holder(root)}")
+            log(f"waiting for the output folder {root}, held by {_lock_holder(root)}")
             timeout = report_every
     try:
+        swept = sweep_leftovers(root)
+        if swept:
+            log(f"removed {swept} temporary file(s) or folder(s) that an interrupted run left in {root}")
         write_json(root / LOCK_HOLDER, {"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
                                         "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         yield
     finally:
         lock.release()
+
+
+def sweep_leftovers(root: Path) -> int:
+    """Delete what killed writers left: temporary files of atomic writes (`.<name>.*.tmp`) and
+    staging folders (`*.partial`). Nothing ever reads them; called with the folder held, when no
+    write is under way. The raw zone's staged parts are not touched: collection itself decides,
+    from its ledger, whether to publish or drop them."""
+    leftovers = [p for p in root.rglob("*") if (p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"))
+                 or (p.is_dir() and p.name.endswith(".partial"))]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def _lock_holder(root: Path) -> str:
@@ -117,6 +137,7 @@ def _atomic(path: Path) -> Iterator[tuple[int, str]]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         yield fd, tmp
+        failpoints.reached(f"before-rename:{path.name}")
         os.replace(tmp, path)
     except BaseException as err:
         with suppress(OSError):

@@ -145,6 +145,31 @@ def test_each_promotion_is_a_new_version_and_a_rollback_serves_the_one_before(tm
     assert not list(registry.rglob("*.partial")) and not list(registry.glob(".router.yaml.*"))
 
 
+def test_a_promotion_killed_before_router_yaml_is_undone_by_the_next_write(tmp_path, monkeypatch):
+    registry = tmp_path / "registry"
+    promote.promote_routes(registry, [(_route(tmp_path, "cluster-2", 0.5), {})], FALLBACK, "0001")
+
+    def killed(*args, **kwargs):  # the process dies after the versions were written, before router.yaml
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(promote, "write_router_config", killed)
+    promoted = [(_route(tmp_path, "cluster-2", 0.7), {}), (_route(tmp_path, "cluster-5", 0.6), {})]
+    with pytest.raises(SystemExit):
+        promote.promote_routes(registry, promoted, FALLBACK, "0002")
+    monkeypatch.undo()
+    assert (registry / "cluster-2" / "v0002").is_dir()  # written, never served
+    # what took effect is all the history shows, even before the next write cleans up
+    assert [(e["route"], e["version"]) for e in promote.history(registry)] == [("cluster-2", "v0001")]
+
+    again = promote.promote_routes(registry, promoted, FALLBACK, "0002")
+    assert {r["name"]: r["version"] for r in again["routes"]} == {"cluster-2": "v0002", "cluster-5": "v0001"}
+    assert again["version"] == 2
+    lines = (registry / "history.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["route"], json.loads(x)["version"]) for x in lines] == [
+        ("cluster-2", "v0001"), ("cluster-2", "v0002"), ("cluster-5", "v0001")]  # no line of the killed run left
+    assert json.loads((registry / "cluster-2" / "v0002" / "route.json").read_text())["threshold"] == 0.7
+
+
 def test_the_cli_lists_routes_and_rolls_one_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLM_OUTPUT_DIR", str(tmp_path / "out"))
     registry = tmp_path / "out" / "registry"
