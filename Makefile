@@ -21,7 +21,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test dev clean chromium
+.PHONY: setup demo test dev clean chromium postgresql
 
 setup: $(VENV)/.installed $(KEYS)
 
@@ -42,13 +42,17 @@ demo: setup
 	$(WITH_KEYS) $(BIN)/slm-convert run
 
 # The UI test opens the Dagster UI in Debian's headless Chromium; its screenshots land in
-# test-artifacts/ (CI keeps them).
-test: setup chromium
+# test-artifacts/ (CI keeps them). The graph test runs with the Dagster instance on a
+# PostgreSQL server from Debian's packages, which the tests start and stop themselves.
+test: setup chromium postgresql
 	$(BIN)/pytest -v --durations=15
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql; }
 
 dev: setup
 	$(WITH_KEYS) $(BIN)/dagster dev

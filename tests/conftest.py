@@ -26,6 +26,27 @@ def quiet_dagster_home(path: Path) -> Path:
     return path
 
 
+def postgres_dagster_home(path: Path) -> Path:
+    """A Dagster home whose instance is configs/dagster-postgres.yaml, as a deployment sets it
+    up; the `postgres_env` fixture points its DAGSTER_PG_* variables at the test server."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "configs" / "dagster-postgres.yaml", path / "dagster.yaml")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_env():
+    """A PostgreSQL server for the session, its connection in the DAGSTER_PG_* variables."""
+    from tests.postgres_server import postgres_server
+
+    with postgres_server() as env:
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        yield env
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
 @pytest.fixture(scope="session")
 def labels() -> dict:
     """The truth the pipeline never reads: steps, canaries, duplicate pairs, malformed count."""

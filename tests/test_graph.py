@@ -13,7 +13,7 @@ from assets.resources import JudgeEndpoint, PipelineStore, RawZoneKeys
 from pipeline import rawzone
 from pipeline.store import LOCK_HOLDER
 from tests import score_run
-from tests.conftest import LANDING, REPO, quiet_dagster_home
+from tests.conftest import LANDING, REPO, postgres_dagster_home
 from tests.test_webserver import start_webserver
 
 DAY = "2026-10-01"  # the day of the one-day landing folder: runs are filed under a call day
@@ -78,14 +78,14 @@ def test_sensor_starts_collection_once_per_new_or_changed_landing_file(one_day_l
 
 
 @pytest.fixture(scope="module")
-def graph_run(tmp_path_factory, base_model_dir) -> dict:
-    """The whole graph materialized once on a day of logs, into a Dagster instance on disk (so
-    that a webserver can show it afterwards)."""
+def graph_run(tmp_path_factory, base_model_dir, postgres_env) -> dict:
+    """The whole graph materialized once on a day of logs, with the Dagster instance on a real
+    PostgreSQL server (configs/dagster-postgres.yaml), which a webserver shows afterwards."""
     root = tmp_path_factory.mktemp("graph")
     landing = root / "landing"
     landing.mkdir()
     shutil.copy(LANDING / f"traces-{DAY}.jsonl", landing)
-    home = quiet_dagster_home(root / "dagster_home")
+    home = postgres_dagster_home(root / "dagster_home")
     resources = _resources(landing, root, base_model_dir)
     result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY,
                             instance=dg.DagsterInstance.from_config(str(home)))
@@ -100,6 +100,14 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     assert materialized == ASSET_NAMES
     checks = result.get_asset_check_evaluations()
     assert len(checks) == len(all_checks) and all(c.passed for c in checks)
+    # the run, its materializations and check results are in PostgreSQL, where the webserver,
+    # the daemon and every stage's job of a deployment read them
+    instance = dg.DagsterInstance.from_config(str(graph_run["dagster_home"]))
+    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+    assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.SUCCESS
+    for name in ASSET_NAMES:
+        assert instance.get_latest_materialization_event(dg.AssetKey(name)) is not None, name
 
     registry = out / "registry"
     assert (registry / "runs" / "LATEST").read_text().strip() == "0001"
