@@ -36,8 +36,8 @@ def prepare_models(cache: Path, candidates_file: Path) -> None:
         print(f"{candidate.name}: ready in {path} ({time.monotonic() - started:.0f}s)")
 
 
-def latest_summary(output_dir: Path) -> dict:
-    return read_json(latest_run(Store(output_dir).registry) / "summary.json")
+def latest_summary(store: Store) -> dict:
+    return read_json(latest_run(store.registry) / "summary.json")
 
 
 def describe_routes(registry: Path) -> str:
@@ -91,7 +91,7 @@ def run(config_file: Path | None) -> int:
         print(f"\nThe run failed: {_failure_reason(result)}", file=sys.stderr)
         return 1
     print(f"\nFinished in {time.monotonic() - started:.0f}s\n")
-    print(format_summary(latest_summary(Path(resource.output_dir))))
+    print(format_summary(latest_summary(resource.store())))
     return 0
 
 
@@ -131,20 +131,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return run(args.config)
-        registry = Store(Path(resource.output_dir)).registry
-        if args.command == "routes":
-            print(describe_routes(registry))
-            return 0
-        if args.command == "rollback":
-            # router.yaml is read, changed and replaced: not while a run promotes
-            with exclusive(Path(resource.output_dir), f"slm-convert rollback {args.route}", print):
+        # the other commands read (and rollback writes) the registry: on object storage, through
+        # the local copy, pulled first and pushed after a change, with the folder held
+        with exclusive(resource.output_path(), f"slm-convert {args.command}", print):
+            if resource.mirror():
+                resource.mirror().pull()
+            registry = resource.store().registry
+            if args.command == "routes":
+                print(describe_routes(registry))
+                return 0
+            if args.command == "rollback":
                 router = promote.rollback(registry, args.route, args.to)
-            served = {r["name"]: r["version"] for r in router["routes"]}
-            print(f"{args.route} now serves {served.get(args.route, 'nothing (its calls go to the LLM)')}; "
-                  f"router.yaml version {router['version']}")
+                resource.publish()
+                served = {r["name"]: r["version"] for r in router["routes"]}
+                print(f"{args.route} now serves {served.get(args.route, 'nothing (its calls go to the LLM)')}; "
+                      f"router.yaml version {router['version']}")
+                return 0
+            print(format_summary(latest_summary(resource.store())))
             return 0
-        print(format_summary(latest_summary(Path(resource.output_dir))))
-        return 0
     except (FileNotFoundError, ValueError, models.ModelUnavailable, RuntimeError, sources.UnreadableLandingFile) as err:
         print(f"slm-convert: {err}", file=sys.stderr)
         return 2

@@ -94,6 +94,7 @@ def raw_traces(
     for day, calls in sorted(stats.calls_by_day.items()):
         if day in valid_days and day not in context.partition_keys:
             context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=day, metadata={"calls": calls}))
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(
         metadata={
             "calls": stats.calls,
@@ -153,6 +154,7 @@ def curated_traces(
     counts = {"raw": len(raw), **result.counts(), "texts_reused_from_earlier_runs": result.reused_texts}
     removal_reasons = result.removal_reasons()
     write_json(store.stats("curated_traces"), {**counts, "removal_reasons": removal_reasons, "pii_findings": result.findings})
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(
         metadata={
             **counts,
@@ -219,6 +221,7 @@ def task_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig, p
     write_bytes(map_path, result.map_png)
     report_path = store.tables / "task_clusters.md"
     write_bytes(report_path, cluster.cluster_report(result, map_path.name).encode())
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(
         metadata={
             "clusters": len(result.clusters),

@@ -59,6 +59,7 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
     )
     for name, reason in unavailable.items():
         context.log.info(f"candidate {name} unavailable: {reason}")
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(
         metadata={
             "clusters_to_fine_tune": sum(c["decision"] == select.FINE_TUNE for c in choices),
@@ -172,6 +173,7 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         trained.append(record)
 
     write_json(store.stats("finetuned_adapters"), [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in trained])
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(
         metadata={
             "adapters": len(trained),

@@ -115,6 +115,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                                             {s["cluster_id"]: s["label"] for s in summaries}, config.quality_floor)
         write_bytes(store.evaluation / "coverage_quality.png", png)
         metadata["coverage_quality"] = dg.MetadataValue.md(f"![coverage and quality](data:image/png;base64,{base64.b64encode(png).decode()})")
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -173,6 +174,7 @@ def promotion_decisions(config: PromotionConfig, pipeline_store: PipelineStore) 
         "decisions": decisions,
     })
     promoted = [d for d in decisions if d["decision"] == promote.PROMOTED]
+    pipeline_store.publish()
     return dg.MaterializeResult(metadata={
         "promoted": len(promoted),
         "decisions": markdown_table(["cluster", "decision", "reason"],
@@ -304,6 +306,7 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     summary = read_json(run_dir / "summary.json")
     image = f"data:image/png;base64,{base64.b64encode(plot_png).decode()}" if plot_png else None
     context.log.info(f"run {run_dir.name}: {len(promoted)} route(s) promoted, the router serves {len(router['routes'])}")
+    pipeline_store.publish(context.log.info)
     return dg.MaterializeResult(
         metadata={
             "run": run_dir.name,

@@ -11,6 +11,7 @@ from pydantic import PrivateAttr
 
 from pipeline import rawzone
 from pipeline.judge import Judge
+from pipeline.remote import Mirror, is_remote, local_copy
 from pipeline.store import Store, exclusive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class PipelineStore(dg.ConfigurableResource):
     """The landing folder of the agent's logs, the output folder, and the model cache.
+
+    The output folder may be a local path or an fsspec URL on object storage (s3://bucket/prefix
+    ...); then the stages work on a local copy under `work_dir` that each run pulls when it
+    starts and each stage pushes before it reports success (pipeline/remote.py).
 
     A run holds the output folder alone while it runs (each step alone, where steps run in
     processes of their own): a backfill started while the nightly run works waits for it, and the
@@ -28,6 +33,7 @@ class PipelineStore(dg.ConfigurableResource):
     landing_dir: str
     output_dir: str
     model_cache_dir: str
+    work_dir: str = str(REPO_ROOT / ".cache" / "work")  # local copies of output folders on object storage
     _held: ExitStack | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -35,15 +41,34 @@ class PipelineStore(dg.ConfigurableResource):
             return
         self._held = ExitStack()
         holder = f"run {context.dagster_run.run_id} ({context.dagster_run.job_name})"
-        self._held.enter_context(exclusive(Path(self.output_dir), holder, context.log.info))
+        self._held.enter_context(exclusive(self.output_path(), holder, context.log.info))
+        mirror = self.mirror()
+        if mirror:
+            mirror.pull(context.log.info)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._held is not None:
             self._held.close()
             self._held = None
 
+    def output_path(self) -> Path:
+        """Where the stages read and write: the output folder, or its local copy."""
+        if not is_remote(self.output_dir):
+            return Path(self.output_dir)
+        return local_copy(self.output_dir, Path(self.work_dir))
+
+    def mirror(self) -> Mirror | None:
+        return Mirror(self.output_dir, self.output_path()) if is_remote(self.output_dir) else None
+
+    def publish(self, log=print) -> None:
+        """Make what a stage wrote visible beyond this machine (object storage); a no-op for a
+        local output folder. Every asset calls it last, so a failed upload fails the stage."""
+        mirror = self.mirror()
+        if mirror:
+            mirror.push(log)
+
     def store(self) -> Store:
-        return Store(Path(self.output_dir))
+        return Store(self.output_path())
 
     def landing(self) -> Path:
         return Path(self.landing_dir)
@@ -57,6 +82,7 @@ LOCATIONS = {
     "landing_dir": ("SLM_LANDING_DIR", REPO_ROOT / "data" / "landing"),
     "output_dir": ("SLM_OUTPUT_DIR", REPO_ROOT / "output"),
     "model_cache_dir": ("SLM_MODEL_CACHE", REPO_ROOT / ".cache" / "models"),
+    "work_dir": ("SLM_WORK_DIR", REPO_ROOT / ".cache" / "work"),
 }
 
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline import failpoints, rawzone, sources
 from pipeline.formats import json_text, registry
 from pipeline.formats.openai_batch import BatchRequests, input_file_for
-from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
+from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger, committed_runs
 from pipeline.store import DiskFullError, disk_full_message
 
 # One canonical schema for every source. Messages, tools and the response message stay JSON
@@ -458,10 +458,12 @@ def collect(
 
 
 def stored_traces(raw_root: Path, encryption_key: str | None) -> pd.DataFrame:
-    """Every call kept in the raw zone, in call order."""
-    traces = rawzone.read_zone(raw_root, rawzone.TRACES, TRACE_SCHEMA, encryption_key)
+    """Every call kept in the raw zone by a committed run, in call order."""
+    committed = committed_runs(raw_root / "ledger.sqlite")
+    traces = rawzone.read_zone(raw_root, rawzone.TRACES, TRACE_SCHEMA, encryption_key, committed)
     return traces.sort_values(["called_at", "trace_id"], kind="stable").reset_index(drop=True)
 
 
 def stored_quarantine(raw_root: Path, encryption_key: str | None) -> pd.DataFrame:
-    return rawzone.read_zone(raw_root, rawzone.QUARANTINE, QUARANTINE_SCHEMA, encryption_key)
+    committed = committed_runs(raw_root / "ledger.sqlite")
+    return rawzone.read_zone(raw_root, rawzone.QUARANTINE, QUARANTINE_SCHEMA, encryption_key, committed)

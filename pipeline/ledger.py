@@ -25,6 +25,17 @@ CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, committed_at TEXT);
 NEW, REPEATED, CONFLICT = "new", "repeated", "conflict"
 
 
+def committed_runs(path: Path) -> set[str] | None:
+    """The runs a ledger file has committed, read without writing to it; None without a ledger."""
+    if not Path(path).exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {run for (run,) in db.execute("SELECT run_id FROM runs")}
+    finally:
+        db.close()
+
+
 class Ledger:
     def __init__(self, path: Path | str = ":memory:"):
         if path != ":memory:":

@@ -106,9 +106,18 @@ def part_files(root: Path, kind: str) -> list[Path]:
     return sorted((root / kind).glob("*=*/part-*.parquet*"))
 
 
-def read_zone(root: Path, kind: str, schema: pa.Schema, encryption_key: str | None) -> pd.DataFrame:
-    """Every published part of a raw table as one frame (empty, with its columns, if none)."""
-    tables = [read_part(p, encryption_key) for p in part_files(root, kind)]
+def part_run(part: Path) -> str:
+    """The ingest run that wrote a part (`part-<run id>-<sequence>...`)."""
+    return "-".join(part.name.split("-")[1:3])
+
+
+def read_zone(root: Path, kind: str, schema: pa.Schema, encryption_key: str | None,
+              committed: set[str] | None = None) -> pd.DataFrame:
+    """Every published part of a raw table as one frame (empty, with its columns, if none);
+    with `committed`, only the parts of those runs (a part whose run the ledger never committed,
+    which an upload cut short can leave on object storage, is not data)."""
+    parts = [p for p in part_files(root, kind) if committed is None or part_run(p) in committed]
+    tables = [read_part(p, encryption_key) for p in parts]
     if not tables:
         return schema.empty_table().to_pandas()
     # parts written before a column was added lack it: it reads as empty there
@@ -123,7 +132,7 @@ def new_run_id(now: datetime) -> str:
 
 def _run_time(part: Path) -> datetime | None:
     try:
-        return datetime.strptime(part.name.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        return datetime.strptime(part_run(part).split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
     except (IndexError, ValueError):
         return None
 
@@ -186,12 +195,16 @@ def publish(root: Path, run_id: str) -> int:
 
 
 def recover(root: Path, committed: set[str]) -> None:
-    """Finish what an interrupted run left: publish committed runs' parts, drop the others'."""
+    """Finish what an interrupted run left: publish committed runs' parts, drop the others'
+    (staged, or published without their ledger commit by an upload cut short)."""
     for staging in sorted((root / STAGING).glob("*")) if (root / STAGING).is_dir() else []:
         if staging.name in committed:
             publish(root, staging.name)
         else:
             shutil.rmtree(staging, ignore_errors=True)
+    for part in [*part_files(root, TRACES), *part_files(root, QUARANTINE)]:
+        if part_run(part) not in committed:
+            part.unlink()
 
 
 def expire(root: Path, retention_days: int, now: datetime) -> int:

@@ -1,7 +1,7 @@
 """`slm-router`: an OpenAI-compatible service that answers with the promoted SLMs where they are
 sure and forwards everything else to the fallback LLM (decisions in `pipeline.router`).
 
-    slm-router [--registry DIR] [--landing DIR] [--host 127.0.0.1] [--port 8000]
+    slm-router [--registry DIR|URL] [--landing DIR] [--host 127.0.0.1] [--port 8000]
 
     POST /v1/chat/completions   OpenAI chat completions: messages, tools, tool_calls, stream
     GET  /v1/models             the served routes and the fallback model
@@ -17,7 +17,9 @@ Environment: SLM_ROUTER_TOKENS (comma-separated bearer tokens the API accepts), 
 key in the variable router.yaml names (`fallback.api_key_env`, SLM_FALLBACK_API_KEY by default),
 SLM_RAW_ENCRYPTION_KEY and SLM_PSEUDONYM_KEY (the raw zone's keys: the trace log is sealed with
 the first, session and user ids in it are pseudonymized with the second), SLM_OUTPUT_DIR and
-SLM_LANDING_DIR (where the registry and the landing folder are).
+SLM_LANDING_DIR (where the registry and the landing folder are). A registry on object storage
+(an fsspec URL such as s3://bucket/prefix/registry) is served from a local copy under
+SLM_WORK_DIR, pulled again at every look for a changed router.yaml.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from pipeline.router import (
     EmbeddingCache, Match, RouteTable, RouterConfigError, SlmAnswer, SlmEngine, SlmTimeout, TraceWriter,
     slm_model_name, trace_record,
 )
-from pipeline.store import Store
+from pipeline.remote import Mirror, is_remote, local_copy
 
 log = logging.getLogger("slm_router")
 
@@ -74,6 +76,7 @@ class RouterSettings:
     fallback_timeout: float = 120.0
     max_request_bytes: int = 4 * 1024 * 1024
     reload_interval: float = 2.0  # seconds between looks at router.yaml
+    registry_mirror: Mirror | None = None  # the registry on object storage, `registry` its local copy
     log_max_records: int = 1000  # a trace file is closed (and visible to ingestion) after this many calls
     log_max_age: float = 300.0  # or after this many seconds
 
@@ -153,6 +156,11 @@ class Router:
         replaces the old one, so no request finds a route whose adapter is missing. A config
         that cannot be served leaves the old one serving (and is counted and logged)."""
         with self._reload_lock:
+            if self.settings.registry_mirror:
+                try:  # router.yaml is uploaded after the versions it names: a pull never finds it ahead
+                    self.settings.registry_mirror.pull()
+                except Exception as err:  # noqa: BLE001 - the bucket out of reach keeps the current config serving
+                    log.error(json.dumps({"event": "registry pull failed", "error": f"{type(err).__name__}: {err}"}))
             path = self.settings.registry / promote.ROUTER_CONFIG
             stat = path.stat()
             seen = (stat.st_mtime_ns, stat.st_size)
@@ -537,7 +545,12 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                          "or pass --no-auth to serve without authentication (loopback only)")
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"slm-router: --no-auth is for loopback only; {args.host} is reachable from elsewhere")
-    registry = Path(args.registry) if args.registry else Store(Path(os.environ.get("SLM_OUTPUT_DIR", "output"))).registry
+    location = args.registry or f"{os.environ.get('SLM_OUTPUT_DIR', 'output').rstrip('/')}/registry"
+    registry_mirror = None
+    if is_remote(location):  # served from a local copy, pulled now and at each look for changes
+        registry_mirror = Mirror(location, local_copy(location, Path(os.environ.get("SLM_WORK_DIR", ".cache/work"))))
+        registry_mirror.pull()
+    registry = registry_mirror.local if registry_mirror else Path(location)
     if not (registry / promote.ROUTER_CONFIG).is_file():
         raise SystemExit(f"slm-router: no {promote.ROUTER_CONFIG} in {registry}; run `slm-convert run` first "
                          "(it writes one even when nothing is promoted) or pass --registry")
@@ -548,7 +561,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                          "keys, so that the trace log is sealed and pseudonymized as collection stores calls; or pass "
                          "--unencrypted-trace-log or --no-trace-log")
     return RouterSettings(
-        registry=registry, landing_dir=landing, tokens=tokens,
+        registry=registry, registry_mirror=registry_mirror, landing_dir=landing, tokens=tokens,
         pseudonym_key=os.environ.get(rawzone.PSEUDONYM_KEY_ENV) or None, encryption_key=encryption_key,
         slm_timeout=args.slm_timeout, max_request_bytes=args.max_request_bytes, reload_interval=args.reload_interval)
 

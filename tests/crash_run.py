@@ -31,12 +31,19 @@ SETTINGS = {
 }
 
 
-def materialize(out: Path, landing: Path, model_cache: Path, stages: list[str], keys: dict) -> dg.ExecuteInProcessResult:
-    """The stages named (in graph order), with `keys` as the raw zone's keys."""
+# The stages in graph order.
+SETTINGS_ORDER = [asset.key.path[-1] for asset in all_assets]
+
+
+def materialize(out: Path | str, landing: Path, model_cache: Path, stages: list[str], keys: dict,
+                work_dir: Path | None = None) -> dg.ExecuteInProcessResult:
+    """The stages named (in graph order), with `keys` as the raw zone's keys; `out` may be a URL
+    on object storage, worked on in `work_dir`."""
     chosen = [a for a in all_assets if a.key.path[-1] in stages]
     run_config = {"ops": {name: section for name, section in SETTINGS["ops"].items() if name in stages}}
     resources = {
-        "pipeline_store": PipelineStore(landing_dir=str(landing), output_dir=str(out), model_cache_dir=str(model_cache)),
+        "pipeline_store": PipelineStore(landing_dir=str(landing), output_dir=str(out), model_cache_dir=str(model_cache),
+                                        **({"work_dir": str(work_dir)} if work_dir else {})),
         "raw_zone_keys": RawZoneKeys(encryption_key=keys[rawzone.ENCRYPTION_KEY_ENV], pseudonym_key=keys[rawzone.PSEUDONYM_KEY_ENV]),
         "judge_endpoint": JudgeEndpoint(),
     }

@@ -1,0 +1,132 @@
+"""The trace store and the model registry on object storage: a local S3-compatible server (moto)
+on loopback stands in for S3. Each stage runs from a fresh local copy, as each step's pod of a
+Kubernetes deployment would, pulls what the previous stages pushed and pushes what it wrote."""
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+from assets import cli
+from pipeline import ingest, rawzone
+from pipeline.remote import COMMIT_FILES, Mirror
+from pipeline.router import RouteTable
+from tests import crash_run
+from tests.conftest import LANDING
+
+BUCKET = "slm-convert-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free loopback port, its address in AWS_ENDPOINT_URL (read by s3fs
+    through botocore, as for MinIO or any S3-compatible store)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    yield fs
+    server.stop()
+    for name, value in saved.items():
+        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+def test_a_local_copy_pushes_changes_with_commit_files_last_and_another_pulls_them(s3, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/mirror"
+    first = Mirror(url, tmp_path / "a")
+    (first.local / "registry" / "cluster-1" / "v0001").mkdir(parents=True)
+    (first.local / "registry" / "cluster-1" / "v0001" / "eval.json").write_text("{}")
+    (first.local / "registry" / "router.yaml").write_text("version: 1\n")
+    (first.local / "registry" / ".router.yaml.x.tmp").write_text("half")  # temporary: stays local
+    (first.local / ".slm-convert.lock").write_text("")
+    uploads = []
+    real_put = first.fs.put_file
+    monkeypatch.setattr(first.fs, "put_file", lambda local, remote, **kw: uploads.append(remote) or real_put(local, remote, **kw))
+    assert first.push() == 2
+    assert uploads[-1].endswith("registry/router.yaml")  # the commit file after what it names
+    assert first.push() == 0  # nothing changed since
+
+    second = Mirror(url, tmp_path / "b")
+    assert second.pull() == 2
+    assert (second.local / "registry" / "router.yaml").read_text() == "version: 1\n"
+    assert not list(second.local.rglob("*.tmp")) and not (second.local / ".slm-convert.lock").exists()
+
+    (second.local / "registry" / "router.yaml").write_text("version: 2\n")  # another machine's change
+    (second.local / "registry" / "cluster-1" / "v0001" / "eval.json").unlink()
+    assert second.push() == 2
+    assert first.pull() == 2
+    assert (first.local / "registry" / "router.yaml").read_text() == "version: 2\n"
+    assert not (first.local / "registry" / "cluster-1" / "v0001" / "eval.json").exists()
+    assert COMMIT_FILES.index("registry/history.jsonl") < COMMIT_FILES.index("registry/router.yaml")
+
+
+@pytest.mark.slow
+def test_the_graph_runs_stage_by_stage_on_object_storage_and_the_router_serves_from_it(s3, tmp_path, base_model_dir, monkeypatch):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    shutil.copy(LANDING / f"traces-{crash_run.DAY}.jsonl", landing)
+    url = f"s3://{BUCKET}/conversion"
+    keys = rawzone.new_keys()
+    # every stage on a "machine" of its own: a fresh work folder, nothing local carried over
+    for position, stage in enumerate(crash_run.SETTINGS_ORDER):
+        result = crash_run.materialize(url, landing, base_model_dir.parent, [stage], keys, work_dir=tmp_path / f"pod-{position}")
+        assert result.success, stage
+
+    stored = s3.find(f"{BUCKET}/conversion")
+    names = {path.removeprefix(f"{BUCKET}/conversion/") for path in stored}
+    assert {"raw/ledger.sqlite", "store/curated_traces.parquet", "store/task_clusters.parquet", "eval/shadow_eval.json",
+            "registry/router.yaml", "registry/history.jsonl", "registry/runs/LATEST"} <= names
+    assert any(n.startswith("raw/traces/day=") and n.endswith(".parquet.enc") for n in names)  # sealed there too
+    assert not [n for n in names if n.endswith((".tmp", ".lock")) or ".partial" in n or ".checkpoints" in n]
+
+    # a new machine reads the trace store from the bucket
+    reader = Mirror(f"{url}/raw", tmp_path / "reader")
+    reader.pull()
+    assert len(ingest.stored_traces(reader.local, keys[rawzone.ENCRYPTION_KEY_ENV])) == len(
+        ingest.read_calls(ingest.find_landing_files(landing)).traces)
+
+    # the router's registry: a local copy of the bucket's, with every adapter the routes name
+    registry = Mirror(f"{url}/registry", tmp_path / "router")
+    registry.pull()
+    table = RouteTable.load(registry.local)
+    assert table.routes and all((r.adapter_dir / "adapter_model.safetensors").is_file() for r in table.routes)
+
+    # the command line rolls a route back on the bucket: the router's next pull sees it
+    monkeypatch.setenv("SLM_OUTPUT_DIR", url)
+    monkeypatch.setenv("SLM_WORK_DIR", str(tmp_path / "operator"))
+    route = table.routes[0].name
+    assert cli.main(["rollback", route, "--to", "llm"]) == 0
+    registry.pull()
+    assert route not in {r.name for r in RouteTable.load(registry.local).routes}
+    history = [json.loads(line) for line in (registry.local / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["action"] == "rollback" and history[-1]["route"] == route
+    assert yaml.safe_load((registry.local / "router.yaml").read_text())["version"] == table.version + 1
+
+
+def test_parts_an_upload_left_without_their_ledger_commit_are_not_data(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    shutil.copy(LANDING / f"traces-{crash_run.DAY}.jsonl", landing)
+    keys = rawzone.new_keys()
+    raw = tmp_path / "raw"
+    options = ingest.IngestOptions(pseudonym_key=keys[rawzone.PSEUDONYM_KEY_ENV])
+    ingest.collect(landing, raw, options, keys[rawzone.ENCRYPTION_KEY_ENV], 30)
+    calls = len(ingest.stored_traces(raw, keys[rawzone.ENCRYPTION_KEY_ENV]))
+    part = rawzone.part_files(raw, rawzone.TRACES)[0]
+    orphan = part.with_name(part.name.replace(rawzone.part_run(part), "20991231T000000Z-abcdef"))
+    shutil.copy(part, orphan)  # uploaded, but its run's ledger commit never was
+    assert len(ingest.stored_traces(raw, keys[rawzone.ENCRYPTION_KEY_ENV])) == calls
+    ingest.collect(landing, raw, options, keys[rawzone.ENCRYPTION_KEY_ENV], 30)
+    assert not orphan.exists()  # the next collection removes it
+    assert len(ingest.stored_traces(raw, keys[rawzone.ENCRYPTION_KEY_ENV])) == calls
