@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import data, models, promotion, sensors
+from assets import data, deployment, models, promotion, sensors
 from assets.resources import resources_from_env
 
 all_assets = [
@@ -51,6 +51,9 @@ stage_configs = {
 nightly_conversion = dg.build_schedule_from_partitioned_job(conversion_job, name="nightly_conversion", hour_of_day=2)
 
 defs = dg.Definitions(
+    # each stage as a Kubernetes job where SLM_K8S_EXECUTOR names an executor config
+    executor=deployment.executor_from_env({a.key.path[-1] for a in all_assets},
+                                          resources_from_env(resolve=True)["pipeline_store"].output_dir),
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[conversion_job, sensors.collection_job],
