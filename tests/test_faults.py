@@ -2,7 +2,6 @@
 file each stop the run with one clear error naming the file and the fix, and nothing downstream
 runs on partial data."""
 
-import json
 import os
 import shutil
 import subprocess
