@@ -87,3 +87,51 @@ def base_model_dir() -> Path:
     bundled = next(c for c in candidates if c.source == "bundled-gguf")
     cache = Path(pipeline_store_from_env(resolve=True).model_cache_dir)
     return models.resolve_model_dir(bundled, cache)
+
+
+S3_BUCKET = "slm-convert-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on a free loopback port, its address in AWS_ENDPOINT_URL (read by s3fs
+    through botocore, as for MinIO or any S3-compatible store); yields the bucket's filesystem."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(S3_BUCKET)
+    yield fs
+    server.stop()
+    for name, value in saved.items():
+        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+@pytest.fixture(scope="session")
+def small_run_on_s3(s3, tmp_path_factory, base_model_dir) -> dict:
+    """The whole graph with tests/crash_run.py's small settings on a day of logs, its output
+    folder on S3, each stage from a fresh local copy (as each stage's pod of a Kubernetes
+    deployment). `reference` is a local copy of the bucket pulled right after the run, before
+    any test changes it: the uninterrupted run that the crash tests compare with."""
+    from pipeline.remote import Mirror
+    from tests import crash_run
+
+    root = tmp_path_factory.mktemp("small-run")
+    landing = root / "landing"
+    landing.mkdir()
+    shutil.copy(LANDING / f"traces-{crash_run.DAY}.jsonl", landing)
+    url = f"s3://{S3_BUCKET}/small-run"
+    for position, stage in enumerate(crash_run.SETTINGS_ORDER):
+        result = crash_run.materialize(url, landing, base_model_dir.parent, [stage], crash_run.KEYS,
+                                       work_dir=root / f"pod-{position}")
+        assert result.success, f"{stage} failed on object storage"
+    reference = Mirror(url, root / "reference")
+    reference.pull()
+    return {"url": url, "landing": landing, "cache": base_model_dir.parent, "reference": reference.local, "root": root}

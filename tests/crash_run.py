@@ -17,6 +17,8 @@ from assets.resources import JudgeEndpoint, PipelineStore, RawZoneKeys
 from pipeline import rawzone
 
 DAY = "2026-10-01"
+# The raw zone's keys of the tests' small runs (one process-wide pair, so that runs compare).
+KEYS = rawzone.new_keys()
 # Small but complete: two training steps with a checkpoint after the first (a resume point),
 # enough held-out calls per cluster for the promotion gate, a floor of 0 so routes are promoted.
 SETTINGS = {
@@ -24,9 +26,9 @@ SETTINGS = {
         "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8}},
         "finetuned_adapters": {"config": {"max_steps": 2, "save_steps": 1, "batch_size": 1, "max_length": 384,
                                           "min_holdout": 8, "max_holdout": 8}},
-        "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 12, "quality_floor": 0.0,
+        "shadow_eval": {"config": {"max_calls_per_cluster": 6, "max_new_tokens_cap": 8, "quality_floor": 0.0,
                                    "arm_calls": 0, "latency_calls": 1}},
-        "promotion_decisions": {"config": {"min_holdout": 4}},
+        "promotion_decisions": {"config": {"min_holdout": 3}},
     }
 }
 

@@ -2,8 +2,8 @@
 what it leaves is the same as an uninterrupted run's, with no duplicate or missing record, and no
 half-written file is ever visible.
 
-Each test starts from a copy of one uninterrupted run's output folder with the stage's own outputs
-removed (the stage's first materialization), runs the stage in a process of its own that a
+Each test starts from a copy of one uninterrupted run's output folder (conftest's small run) with
+the stage's own outputs removed (the stage's first materialization), runs the stage in a process of its own that a
 failpoint (pipeline/failpoints.py) kills in the middle, checks what is visible, runs the stage
 again and compares its outputs with the uninterrupted run's."""
 
@@ -24,11 +24,11 @@ from pipeline import failpoints, ingest, rawzone
 from pipeline.ledger import Ledger
 from pipeline.store import Store, read_table
 from tests import crash_run
-from tests.conftest import LANDING, REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-KEYS = rawzone.new_keys()
+KEYS = crash_run.KEYS  # the uninterrupted run's keys
 
 # stage -> (where it dies, what of its outputs is removed so that it runs as the first time)
 STAGES = {
@@ -48,14 +48,10 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, base_model_dir) -> dict:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    landing = root / "landing"
-    landing.mkdir()
-    shutil.copy(LANDING / f"traces-{crash_run.DAY}.jsonl", landing)
-    result = crash_run.materialize(root / "out", landing, base_model_dir.parent, list(STAGES), KEYS)
-    assert result.success
-    return {"out": root / "out", "landing": landing, "cache": base_model_dir.parent}
+def uninterrupted(small_run_on_s3) -> dict:
+    """The uninterrupted run: conftest's small run of the whole graph (stage by stage, its output
+    on object storage), as a local folder."""
+    return {"out": small_run_on_s3["reference"], "landing": small_run_on_s3["landing"], "cache": small_run_on_s3["cache"]}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

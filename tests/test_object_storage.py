@@ -1,9 +1,9 @@
 """The trace store and the model registry on object storage: a local S3-compatible server (moto)
-on loopback stands in for S3. Each stage runs from a fresh local copy, as each step's pod of a
-Kubernetes deployment would, pulls what the previous stages pushed and pushes what it wrote."""
+on loopback stands in for S3 (fixtures `s3` and `small_run_on_s3` in conftest). Each stage runs
+from a fresh local copy, as each step's pod of a Kubernetes deployment would, pulls what the
+previous stages pushed and pushes what it wrote."""
 
 import json
-import os
 import shutil
 
 import pytest
@@ -14,32 +14,9 @@ from pipeline import ingest, rawzone
 from pipeline.remote import COMMIT_FILES, Mirror
 from pipeline.router import RouteTable
 from tests import crash_run
-from tests.conftest import LANDING
+from tests.conftest import LANDING, S3_BUCKET
 
-BUCKET = "slm-convert-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port, its address in AWS_ENDPOINT_URL (read by s3fs
-    through botocore, as for MinIO or any S3-compatible store)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield fs
-    server.stop()
-    for name, value in saved.items():
-        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+BUCKET = S3_BUCKET
 
 
 def test_a_local_copy_pushes_changes_with_commit_files_last_and_another_pulls_them(s3, tmp_path, monkeypatch):
@@ -72,19 +49,10 @@ def test_a_local_copy_pushes_changes_with_commit_files_last_and_another_pulls_th
 
 
 @pytest.mark.slow
-def test_the_graph_runs_stage_by_stage_on_object_storage_and_the_router_serves_from_it(s3, tmp_path, base_model_dir, monkeypatch):
-    landing = tmp_path / "landing"
-    landing.mkdir()
-    shutil.copy(LANDING / f"traces-{crash_run.DAY}.jsonl", landing)
-    url = f"s3://{BUCKET}/conversion"
-    keys = rawzone.new_keys()
-    # every stage on a "machine" of its own: a fresh work folder, nothing local carried over
-    for position, stage in enumerate(crash_run.SETTINGS_ORDER):
-        result = crash_run.materialize(url, landing, base_model_dir.parent, [stage], keys, work_dir=tmp_path / f"pod-{position}")
-        assert result.success, stage
-
-    stored = s3.find(f"{BUCKET}/conversion")
-    names = {path.removeprefix(f"{BUCKET}/conversion/") for path in stored}
+def test_the_graph_runs_stage_by_stage_on_object_storage_and_the_router_serves_from_it(s3, small_run_on_s3, tmp_path, monkeypatch):
+    url, landing, keys = small_run_on_s3["url"], small_run_on_s3["landing"], crash_run.KEYS
+    prefix = url.removeprefix("s3://")
+    names = {path.removeprefix(f"{prefix}/") for path in s3.find(prefix)}
     assert {"raw/ledger.sqlite", "store/curated_traces.parquet", "store/task_clusters.parquet", "eval/shadow_eval.json",
             "registry/router.yaml", "registry/history.jsonl", "registry/runs/LATEST"} <= names
     assert any(n.startswith("raw/traces/day=") and n.endswith(".parquet.enc") for n in names)  # sealed there too
