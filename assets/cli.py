@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_env
@@ -71,7 +72,7 @@ def run(config_file: Path | None) -> int:
     resources = resources_from_env(resolve=True)
     resource = resources["pipeline_store"]
     # Bad input found before Dagster starts gets one clear line instead of a step failure.
-    ingest.find_landing_files(resource.landing())
+    ingest.readable_landing_files(resource.landing())
     print(f"landing folder: {resource.landing_dir}\noutput folder:  {resource.output_dir}", flush=True)
     started = time.monotonic()
     # A persistent instance makes the run visible in `dagster dev` afterwards; the repository's
@@ -131,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return run(args.config)
-        # the other commands read (and rollback writes) the registry: on object storage, through
-        # the local copy, pulled first and pushed after a change, with the folder held
-        with exclusive(resource.output_path(), f"slm-convert {args.command}", print):
-            if resource.mirror():
-                resource.mirror().pull()
+        # The other commands read (and rollback writes) the registry; on object storage through
+        # the local copy, pulled first and pushed after a change. The folder is held to change
+        # router.yaml or the local copy; reading local files written by renames needs no hold.
+        mirror = resource.mirror()
+        held = args.command == "rollback" or mirror is not None
+        with exclusive(resource.output_path(), f"slm-convert {args.command}", print) if held else nullcontext():
+            if mirror:
+                mirror.pull()
             registry = resource.store().registry
             if args.command == "routes":
                 print(describe_routes(registry))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import data, deployment, models, promotion, sensors
-from assets.resources import resources_from_env
+from assets.resources import pipeline_store_from_env, resources_from_env
 
 all_assets = [
     data.raw_traces,
@@ -53,7 +53,7 @@ nightly_conversion = dg.build_schedule_from_partitioned_job(conversion_job, name
 defs = dg.Definitions(
     # each stage as a Kubernetes job where SLM_K8S_EXECUTOR names an executor config
     executor=deployment.executor_from_env({a.key.path[-1] for a in all_assets},
-                                          resources_from_env(resolve=True)["pipeline_store"].output_dir),
+                                          pipeline_store_from_env(resolve=True).output_dir),
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[conversion_job, sensors.collection_job],

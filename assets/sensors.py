@@ -7,7 +7,7 @@ import dagster as dg
 
 from assets.data import daily_calls, raw_traces
 from assets.resources import PipelineStore
-from pipeline import ingest, sources
+from pipeline import ingest
 
 # Collection only: a file landing should not start a fine-tuning run; the nightly schedule
 # converts everything collected.
@@ -23,7 +23,7 @@ def new_landing_files(context: dg.SensorEvaluationContext, pipeline_store: Pipel
     """
     try:
         now = ingest.landing_fingerprints(pipeline_store.landing())
-    except (FileNotFoundError, sources.UnreadableLandingFile) as err:
+    except FileNotFoundError as err:
         return dg.SkipReason(str(err))
     seen = json.loads(context.cursor) if context.cursor else {}
     changed = sorted(path for path, fingerprint in now.items() if seen.get(path) != fingerprint)

@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline import failpoints, rawzone, sources
 from pipeline.formats import json_text, registry
 from pipeline.formats.openai_batch import BatchRequests, input_file_for
-from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger, committed_runs
+from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
 from pipeline.store import DiskFullError, disk_full_message
 
 # One canonical schema for every source. Messages, tools and the response message stay JSON
@@ -177,7 +177,14 @@ def find_landing_files(landing_dir: Path) -> list[Path]:
             "(OpenAI request/response JSON lines, OpenAI Batch files, OTLP/JSON GenAI spans, "
             "Langfuse exports or canonical JSON lines; see docs/formats.md)."
         )
-    for path in files:  # one the pipeline cannot open stops the run before anything is read
+    return files
+
+
+def readable_landing_files(landing_dir: Path) -> list[Path]:
+    """The landing folder's files, each checked to open: one the pipeline may not read stops a
+    run before it starts (collection itself stops at it too, before anything is stored)."""
+    files = find_landing_files(landing_dir)
+    for path in files:
         sources.check_readable(path)
     return files
 
@@ -433,7 +440,7 @@ def collect(
     planned = plan(find_landing_files(landing_dir), options)
     raw_root.mkdir(parents=True, exist_ok=True)
     raw_root.chmod(0o700)  # the raw zone's folder, like its files, is its owner's only
-    ledger = Ledger(raw_root / "ledger.sqlite")
+    ledger = Ledger(raw_root / rawzone.LEDGER)
     try:
         rawzone.recover(raw_root, ledger.committed_runs())
         run_id = rawzone.new_run_id(now)
@@ -448,7 +455,7 @@ def collect(
             ledger.rollback()
             writer.discard()
             if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                raise DiskFullError(errno.ENOSPC, disk_full_message(raw_root / "ledger.sqlite")) from err
+                raise DiskFullError(errno.ENOSPC, disk_full_message(raw_root / rawzone.LEDGER)) from err
             raise
         rawzone.publish(raw_root, run_id)
         expired = rawzone.expire(raw_root, retention_days, now)
@@ -459,11 +466,9 @@ def collect(
 
 def stored_traces(raw_root: Path, encryption_key: str | None) -> pd.DataFrame:
     """Every call kept in the raw zone by a committed run, in call order."""
-    committed = committed_runs(raw_root / "ledger.sqlite")
-    traces = rawzone.read_zone(raw_root, rawzone.TRACES, TRACE_SCHEMA, encryption_key, committed)
+    traces = rawzone.read_zone(raw_root, rawzone.TRACES, TRACE_SCHEMA, encryption_key)
     return traces.sort_values(["called_at", "trace_id"], kind="stable").reset_index(drop=True)
 
 
 def stored_quarantine(raw_root: Path, encryption_key: str | None) -> pd.DataFrame:
-    committed = committed_runs(raw_root / "ledger.sqlite")
-    return rawzone.read_zone(raw_root, rawzone.QUARANTINE, QUARANTINE_SCHEMA, encryption_key, committed)
+    return rawzone.read_zone(raw_root, rawzone.QUARANTINE, QUARANTINE_SCHEMA, encryption_key)

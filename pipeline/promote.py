@@ -223,7 +223,10 @@ def log_events(registry: Path, events: list[dict]) -> None:
     rename, so a crash never leaves half a line."""
     registry.mkdir(parents=True, exist_ok=True)
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lines = [*_history_lines(registry), *({"at": at, **event} for event in events)]
+    _write_history(registry, [*_history_lines(registry), *({"at": at, **event} for event in events)])
+
+
+def _write_history(registry: Path, lines: list[dict]) -> None:
     write_bytes(registry / HISTORY, "".join(json.dumps(line) + "\n" for line in lines).encode())
 
 
@@ -250,8 +253,7 @@ def forget_unfinished(registry: Path) -> int:
         if event["action"] == "promote":
             shutil.rmtree(registry / event["route"] / event["version"], ignore_errors=True)
     if unfinished:
-        kept = [e for e in lines if e not in unfinished]
-        write_bytes(registry / HISTORY, "".join(json.dumps(line) + "\n" for line in kept).encode())
+        _write_history(registry, [e for e in lines if e not in unfinished])
     return len(unfinished)
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.ledger import committed_runs
 from pipeline.store import write_bytes
 
 ENCRYPTION_KEY_ENV = "SLM_RAW_ENCRYPTION_KEY"
@@ -46,6 +47,7 @@ PSEUDONYM_KEY_ENV = "SLM_PSEUDONYM_KEY"
 ENCRYPTED_SUFFIX = ".enc"
 # The raw zone's tables: calls partitioned by call day, quarantined lines by ingestion day.
 TRACES, QUARANTINE, STAGING = "traces", "quarantine", "_staging"
+LEDGER = "ledger.sqlite"  # what was ingested, by which run (pipeline/ledger.py)
 
 
 class RawZoneKeyError(RuntimeError):
@@ -111,11 +113,11 @@ def part_run(part: Path) -> str:
     return "-".join(part.name.split("-")[1:3])
 
 
-def read_zone(root: Path, kind: str, schema: pa.Schema, encryption_key: str | None,
-              committed: set[str] | None = None) -> pd.DataFrame:
-    """Every published part of a raw table as one frame (empty, with its columns, if none);
-    with `committed`, only the parts of those runs (a part whose run the ledger never committed,
-    which an upload cut short can leave on object storage, is not data)."""
+def read_zone(root: Path, kind: str, schema: pa.Schema, encryption_key: str | None) -> pd.DataFrame:
+    """Every published part of a raw table by a run the ledger committed, as one frame (empty,
+    with its columns, if none). A part whose run the ledger never committed (an upload to object
+    storage cut short can leave one) is not data; without a ledger every part is read."""
+    committed = committed_runs(root / LEDGER)
     parts = [p for p in part_files(root, kind) if committed is None or part_run(p) in committed]
     tables = [read_part(p, encryption_key) for p in parts]
     if not tables:
