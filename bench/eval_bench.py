@@ -1,6 +1,7 @@
 """Shadow evaluation's generation: batched (by length, shared prefix, KV cache, greedy) against one call at a time.
 
     python -m bench.eval_bench --calls-per-step 32 --batch-size 32 --single-calls 8
+    python -m bench.eval_bench --compare-padded-prefill --steps call_tool   # prefill with and without padding
 
 Shadow evaluation answers one cluster's calls at a time, so this bench does too: for each step
 of the bundled sample (its true step from tests/fixtures/labels.json, read by the bench only),
@@ -19,11 +20,39 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def padded_prefill():
+    """Shadow evaluation's generation as it was before its padding-free prefill: the shared
+    prefix alone is run before `generate`, which then runs every row's own part padded to the
+    batch's longest."""
+    import torch
+    from transformers import DynamicCache
+
+    from pipeline import evaluate
+
+    def prefix_only(model, sequences, shared, width, pad_token_id):
+        if not shared:
+            return None
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(sequences))
+        return cache
+
+    original = evaluate._prefilled_cache
+    evaluate._prefilled_cache = prefix_only
+    try:
+        yield
+    finally:
+        evaluate._prefilled_cache = original
 
 
 def main() -> None:
@@ -32,6 +61,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--single-calls", type=int, default=8, help="calls per step also answered one at a time")
     parser.add_argument("--max-new-tokens-cap", type=int, default=160)
+    parser.add_argument("--steps", default="", help="comma-separated true steps to run (default: all)")
+    parser.add_argument("--compare-padded-prefill", action="store_true",
+                        help="also answer the batches the earlier way (the padding run through the model), same process")
     parser.add_argument("--model-cache", type=Path, default=Path(os.environ.get("SLM_MODEL_CACHE", REPO / ".cache" / "models")))
     args = parser.parse_args()
     if min(args.calls_per_step, args.batch_size, args.single_calls) < 1:
@@ -49,6 +81,8 @@ def main() -> None:
     native_tools = renders_tools(tokenizer)
     per_step = {}
     for step, calls in traces.groupby(traces["trace_id"].map(steps)):
+        if args.steps and step not in args.steps.split(","):
+            continue
         calls = calls.tail(args.calls_per_step)
         prompts = evaluate.prompts_of(calls, native_tools)
         budget = evaluate.answer_token_budget(tokenizer, [baseline_answer(r) for r in calls["response_message"]],
@@ -68,6 +102,12 @@ def main() -> None:
             "speedup": round(batched_rate / single_rate, 2),
             "same_answer_share": round(sum(a == b for (a, _), (b, _) in zip(batched, single)) / len(single), 3),
         }
+        if args.compare_padded_prefill:
+            started = time.perf_counter()
+            with padded_prefill():
+                padded = evaluate.generate_answers(model, tokenizer, prompts, budget, args.batch_size)
+            per_step[step]["padded_prefill_seconds"] = round(time.perf_counter() - started, 1)
+            per_step[step]["padded_prefill_same_answers"] = [a for a, _ in padded] == [a for a, _ in batched]
         print(step, per_step[step], flush=True)
     calls = sum(s["calls"] for s in per_step.values())
     seconds = sum(s["batched_seconds"] for s in per_step.values())

@@ -119,14 +119,98 @@ def _shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+# Rows whose own parts are this close in length are prefilled together (padded to the longest);
+# a longer one starts a group of its own, so that little of the prefill is spent on padding.
+PREFILL_GROUP_SLACK = 1.25
+PREFILL_GROUP_MIN_WIDTH = 16
+
+
+def _prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped by similar length, shortest first: a group is widened by a row as long
+    as that row is at most 25% (or 16 tokens) longer than the group's shortest."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda r: lengths[r]):
+        if groups and lengths[row] <= max(lengths[groups[-1][0]] * PREFILL_GROUP_SLACK, PREFILL_GROUP_MIN_WIDTH):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _prefilled_cache(model, sequences: list[list[int]], shared: int, width: int, pad_token_id: int):
+    """The KV cache of every prompt but its last token, laid out as the batch's left padding
+    wants it: the shared prefix (run once), then each row's own tokens right-aligned in `width`.
+
+    Rows are run in groups of similar length, so that prompts of very different lengths (tool
+    calls carry 200 to 2,000 tokens of tool schemas) do not pay to run the padding through the
+    model. Positions of padding are masked in the batch, so what they hold does not matter.
+    Where the rows make one group, the cache holds the shared prefix alone (or is None) and
+    `generate` runs the rest of the prompts, padded as little."""
+    import torch
+    from transformers import DynamicCache
+
+    prefix = None
+    if shared:
+        prefix = DynamicCache(config=model.config)
+        # only the cache is wanted: logits of the last position alone, not the whole prefix's
+        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), past_key_values=prefix,
+              use_cache=True, logits_to_keep=1)
+    own = [s[shared:-1] for s in sequences]
+    groups = _prefill_groups([len(o) for o in own])
+    layers = len(prefix.layers) if prefix is not None else model.config.num_hidden_layers
+    keys: list[torch.Tensor | None] = [None] * layers
+    values: list[torch.Tensor | None] = [None] * layers
+    # One group: `generate` runs the rows' own parts with as little padding; leave them to it.
+    for group in groups if len(groups) > 1 else []:
+        group_width = max(len(own[row]) for row in group)
+        if not group_width:
+            continue
+        ids = torch.full((len(group), group_width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(group), shared + group_width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for i, row in enumerate(group):
+            if own[row]:
+                ids[i, group_width - len(own[row]) :] = torch.tensor(own[row])
+                mask[i, shared + group_width - len(own[row]) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        cache = DynamicCache(config=model.config)
+        if prefix is not None:
+            for layer, prefix_layer in enumerate(prefix.layers):
+                cache.update(prefix_layer.keys.expand(len(group), -1, -1, -1).contiguous(),
+                             prefix_layer.values.expand(len(group), -1, -1, -1).contiguous(), layer)
+        model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions.to(model.device),
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows = torch.tensor(group, device=model.device)
+        for layer, group_layer in enumerate(cache.layers):
+            if keys[layer] is None:
+                heads, head_dim = group_layer.keys.shape[1], group_layer.keys.shape[3]
+                shape = (len(sequences), heads, shared + width, head_dim)
+                keys[layer] = group_layer.keys.new_zeros(shape)
+                values[layer] = group_layer.values.new_zeros(shape)
+                if prefix is not None:
+                    keys[layer][:, :, :shared] = prefix.layers[layer].keys
+                    values[layer][:, :, :shared] = prefix.layers[layer].values
+            keys[layer][rows, :, shared + width - group_width :] = group_layer.keys[:, :, shared:]
+            values[layer][rows, :, shared + width - group_width :] = group_layer.values[:, :, shared:]
+    if keys[0] is None:  # one group, or nothing of their own but the last token: the prefix alone, repeated
+        if prefix is not None:
+            prefix.batch_repeat_interleave(len(sequences))
+        return prefix
+    cache = DynamicCache(config=model.config)
+    for layer in range(layers):
+        cache.update(keys[layer], values[layer], layer)
+    return cache
+
+
 def _generate_batch(
     model, tokenizer, sequences: list[list[int]], max_new_tokens: int, max_time: float | None = None,
 ) -> list[tuple[str, float]]:
     """Greedy answers with confidences for one batch of tokenized prompts. The shared prefix is
     encoded once; each row's own rest is left-padded after it (the attention mask hides the
-    padding and positions follow the mask, so every row sees exactly its own prompt)."""
+    padding and positions follow the mask, so every row sees exactly its own prompt). All but
+    the last prompt token go through the model before `generate` (`_prefilled_cache`), without
+    running the padding."""
     import torch
-    from transformers import DynamicCache
 
     shared = _shared_prefix_length(sequences)
     rest = max(len(s) - shared for s in sequences)
@@ -140,12 +224,7 @@ def _generate_batch(
         attention_mask[row, shared + rest - own :] = 1
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     with torch.inference_mode():
-        cache = None
-        if shared:
-            cache = DynamicCache(config=model.config)
-            # only the cache is wanted: logits of the last position alone, not the whole prefix's
-            model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(len(sequences))
+        cache = _prefilled_cache(model, sequences, shared, rest - 1, tokenizer.pad_token_id)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -264,6 +264,43 @@ def resumed_training(intent_calls, base_model_dir, tmp_path_factory):
             "train": train}
 
 
+def _answer_alone(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, float]:
+    """One prompt through plain `generate`, no batching: what batched answers must equal."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    tokens = out.sequences[0, len(ids):].tolist()
+    length = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
+    log_probs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0, :length]
+    return tokenizer.decode(tokens[:length], skip_special_tokens=True).strip(), math.exp(float(log_probs.mean()))
+
+
+def test_prefill_groups_rows_of_similar_length_shortest_first():
+    assert evaluate._prefill_groups([300, 10, 12, 700, 320, 0]) == [[5, 1, 2], [0, 4], [3]]
+    assert evaluate._prefill_groups([]) == []
+
+
+@pytest.mark.slow
+def test_prompts_of_very_different_lengths_in_one_batch_get_the_answers_of_one_at_a_time(curation, labels, base_model_dir):
+    # tool calls (hundreds of tokens of tool schemas) and intents (a few dozen of their own) in one
+    # batch: the rows' own parts are run through the model in several groups, without the padding
+    model, tokenizer = evaluate.load_adapter_model(base_model_dir, None)
+    curated = curation.curated
+    steps = curated["trace_id"].map(lambda i: labels["records"][i]["step"])
+    calls = pd.concat([curated[steps == "call_tool"].iloc[-3:], curated[steps == "classify_intent"].iloc[-2:]])
+    prompts = evaluate.prompts_of(calls, renders_tools(tokenizer))
+    token_ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = evaluate._shared_prefix_length(token_ids)
+    assert len(evaluate._prefill_groups([len(t) - shared - 1 for t in token_ids])) >= 3
+    batched = evaluate.generate_answers(model, tokenizer, prompts, 6, batch_size=len(prompts))
+    one_at_a_time = [_answer_alone(model, tokenizer, ids, 6) for ids in token_ids]
+    assert [a for a, _ in batched] == [a for a, _ in one_at_a_time]
+    assert [c for _, c in batched] == pytest.approx([c for _, c in one_at_a_time], abs=1e-4)
+
+
 @pytest.mark.slow
 def test_batched_answers_sharing_the_system_prompt_are_the_answers_of_one_call_at_a_time(
         intent_calls, resumed_training, base_model_dir):
@@ -276,17 +313,7 @@ def test_batched_answers_sharing_the_system_prompt_are_the_answers_of_one_call_a
     assert evaluate._shared_prefix_length(token_ids) > 100  # the system prompt, encoded once a batch
     assert len({len(t) for t in token_ids}) > 2  # rows of different lengths, padded after it
 
-    def alone(ids: list[int]) -> tuple[str, float]:
-        with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                                 pad_token_id=tokenizer.pad_token_id)
-        tokens = out.sequences[0, len(ids):].tolist()
-        length = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
-        log_probs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)[0, :length]
-        return tokenizer.decode(tokens[:length], skip_special_tokens=True).strip(), math.exp(float(log_probs.mean()))
-
-    one_at_a_time = [alone(ids) for ids in token_ids]
+    one_at_a_time = [_answer_alone(model, tokenizer, ids, 12) for ids in token_ids]
     batched = evaluate.generate_answers(model, tokenizer, prompts, 12, batch_size=4)
     assert [a for a, _ in batched] == [a for a, _ in one_at_a_time]
     assert [c for _, c in batched] == pytest.approx([c for _, c in one_at_a_time], abs=1e-4)
