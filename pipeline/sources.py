@@ -9,6 +9,7 @@ without a trace.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -88,10 +89,21 @@ def open_binary(path: Path) -> BinaryIO:
 def _unsealed(path: Path) -> bytes:
     from pipeline import rawzone
 
+    stat = path.stat()
     try:
-        return rawzone.unseal(path, os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None)
+        return _decrypted(path, stat.st_mtime_ns, stat.st_size, os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None)
     except rawzone.RawZoneKeyError as err:
         raise SealedFileError(str(err)) from err
+
+
+# Collection opens a file three times in a row (layout, format, records): a sealed one is
+# decrypted once. Keyed by the file's modification time and size too, so a rewritten file is read
+# afresh; a few files at most, each one trace log of up to 1,000 calls.
+@functools.lru_cache(maxsize=4)
+def _decrypted(path: Path, modified_ns: int, size: int, encryption_key: str | None) -> bytes:
+    from pipeline import rawzone
+
+    return rawzone.unseal(path, encryption_key)
 
 
 def _read_line(stream: BinaryIO, max_bytes: int) -> tuple[bytes, bool]:

@@ -150,3 +150,22 @@ def test_files_that_are_not_logs_are_quarantined_whole_and_empty_files_are_fine(
     assert reasons["image.png"] == (0, "file is not JSON or JSON lines")
     assert reasons["other.jsonl"][0] == 0 and reasons["other.jsonl"][1].startswith("unrecognised log format")
     assert "empty.jsonl" not in reasons and result.stats.files_read == 4
+
+
+def test_a_sealed_landing_file_is_decrypted_once_per_collection_and_afresh_when_rewritten(tmp_path, monkeypatch):
+    from pipeline import rawzone
+
+    key = rawzone.new_encryption_key()
+    monkeypatch.setenv(rawzone.ENCRYPTION_KEY_ENV, key)
+    lines = (LANDING / "traces-2026-10-01.jsonl").read_text().splitlines(keepends=True)
+    sealed = tmp_path / "router.jsonl.enc"
+    sealed.write_bytes(rawzone.seal("".join(lines[:5]).encode(), key))
+    decrypted = []
+    unseal = rawzone.unseal
+    monkeypatch.setattr(rawzone, "unseal", lambda path, k: decrypted.append(path) or unseal(path, k))
+    first = ingest.read_calls([sealed])
+    assert len(first.traces) + len(first.quarantine) == 5 and decrypted == [sealed]
+    sealed.write_bytes(rawzone.seal("".join(lines[5:12]).encode(), key))  # the same name, new calls
+    second = ingest.read_calls([sealed])
+    assert len(second.traces) + len(second.quarantine) == 7 and decrypted == [sealed, sealed]
+    assert not set(first.traces["trace_id"]) & set(second.traces["trace_id"])
