@@ -149,6 +149,9 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
             metrics = finetune.train_adapter(
                 base_dir, train, adapter_dir, settings, progress=lambda m, k=key: context.log.info(f"{k}: {m}"),
                 card=card, fingerprint=fingerprint,
+                # on object storage each checkpoint is uploaded as saved: a step that loses its
+                # machine (a preempted GPU node) resumes from it on the next one
+                on_checkpoint=lambda folder: pipeline_store.publish_folder(folder, context.log.info),
             )
             shutil.rmtree(merged_dir, ignore_errors=True)  # merged from the previous adapter
             record = {

@@ -67,6 +67,13 @@ class PipelineStore(dg.ConfigurableResource):
         if mirror:
             mirror.push(log)
 
+    def publish_folder(self, folder: Path, log=print) -> None:
+        """Upload one folder of the output now, mid-stage (a training checkpoint as soon as it is
+        saved); a no-op for a local output folder."""
+        mirror = self.mirror()
+        if mirror:
+            mirror.push(log, folder=Path(folder).relative_to(mirror.local).as_posix())
+
     def store(self) -> Store:
         return Store(self.output_path())
 

@@ -332,8 +332,10 @@ class TrainingMeter:
     autotuning, compilation, the first CUDA allocations) are reported apart.
     """
 
-    def __init__(self, max_steps: int, progress: Callable[[str], None], warmup_steps: int = 3):
+    def __init__(self, max_steps: int, progress: Callable[[str], None], warmup_steps: int = 3,
+                 on_checkpoint: Callable[[Path], None] | None = None):
         self.max_steps, self.progress, self.warmup_steps = max_steps, progress, warmup_steps
+        self.on_checkpoint = on_checkpoint  # called with the checkpoints' folder after each save
         # (tokens, attended pairs) of each batch collated; the data loader collates one batch
         # ahead, so a step's count is the sum over the batches it consumed.
         self.batches: list[tuple[int, int]] = []
@@ -380,6 +382,8 @@ class TrainingMeter:
                     meter.report(state.global_step, logs["loss"])
 
             def on_save(self, args, state, control, **kwargs):
+                if meter.on_checkpoint:
+                    meter.on_checkpoint(Path(args.output_dir))
                 failpoints.reached("finetune:checkpoint-saved")  # a killed run resumes from it
 
         trainer.data_collator = counting_collator
@@ -576,8 +580,10 @@ def train_adapter(
     callbacks: list | tuple = (),
     card: ModelCard | None = None,
     fingerprint: str | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict:
     """Train one LoRA adapter; returns training metrics. The adapter lands in output_dir.
+    `on_checkpoint(folder)` runs after each checkpoint is saved (the asset uploads it).
 
     Checkpoints go to a folder beside output_dir every `save_steps`; a run killed midway
     resumes from its last one when called again with the same data and settings. Speed
@@ -623,7 +629,7 @@ def train_adapter(
     )
     # The meter reports progress; the default printer would dump every log dict to stdout.
     trainer.remove_callback(PrinterCallback)
-    meter = TrainingMeter(settings.max_steps, progress, warmup_steps).attach(trainer)
+    meter = TrainingMeter(settings.max_steps, progress, warmup_steps, on_checkpoint).attach(trainer)
     if settings.compile and device == "cuda":
         for layer in decoder_layers(trainer.model):
             layer.compile(dynamic=True)

@@ -16,7 +16,9 @@ locally: the raw zone's ledger after its parts (readers ignore parts of runs the
 committed), history.jsonl and then router.yaml after the route versions they name, runs/LATEST
 after its run. An object store shows an object whole or not at all, so a push cut short leaves
 the bucket as a crash at that point would leave a local folder. Deletions go last. Temporary
-files, staging folders, training checkpoints and the lock stay local.
+files, staging folders and the lock stay local. Training checkpoints are pushed mid-stage, each as
+soon as it is saved (its trainer state last), so that fine-tuning resumes on another machine;
+the adapter's stage deletes them when it is done.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 MANIFEST = ".slm-convert.mirror.json"
+MANIFEST_SAVE_SECONDS = 5.0  # how often a long push records its progress
 # The order in which a push uploads the files that commit what came before them.
 COMMIT_FILES = ("raw/ledger.sqlite", "registry/history.jsonl", "registry/router.yaml", "registry/runs/LATEST")
 
@@ -45,12 +49,10 @@ def local_copy(url: str, work_dir: Path) -> Path:
 
 
 def kept_local(relative: str) -> bool:
-    """Files that never go to the bucket: locks, temporary files, staging folders, checkpoints."""
+    """Files that never go to the bucket: locks, temporary files, staging folders. (Training
+    checkpoints do go: a fine-tuning step that lost its machine resumes from them on another.)"""
     parts = relative.split("/")
-    return (
-        parts[-1].startswith(".slm-convert.")
-        or any(p.endswith((".tmp", ".partial", ".checkpoints")) or p == "_staging" for p in parts)
-    )
+    return parts[-1].startswith(".slm-convert.") or any(p.endswith((".tmp", ".partial")) or p == "_staging" for p in parts)
 
 
 def _version(info: dict[str, Any]) -> str:
@@ -97,11 +99,12 @@ class Mirror:
         prefix = self.root + "/"
         return {name[len(prefix):]: info for name, info in found.items() if name.startswith(prefix)}
 
-    def _local_files(self) -> dict[str, os.stat_result]:
-        if not self.local.is_dir():
+    def _local_files(self, folder: str = "") -> dict[str, os.stat_result]:
+        """The files to mirror, by path relative to the local copy; only those under `folder`."""
+        if not (self.local / folder).is_dir():
             return {}
         files = {}
-        for path in self.local.rglob("*"):
+        for path in (self.local / folder).rglob("*"):
             relative = path.relative_to(self.local).as_posix()
             if path.is_file() and not kept_local(relative):
                 files[relative] = path.stat()
@@ -141,19 +144,28 @@ class Mirror:
             log(f"pulled {changed} changed file(s) from {self.url}")
         return changed
 
-    def push(self, log: Callable[[str], None] = lambda message: None) -> int:
+    def push(self, log: Callable[[str], None] = lambda message: None, folder: str = "") -> int:
         """Bring the bucket up to the local copy: upload new and changed files (commit files
-        last), then delete objects whose files are gone. Returns the number of objects changed."""
-        manifest, local = self._manifest(), self._local_files()
+        last), then delete objects whose files are gone. Returns the number of objects changed.
+        `folder` (relative): only what is under it, e.g. a training checkpoint just saved."""
+        manifest, local = self._manifest(), self._local_files(folder)
+        under = folder.rstrip("/") + "/" if folder else ""
         changed_files = [r for r, stat in local.items() if manifest.get(r, {}).get("local") != self._stamp(stat)]
         order = {name: position for position, name in enumerate(COMMIT_FILES, start=1)}
-        changed_files.sort(key=lambda r: (order.get(r, 0), r))
+        # a checkpoint counts as complete once its trainer state is there: that file goes last
+        changed_files.sort(key=lambda r: (order.get(r, 0), r.endswith("/trainer_state.json"), r))
+        saved_at = time.monotonic()
         for relative in changed_files:
             remote = f"{self.root}/{relative}"
             self.fs.put_file(str(self.local / relative), remote)
             manifest[relative] = {"remote": _version(self.fs.info(remote)), "local": self._stamp(local[relative])}
-            self._save_manifest(manifest)  # after each object: a push cut short resumes where it stopped
-        gone = sorted(set(manifest) - set(local))
+            # every few seconds, not after each object (a run's thousands of files would rewrite
+            # it thousands of times): a push cut short resumes from there, uploading again at
+            # most those seconds' objects, which is harmless
+            if time.monotonic() - saved_at > MANIFEST_SAVE_SECONDS:
+                self._save_manifest(manifest)
+                saved_at = time.monotonic()
+        gone = sorted(r for r in set(manifest) - set(local) if r.startswith(under))
         for relative in gone:
             with suppress(FileNotFoundError):  # gone there too
                 self.fs.rm_file(f"{self.root}/{relative}")

@@ -1,7 +1,7 @@
 """Materialize some stages of the graph with the crash tests' small settings, in a process of its
 own (so that a failpoint's SIGKILL takes only this process):
 
-    python -m tests.crash_run OUTPUT_DIR LANDING_DIR MODEL_CACHE stage[,stage...]
+    python -m tests.crash_run OUTPUT_DIR LANDING_DIR MODEL_CACHE stage[,stage...] [WORK_DIR]
 
 The raw zone's keys come from the environment; SLM_FAILPOINT names where to die.
 """
@@ -55,7 +55,8 @@ def materialize(out: Path | str, landing: Path, model_cache: Path, stages: list[
 
 if __name__ == "__main__":
     out, landing, cache, stages = sys.argv[1:5]
+    work_dir = Path(sys.argv[5]) if len(sys.argv) > 5 else None  # with an object-storage URL as OUTPUT_DIR
     keys = {name: os.environ[name] for name in (rawzone.ENCRYPTION_KEY_ENV, rawzone.PSEUDONYM_KEY_ENV)}
-    result = materialize(Path(out), Path(landing), Path(cache), stages.split(","), keys)
+    result = materialize(out if "://" in out else Path(out), Path(landing), Path(cache), stages.split(","), keys, work_dir)
     print("run succeeded" if result.success else "run failed")
     sys.exit(0 if result.success else 1)

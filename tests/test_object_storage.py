@@ -4,17 +4,21 @@ from a fresh local copy, as each step's pod of a Kubernetes deployment would, pu
 previous stages pushed and pushes what it wrote."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from assets import cli
-from pipeline import ingest, rawzone
-from pipeline.remote import COMMIT_FILES, Mirror
+from pipeline import failpoints, ingest, rawzone
+from pipeline.remote import COMMIT_FILES, Mirror, local_copy
 from pipeline.router import RouteTable
 from tests import crash_run
-from tests.conftest import LANDING, S3_BUCKET
+from tests.conftest import LANDING, REPO, S3_BUCKET
 
 BUCKET = S3_BUCKET
 
@@ -82,6 +86,43 @@ def test_the_graph_runs_stage_by_stage_on_object_storage_and_the_router_serves_f
     assert yaml.safe_load((registry.local / "router.yaml").read_text())["version"] == table.version + 1
 
 
+@pytest.mark.slow
+def test_fine_tuning_killed_after_a_checkpoint_resumes_from_it_on_another_machine(s3, small_run_on_s3, tmp_path):
+    from pipeline.store import Store
+    from tests.test_crash_recovery import _assert_every_visible_file_is_whole, _same_adapters
+
+    # the bucket as the earlier stages left it: the small run without its adapters
+    url = f"s3://{BUCKET}/preempted"
+    seed = Mirror(url, tmp_path / "seed")
+    shutil.copytree(small_run_on_s3["reference"], seed.local)
+    (seed.local / ".slm-convert.mirror.json").unlink()  # the reference's own record of its pull
+    shutil.rmtree(seed.local / "adapters")
+    (seed.local / "store" / "finetuned_adapters.json").unlink()
+    seed.push()
+
+    # the fine-tuning pod dies (SIGKILL) right after its first checkpoint
+    args = [url, str(small_run_on_s3["landing"]), str(small_run_on_s3["cache"]), "finetuned_adapters", str(tmp_path / "pod-a")]
+    killed = subprocess.run([sys.executable, "-m", "tests.crash_run", *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **crash_run.KEYS, failpoints.ENV: "finetune:checkpoint-saved"}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    prefix = url.removeprefix("s3://")
+    saved = [n for n in s3.find(prefix) if ".checkpoints/checkpoint-" in n and n.endswith("/trainer_state.json")]
+    assert saved, "the checkpoint was not uploaded before the pod died"
+    left = local_copy(url, tmp_path / "pod-a")  # what the dead pod left on its disk
+    assert (left / "store" / "curated_traces.parquet").is_file()
+    _assert_every_visible_file_is_whole(left)
+
+    # its next try runs on another machine: it pulls the checkpoint and resumes from it
+    rerun = crash_run.materialize(url, small_run_on_s3["landing"], small_run_on_s3["cache"], ["finetuned_adapters"],
+                                  crash_run.KEYS, work_dir=tmp_path / "pod-b")
+    assert rerun.success
+    check = Mirror(url, tmp_path / "check")
+    check.pull()
+    records = [json.loads(p.read_text()) for p in sorted((check.local / "adapters").glob("*/training.json"))]
+    assert any(r["metrics"]["resumed_from_step"] >= 1 for r in records)
+    _same_adapters(Store(check.local), Store(small_run_on_s3["reference"]))  # ends where the unbroken run did
+    assert not [n for n in s3.find(prefix) if ".checkpoints" in n]  # done: the checkpoints are gone
+
 def test_parts_an_upload_left_without_their_ledger_commit_are_not_data(tmp_path):
     landing = tmp_path / "landing"
     landing.mkdir()
@@ -98,3 +139,34 @@ def test_parts_an_upload_left_without_their_ledger_commit_are_not_data(tmp_path)
     ingest.collect(landing, raw, options, keys[rawzone.ENCRYPTION_KEY_ENV], 30)
     assert not orphan.exists()  # the next collection removes it
     assert len(ingest.stored_traces(raw, keys[rawzone.ENCRYPTION_KEY_ENV])) == calls
+
+
+def test_a_push_of_many_files_records_its_progress_every_few_seconds_and_a_cut_push_resumes(s3, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/many"
+    mirror = Mirror(url, tmp_path / "a")
+    for number in range(60):
+        (mirror.local / "raw" / f"part-{number:03d}.parquet").parent.mkdir(parents=True, exist_ok=True)
+        (mirror.local / "raw" / f"part-{number:03d}.parquet").write_text(str(number))
+    saves, uploads = [], []
+    real_save, real_put = mirror._save_manifest, mirror.fs.put_file
+    monkeypatch.setattr(mirror, "_save_manifest", lambda manifest: saves.append(len(manifest)) or real_save(manifest))
+
+    def put_then_fail(local, remote, **kw):  # the connection drops on the 41st object
+        if len(uploads) == 40:
+            raise ConnectionError("connection reset")
+        uploads.append(remote)
+        return real_put(local, remote, **kw)
+
+    monkeypatch.setattr(mirror.fs, "put_file", put_then_fail)
+    with pytest.raises(ConnectionError):
+        mirror.push()
+    assert saves == []  # not once per object
+    monkeypatch.setattr(mirror.fs, "put_file", real_put)
+    assert mirror.push() == 60 and saves == [60]
+    other = Mirror(url, tmp_path / "b")
+    assert other.pull() == 60 and (other.local / "raw" / "part-059.parquet").read_text() == "59"
+    monkeypatch.setattr("pipeline.remote.MANIFEST_SAVE_SECONDS", 0.0)  # a slow push: recorded on the way
+    for number in range(5):
+        (mirror.local / "raw" / f"part-{number:03d}.parquet").write_text(f"new {number}")
+    saves.clear()
+    assert mirror.push() == 5 and saves == [60, 60, 60, 60, 60, 60]
