@@ -25,7 +25,8 @@ QUICK = {
     "ops": {
         "slm_candidates": {"config": {"probe_calls": 2, "probe_shots": 1, "probe_max_new_tokens": 8}},
         "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 2, "max_length": 512, "min_holdout": 8, "max_holdout": 8}},
-        "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 24, "quality_floor": 0.0}},
+        "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 24, "quality_floor": 0.0,
+                                   "arm_calls": 1, "latency_calls": 1}},
         "promotion_decisions": {"config": {"min_holdout": 4}},
     }
 }
