@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,23 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FORMATS = FIXTURES / "formats"  # one small file per supported log format, written from each spec
 # The repository's Dagster home turns telemetry off: tests must not reach the network.
 os.environ.setdefault("DAGSTER_HOME", str(REPO / ".dagster_home"))
+
+
+def _free_disk() -> str:
+    """Free space where the suite writes (temporary folders, and the repository's caches)."""
+    places = {"temporary folders": Path(tempfile.gettempdir()), "repository": REPO}
+    return ", ".join(f"{shutil.disk_usage(path).free / 2**30:.1f} GiB free for {label} ({path})"
+                     for label, path in places.items())
+
+
+def pytest_report_header(config) -> str:
+    return f"disk: {_free_disk()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    # Said again at the end: on a disk that filled up, tests error out everywhere with OSError and
+    # this is the line that explains it.
+    terminalreporter.write_line(f"disk at the end: {_free_disk()}")
 
 
 def quiet_dagster_home(path: Path) -> Path:

@@ -23,9 +23,9 @@ ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates"
 # Tiny settings: the point here is the wiring, not the quality of a one-step adapter.
 QUICK = {
     "ops": {
-        "slm_candidates": {"config": {"probe_calls": 2, "probe_shots": 1, "probe_max_new_tokens": 8}},
-        "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 2, "max_length": 512, "min_holdout": 8, "max_holdout": 8}},
-        "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 24, "quality_floor": 0.0,
+        "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8}},
+        "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 1, "max_length": 384, "min_holdout": 8, "max_holdout": 8}},
+        "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 8, "quality_floor": 0.0,
                                    "arm_calls": 1, "latency_calls": 1}},
         "promotion_decisions": {"config": {"min_holdout": 4}},
     }
