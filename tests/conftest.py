@@ -81,9 +81,44 @@ def curation(ingested) -> curate.CurationResult:
     return curate.curate(ingested.traces)
 
 
+class SampleEmbeddings:
+    """While open (`with`), the real embedder encodes each text once: the texts' vectors are kept
+    across uses. The clustering tests cluster the sample's calls again and again (subsets, other
+    settings), and embedding them is most of the time (about 50 s for the sample on 2 cores)."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[tuple, object] = {}
+
+    def __enter__(self):
+        import numpy as np
+
+        model = cluster.load_embedder(cluster.BUNDLED_EMBEDDER)  # the instance embed_texts uses
+        self._model, encode = model, model.encode
+
+        def encode_each_text_once(texts, **options):
+            # the vectors depend on these options; batch size and progress bars do not change them
+            key = tuple(sorted((k, v) for k, v in options.items() if k not in ("batch_size", "show_progress_bar")))
+            missing = [t for t in dict.fromkeys(texts) if (t, key) not in self.vectors]
+            if missing:
+                self.vectors.update({(t, key): v for t, v in zip(missing, encode(missing, **options))})
+            return np.stack([self.vectors[(t, key)] for t in texts]) if texts else encode(texts, **options)
+
+        model.encode = encode_each_text_once
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self._model.encode  # back to the class's own method
+
+
 @pytest.fixture(scope="session")
-def clustering(curation) -> cluster.ClusteringResult:
-    return cluster.cluster_calls(curation.curated)
+def sample_embeddings() -> SampleEmbeddings:
+    return SampleEmbeddings()
+
+
+@pytest.fixture(scope="session")
+def clustering(curation, sample_embeddings) -> cluster.ClusteringResult:
+    with sample_embeddings:
+        return cluster.cluster_calls(curation.curated)
 
 
 @pytest.fixture

@@ -9,6 +9,12 @@ from pipeline import cluster
 from tests.conftest import FORMATS
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _embed_the_sample_once(sample_embeddings):
+    with sample_embeddings:
+        yield
+
+
 def test_clusters_match_the_true_step_types(clustering, labels):
     truth = [labels["records"][i]["step"] for i in clustering.assignments["trace_id"]]
     assert adjusted_rand_score(truth, clustering.assignments["cluster_id"]) >= 0.9
