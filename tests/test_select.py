@@ -83,7 +83,7 @@ def test_probe_calls_come_from_the_earliest_half_and_examples_precede_the_call(c
 
 
 def test_the_probe_measures_every_cluster_and_its_scores_are_evidence(curation, clustering, labels, base_model_dir, monkeypatch):
-    settings = select.ProbeSettings(calls=4, shots=2, max_new_tokens_cap=24)
+    settings = select.ProbeSettings(calls=2, shots=1, max_new_tokens_cap=8)
     known = {}
 
     def choose():
@@ -99,7 +99,7 @@ def test_the_probe_measures_every_cluster_and_its_scores_are_evidence(curation, 
     assert choose() == choices
     for choice in choices:
         scores = choice["probe"]["smollm2-135m-instruct"]
-        assert scores["calls"] == 4 and 0.0 <= scores["zero_shot"] <= 1.0 and 0.0 <= scores["few_shot"] <= 1.0
+        assert scores["calls"] == 2 and 0.0 <= scores["zero_shot"] <= 1.0 and 0.0 <= scores["few_shot"] <= 1.0
         assert "probe: smollm2-135m-instruct zero-shot" in choice["reason"]
     by_step = {_step_of(c, clustering, labels): c for c in choices}
     assert by_step["solve_math"]["decision"] == select.KEEP_ON_LLM  # features decide; the probe is its evidence
