@@ -52,6 +52,39 @@ def _adapter_hash(adapter_dir: Path) -> str:
     return hashlib.sha256(json.dumps(promote.file_hashes(adapter_dir), sort_keys=True).encode()).hexdigest()
 
 
+# Each cluster's evaluation is kept as soon as it is finished (eval/clusters/), under a
+# fingerprint of everything its figures depend on: a run killed halfway (a preempted GPU node)
+# or a nightly rerun with the same adapters and calls answers only what changed.
+EVALUATION_VERSION = 1  # raise it when what an evaluation computes changes: kept ones are redone
+
+
+def _evaluation_fingerprint(record: dict, adapter_hash: str, holdout_ids: list[str], config: "ShadowEvalConfig",
+                            judge_endpoint: JudgeEndpoint) -> str:
+    what = {"version": EVALUATION_VERSION, "candidate": record["candidate"], "adapter": adapter_hash,
+            "holdout": list(holdout_ids), "train": sorted(record["train_ids"]), "config": config.model_dump(),
+            "judge": [judge_endpoint.base_url, judge_endpoint.model],
+            "hardware": evaluate.hardware()}  # latencies are measured on it
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _kept_evaluation(folder: Path, key: str, fingerprint: str) -> tuple[pd.DataFrame, dict] | None:
+    """A cluster's kept evaluation with this fingerprint, if there is one."""
+    record, table = folder / f"{key}.json", folder / f"{key}.{fingerprint}.parquet"
+    if not (record.is_file() and table.is_file()) or read_json(record).get("fingerprint") != fingerprint:
+        return None
+    return read_table(table), read_json(record)["summary"]
+
+
+def _keep_evaluation(folder: Path, key: str, fingerprint: str, scored: pd.DataFrame, summary: dict) -> tuple[pd.DataFrame, dict]:
+    """Keep a cluster's evaluation (its answers first, then the record naming them) and return it as
+    kept, so that a fresh evaluation and a reused one go on identically."""
+    for stale in folder.glob(f"{key}.*.parquet"):
+        stale.unlink()
+    write_table(folder / f"{key}.{fingerprint}.parquet", scored)
+    write_json(folder / f"{key}.json", {"fingerprint": fingerprint, "summary": summary})
+    return _kept_evaluation(folder, key, fingerprint)
+
+
 @dg.asset(group_name=GROUP, deps=[finetuned_adapters], kinds={"pytorch"})
 def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pipeline_store: PipelineStore,
                 judge_endpoint: JudgeEndpoint) -> dg.MaterializeResult:
@@ -64,21 +97,36 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                                            config.arm_calls, config.shots)
     prices = evaluate.Prices(config.llm_input_price_per_million_tokens, config.llm_output_price_per_million_tokens,
                              config.slm_hardware_price_per_hour)
-    summaries, predictions = [], []
+    kept_folder = store.evaluation / "clusters"
+    kept_folder.mkdir(parents=True, exist_ok=True)
+    summaries, predictions, kept_names = [], [], set()
     for record in _training_records(store):
         key = cluster_key(record["cluster_id"])
         holdout_ids = record["holdout_ids"][-config.max_calls_per_cluster:] if config.max_calls_per_cluster else record["holdout_ids"]
-        holdout = curated.loc[holdout_ids].reset_index(drop=True)
-        train = curated.loc[record["train_ids"]].reset_index(drop=True)
-        context.log.info(f"{key}: answering {len(holdout)} held-out calls")
-        model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
-        scored, summary = evaluate.evaluate_cluster(
-            model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
-            progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
-        )
+        adapter_hash = _adapter_hash(Path(record["adapter_dir"]))
+        fingerprint = _evaluation_fingerprint(record, adapter_hash, holdout_ids, config, judge_endpoint)
+        kept = _kept_evaluation(kept_folder, key, fingerprint)
+        if kept:
+            context.log.info(f"{key}: evaluated before with the same adapter, calls, settings and hardware; kept")
+            scored, summary = kept
+        else:
+            holdout = curated.loc[holdout_ids].reset_index(drop=True)
+            train = curated.loc[record["train_ids"]].reset_index(drop=True)
+            context.log.info(f"{key}: answering {len(holdout)} held-out calls")
+            model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
+            scored, summary = evaluate.evaluate_cluster(
+                model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
+                progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
+            )
+            scored, summary = _keep_evaluation(kept_folder, key, fingerprint, scored, summary)
+            pipeline_store.publish_folder(kept_folder, context.log.info)  # a pod lost later keeps it
+        kept_names |= {f"{key}.json", f"{key}.{fingerprint}.parquet"}
         summaries.append({"cluster_id": record["cluster_id"], "label": record["label"], "candidate": record["candidate"],
-                          "adapter_hash": _adapter_hash(Path(record["adapter_dir"])), **summary})
+                          "adapter_hash": adapter_hash, **summary})
         predictions.append(scored.assign(cluster_id=record["cluster_id"]))
+    for leftover in kept_folder.iterdir():  # clusters of earlier runs that this run does not have
+        if leftover.name not in kept_names:
+            leftover.unlink()
     report = {"quality_floor": config.quality_floor, "calibration_share": config.calibration_share, "clusters": summaries}
     scored_all = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
     write_json(store.evaluation / "shadow_eval.json", report)

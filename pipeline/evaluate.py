@@ -56,6 +56,18 @@ class Prices:
 CALIBRATION, TEST = "calibration", "test"
 
 
+def hardware() -> str:
+    """The machine the answers are generated on, as far as latency depends on it."""
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+
+
 def load_adapter_model(base_dir: Path, adapter_dir: Path | None, adapter_name: str = "default"):
     """The base model with a LoRA adapter on top (or the bare base model), ready to generate.
     More adapters can be loaded beside the first under other names (`model.load_adapter`)."""

@@ -41,7 +41,8 @@ STAGES = {
                        "store/task_clusters_map.png", "store/task_clusters.md"]),
     "slm_candidates": ("before-rename:slm_candidates.json", ["store/slm_candidates.json", "store/probe_results.json"]),
     "finetuned_adapters": ("finetune:checkpoint-saved", ["adapters", "store/finetuned_adapters.json"]),
-    "shadow_eval": ("before-rename:shadow_eval.json", ["eval"]),
+    # between clusters: the first one's evaluation is kept, the second one's record not yet written
+    "shadow_eval": ("before-rename:cluster-2.json", ["eval"]),
     "promotion_decisions": ("before-rename:promotion_decisions.json", ["store/promotion_decisions.json"]),
     "router_config": ("before-rename:router.yaml", ["registry"]),
 }
@@ -70,10 +71,13 @@ def test_a_run_killed_in_the_middle_of_a_stage_ends_as_an_uninterrupted_one(stag
                             env={**os.environ, **KEYS, failpoints.ENV: failpoint}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
     _assert_every_visible_file_is_whole(out)
+    finished = {p: p.stat().st_mtime_ns for p in (out / "eval" / "clusters").glob("cluster-1.*")} if stage == "shadow_eval" else {}
 
     rerun = crash_run.materialize(out, uninterrupted["landing"], uninterrupted["cache"], [stage], KEYS)
     assert rerun.success
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]  # leftovers swept
+    if stage == "shadow_eval":  # the cluster finished before the kill (answers, record) is kept, not answered again
+        assert len(finished) == 2 and all(p.stat().st_mtime_ns == stamp for p, stamp in finished.items())
     SAME_AS_UNINTERRUPTED[stage](Store(out), Store(uninterrupted["out"]))
 
 

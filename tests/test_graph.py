@@ -10,7 +10,7 @@ import yaml
 from assets import data, promotion, sensors
 from assets.definitions import all_assets, all_checks, defs
 from assets.resources import JudgeEndpoint, PipelineStore, RawZoneKeys
-from pipeline import rawzone
+from pipeline import evaluate, rawzone
 from pipeline.store import LOCK_HOLDER
 from tests import score_run
 from tests.conftest import LANDING, REPO, postgres_dagster_home
@@ -94,7 +94,7 @@ def graph_run(tmp_path_factory, base_model_dir, postgres_env) -> dict:
 
 
 @pytest.mark.slow
-def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining(graph_run):
+def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining(graph_run, monkeypatch):
     resources, result, out = graph_run["resources"], graph_run["result"], graph_run["out"]
     assert result.success
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
@@ -141,11 +141,16 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     # nothing written after scrubbing (tables, predictions, registry files) holds a canary
     assert score_run.score(out)["canaries_left_after_scrubbing"] == 0
 
-    # Same data and settings: a rerun promotes new versions of the routes but trains nothing again.
+    # Same data and settings: a rerun promotes new versions of the routes but trains nothing again,
+    # and probes and evaluates nothing again (no model is loaded: the kept results are the same).
     records = sorted((out / "adapters").glob("*/training.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
+    first_evaluation = json.loads((out / "eval" / "shadow_eval.json").read_text())
+    monkeypatch.setattr(evaluate, "load_adapter_model", lambda *a, **k: pytest.fail("a model was loaded again"))
     assert dg.materialize([*all_assets, *all_checks], resources=resources, run_config=QUICK, partition_key=DAY).success
+    monkeypatch.undo()
     assert [p.stat().st_mtime_ns for p in records] == stamps
+    assert json.loads((out / "eval" / "shadow_eval.json").read_text()) == first_evaluation
     assert (registry / "runs" / "LATEST").read_text().strip() == "0002"
     assert {r["version"] for r in yaml.safe_load((registry / "router.yaml").read_text())["routes"]} == {"v0002"}
 

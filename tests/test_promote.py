@@ -202,3 +202,37 @@ def test_the_documented_router_schema_is_what_promotion_writes(tmp_path):
     assert set(documented["routes"][0]) == set(written["routes"][0])
     assert set(documented["fallback"]) == set(written["fallback"])
     assert promote.ROUTER_SCHEMA in (Path(__file__).parents[1] / "README.md").read_text()  # the README shows this schema
+
+
+def test_a_kept_evaluation_is_reused_only_where_everything_it_depends_on_is_the_same(tmp_path):
+    import pandas as pd
+
+    from assets.promotion import ShadowEvalConfig, _evaluation_fingerprint, _keep_evaluation, _kept_evaluation
+    from assets.resources import JudgeEndpoint
+
+    record = {"candidate": "smollm2-135m-instruct", "train_ids": ["t1", "t2"]}
+    fingerprint = _evaluation_fingerprint(record, "adapter-1", ["h1", "h2"], ShadowEvalConfig(), JudgeEndpoint())
+    assert fingerprint == _evaluation_fingerprint(dict(record), "adapter-1", ["h1", "h2"], ShadowEvalConfig(), JudgeEndpoint())
+    changed = [
+        _evaluation_fingerprint(record, "adapter-2", ["h1", "h2"], ShadowEvalConfig(), JudgeEndpoint()),  # retrained
+        _evaluation_fingerprint(record, "adapter-1", ["h1", "h3"], ShadowEvalConfig(), JudgeEndpoint()),  # other calls
+        _evaluation_fingerprint({**record, "train_ids": ["t1"]}, "adapter-1", ["h1", "h2"], ShadowEvalConfig(),
+                                JudgeEndpoint()),  # other in-context examples
+        _evaluation_fingerprint(record, "adapter-1", ["h1", "h2"], ShadowEvalConfig(quality_floor=0.5), JudgeEndpoint()),
+        _evaluation_fingerprint(record, "adapter-1", ["h1", "h2"], ShadowEvalConfig(),
+                                JudgeEndpoint(base_url="http://127.0.0.1:9/v1")),  # a judge scores free text
+    ]
+    assert len(set(changed)) == len(changed) and fingerprint not in changed
+
+    scored = pd.DataFrame({"trace_id": ["h1", "h2"], "score": [1.0, 0.5], "answer": ["a", None]})
+    answers, summary = _keep_evaluation(tmp_path, "cluster-1", fingerprint, scored, {"score_vs_baseline": 0.75})
+    assert answers.equals(scored) and summary == {"score_vs_baseline": 0.75}
+    assert _kept_evaluation(tmp_path, "cluster-1", fingerprint)[1] == summary
+    assert _kept_evaluation(tmp_path, "cluster-1", changed[0]) is None
+    # a newer evaluation replaces it; answers whose record was never written (a run killed between
+    # the two) are not taken for an evaluation
+    _keep_evaluation(tmp_path, "cluster-1", changed[0], scored, {"score_vs_baseline": 0.5})
+    assert _kept_evaluation(tmp_path, "cluster-1", fingerprint) is None
+    assert [p.name for p in tmp_path.glob("cluster-1.*.parquet")] == [f"cluster-1.{changed[0]}.parquet"]
+    (tmp_path / f"cluster-1.{changed[1]}.parquet").write_bytes((tmp_path / f"cluster-1.{changed[0]}.parquet").read_bytes())
+    assert _kept_evaluation(tmp_path, "cluster-1", changed[1]) is None
