@@ -70,9 +70,10 @@ def _evaluation_fingerprint(record: dict, adapter_hash: str, holdout_ids: list[s
 def _kept_evaluation(folder: Path, key: str, fingerprint: str) -> tuple[pd.DataFrame, dict] | None:
     """A cluster's kept evaluation with this fingerprint, if there is one."""
     record, table = folder / f"{key}.json", folder / f"{key}.{fingerprint}.parquet"
-    if not (record.is_file() and table.is_file()) or read_json(record).get("fingerprint") != fingerprint:
+    if not (record.is_file() and table.is_file()):
         return None
-    return read_table(table), read_json(record)["summary"]
+    kept = read_json(record)
+    return (read_table(table), kept["summary"]) if kept.get("fingerprint") == fingerprint else None
 
 
 def _keep_evaluation(folder: Path, key: str, fingerprint: str, scored: pd.DataFrame, summary: dict) -> tuple[pd.DataFrame, dict]:

@@ -88,10 +88,14 @@ class SampleEmbeddings:
 
     def __init__(self) -> None:
         self.vectors: dict[tuple, object] = {}
+        self._open = 0  # opened again inside itself (a session fixture set up in a module's): wrapped once
 
     def __enter__(self):
         import numpy as np
 
+        self._open += 1
+        if self._open > 1:
+            return self
         model = cluster.load_embedder(cluster.BUNDLED_EMBEDDER)  # the instance embed_texts uses
         self._model, encode = model, model.encode
 
@@ -107,7 +111,9 @@ class SampleEmbeddings:
         return self
 
     def __exit__(self, *exc) -> None:
-        del self._model.encode  # back to the class's own method
+        self._open -= 1
+        if not self._open:
+            del self._model.encode  # back to the class's own method
 
 
 @pytest.fixture(scope="session")
