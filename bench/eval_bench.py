@@ -2,6 +2,7 @@
 
     python -m bench.eval_bench --calls-per-step 32 --batch-size 32 --single-calls 8
     python -m bench.eval_bench --compare-padded-prefill --steps call_tool   # prefill with and without padding
+    python -m bench.eval_bench --compare-growing-cache --steps call_tool    # a cache that grows per token
 
 Shadow evaluation answers one cluster's calls at a time, so this bench does too: for each step
 of the bundled sample (its true step from tests/fixtures/labels.json, read by the bench only),
@@ -55,6 +56,25 @@ def padded_prefill():
         evaluate._prefilled_cache = original
 
 
+@contextmanager
+def growing_cache():
+    """Shadow evaluation's generation as it was before its cache had room for the answers:
+    `generate` appends each new token's keys and values to a cache that grows."""
+    from pipeline import evaluate
+
+    original = evaluate._room_for_answers
+    evaluate._room_for_answers = lambda model, cache, length: cache
+    try:
+        yield
+    finally:
+        evaluate._room_for_answers = original
+
+
+# flag -> (the earlier way, as a context manager; the name of its figures)
+EARLIER_WAYS = {"compare_padded_prefill": (padded_prefill, "padded_prefill"),
+                "compare_growing_cache": (growing_cache, "growing_cache")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls-per-step", type=int, default=32)
@@ -64,6 +84,8 @@ def main() -> None:
     parser.add_argument("--steps", default="", help="comma-separated true steps to run (default: all)")
     parser.add_argument("--compare-padded-prefill", action="store_true",
                         help="also answer the batches the earlier way (the padding run through the model), same process")
+    parser.add_argument("--compare-growing-cache", action="store_true",
+                        help="also answer the batches the earlier way (a cache that grows per token), same process")
     parser.add_argument("--model-cache", type=Path, default=Path(os.environ.get("SLM_MODEL_CACHE", REPO / ".cache" / "models")))
     args = parser.parse_args()
     if min(args.calls_per_step, args.batch_size, args.single_calls) < 1:
@@ -102,12 +124,14 @@ def main() -> None:
             "speedup": round(batched_rate / single_rate, 2),
             "same_answer_share": round(sum(a == b for (a, _), (b, _) in zip(batched, single)) / len(single), 3),
         }
-        if args.compare_padded_prefill:
+        for flag, (earlier_way, name) in EARLIER_WAYS.items():
+            if not getattr(args, flag):
+                continue
             started = time.perf_counter()
-            with padded_prefill():
-                padded = evaluate.generate_answers(model, tokenizer, prompts, budget, args.batch_size)
-            per_step[step]["padded_prefill_seconds"] = round(time.perf_counter() - started, 1)
-            per_step[step]["padded_prefill_same_answers"] = [a for a, _ in padded] == [a for a, _ in batched]
+            with earlier_way():
+                earlier = evaluate.generate_answers(model, tokenizer, prompts, budget, args.batch_size)
+            per_step[step][f"{name}_seconds"] = round(time.perf_counter() - started, 1)
+            per_step[step][f"{name}_same_answers"] = [a for a, _ in earlier] == [a for a, _ in batched]
         print(step, per_step[step], flush=True)
     calls = sum(s["calls"] for s in per_step.values())
     seconds = sum(s["batched_seconds"] for s in per_step.values())
