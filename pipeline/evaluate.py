@@ -37,7 +37,7 @@ LLM_JUDGE = "llm_judge"
 
 @dataclass
 class GenerationSettings:
-    batch_size: int = 16
+    batch_size: int = 32
     max_new_tokens_cap: int = 384
     latency_calls: int = 2  # test calls answered one at a time too, for the batch-1 latency
     arm_calls: int = 4  # latest test calls the base model answers too, zero-shot and with examples
