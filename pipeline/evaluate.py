@@ -257,6 +257,10 @@ def _generate_batch(
             past_key_values=cache,
             max_new_tokens=max_new_tokens,
             max_time=max_time,
+            # transformers compiles the decoding of a generation that uses a preallocated cache on a
+            # GPU; each batch here has shapes of its own (rows, prompt width, budget), so that
+            # would compile again and again
+            disable_compile=True,
             do_sample=False,
             output_scores=True,
             return_dict_in_generate=True,
