@@ -21,15 +21,14 @@ import argparse
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@contextmanager
 def padded_prefill():
     """Shadow evaluation's generation as it was before its padding-free prefill: the shared
     prefix alone is run before `generate`, which then runs every row's own part padded to the
@@ -48,31 +47,20 @@ def padded_prefill():
         cache.batch_repeat_interleave(len(sequences))
         return cache
 
-    original = evaluate._prefilled_cache
-    evaluate._prefilled_cache = prefix_only
-    try:
-        yield
-    finally:
-        evaluate._prefilled_cache = original
+    return patch.object(evaluate, "_prefilled_cache", prefix_only)
 
 
-@contextmanager
 def growing_cache():
     """Shadow evaluation's generation as it was before its cache had room for the answers:
     `generate` appends each new token's keys and values to a cache that grows."""
     from pipeline import evaluate
 
-    original = evaluate._room_for_answers
-    evaluate._room_for_answers = lambda model, cache, length: cache
-    try:
-        yield
-    finally:
-        evaluate._room_for_answers = original
+    return patch.object(evaluate, "_room_for_answers", lambda model, cache, length: cache)
 
 
-# flag -> (the earlier way, as a context manager; the name of its figures)
-EARLIER_WAYS = {"compare_padded_prefill": (padded_prefill, "padded_prefill"),
-                "compare_growing_cache": (growing_cache, "growing_cache")}
+# The earlier ways of generating that `--compare-<name>` also times, each as a context manager;
+# the figures are named after them.
+EARLIER_WAYS = {"padded_prefill": padded_prefill, "growing_cache": growing_cache}
 
 
 def main() -> None:
@@ -124,8 +112,8 @@ def main() -> None:
             "speedup": round(batched_rate / single_rate, 2),
             "same_answer_share": round(sum(a == b for (a, _), (b, _) in zip(batched, single)) / len(single), 3),
         }
-        for flag, (earlier_way, name) in EARLIER_WAYS.items():
-            if not getattr(args, flag):
+        for name, earlier_way in EARLIER_WAYS.items():
+            if not getattr(args, f"compare_{name}"):
                 continue
             started = time.perf_counter()
             with earlier_way():
