@@ -3,12 +3,14 @@
     python -m bench.curation_bench                  # the bundled sample's calls, both ways (~3 min)
     python -m bench.curation_bench --naive-calls 400  # naive on the first 400 only (quicker)
     python -m bench.curation_bench --breakdown        # where one core's analysis time goes
+    python -m bench.curation_bench --naive-calls 400 --compare-presidio-phone  # also the pipeline with Presidio's phone recognizer
 
 Naive: every text of every call (message contents, tool-call arguments, the answer) goes through
 `AnalyzerEngine.analyze` one at a time on spaCy's full pipeline, as a first implementation would
 do. Pipeline: the `curate.scrub_calls` the `curated_traces` asset runs (each distinct text
-analyzed once, batched `nlp.pipe`, only the spaCy components Presidio reads, all cores). Both use
-the same recognizers and entity types; the benchmark checks that they remove exactly the same canaries of the sample's truth labels,
+analyzed once, batched `nlp.pipe`, only the spaCy components Presidio reads, a phone recognizer
+that skips digit groups too short to be a number, all cores). Both use the same recognizers and
+entity types; the benchmark checks that they remove exactly the same canaries of the sample's truth labels,
 then reports calls/s for each and the ratio. Naive runs on all the calls, or on the first
 `--naive-calls` (it is slow); its rate is per call, so the two rates compare.
 
@@ -37,7 +39,7 @@ def naive_scrub(traces, entities) -> tuple[list[str], float]:
     """Per-message analyze + anonymize, no cache, no batching; returns (scrubbed texts, seconds)."""
     from pipeline import curate
 
-    analyzer, anonymizer = curate.build_analyzer(lean_pipeline=False), curate._anonymizer()
+    analyzer, anonymizer = curate.build_analyzer(tuned=False), curate._anonymizer()
     started = time.perf_counter()
     out = []
     for messages_json, response_json in zip(traces["messages"], traces["response_message"]):
@@ -49,8 +51,11 @@ def naive_scrub(traces, entities) -> tuple[list[str], float]:
 
 def breakdown(traces) -> dict:
     """Where one core's time goes in the pipeline's analysis of the distinct texts: spaCy with
-    the NER (texts with a capital letter), spaCy without it (the others), Presidio's phone
-    recognizer, and its other recognizers."""
+    the NER (texts with a capital letter), spaCy without it (the others), the phone recognizer
+    (the pipeline's, and Presidio's own as it comes, on the same texts), and the other
+    recognizers."""
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
     from pipeline import curate
 
     analyzer = curate.build_analyzer()
@@ -73,16 +78,46 @@ def breakdown(traces) -> dict:
             analyzer.analyze(text=text, language="en", entities=entities, score_threshold=0.4, nlp_artifacts=artifacts[text])
         return time.perf_counter() - started
 
-    all_entities = list(curate.DEFAULT_ENTITIES)
-    without_phone = recognizers([e for e in all_entities if e != "PHONE_NUMBER"])
+    def phone_numbers(recognizer) -> float:
+        started = time.perf_counter()
+        for text in texts:
+            recognizer.analyze(text, ["PHONE_NUMBER"], artifacts[text])
+        return time.perf_counter() - started
+
+    pipeline_phone = next(r for r in analyzer.registry.recognizers if r.name == "PhoneRecognizer")
+    without_phone = recognizers([e for e in curate.DEFAULT_ENTITIES if e != "PHONE_NUMBER"])
     return {
         "distinct_texts": len(texts),
         "texts_with_ner": len(with_ner),
         "spacy_with_ner_seconds": round(ner_seconds, 1),
         "spacy_without_ner_seconds": round(tokenize_seconds, 1),
-        "phone_recognizer_seconds": round(recognizers(all_entities) - without_phone, 1),
+        "phone_recognizer_seconds": round(phone_numbers(pipeline_phone), 1),
+        "presidio_phone_recognizer_seconds": round(phone_numbers(PhoneRecognizer()), 1),
         "other_recognizers_seconds": round(without_phone, 1),
     }
+
+
+def compare_presidio_phone(traces, scrubbed, processes: int) -> dict:
+    """The pipeline's cold run again, with Presidio's phone recognizer in place of the pipeline's
+    (which skips digit groups too short to be a number): its seconds, and whether it scrubbed
+    the same."""
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    from pipeline import curate
+
+    registry = curate.build_analyzer().registry
+    pipeline_phone = next(r for r in registry.recognizers if r.name == "PhoneRecognizer")
+    registry.remove_recognizer("PhoneRecognizer")
+    registry.add_recognizer(PhoneRecognizer())
+    try:
+        started = time.perf_counter()
+        with_presidio_phone = curate.scrub_calls(traces, curate.Scrubber(processes=processes))
+        seconds = time.perf_counter() - started
+    finally:
+        registry.remove_recognizer("PhoneRecognizer")
+        registry.add_recognizer(pipeline_phone)
+    return {"pipeline_with_presidio_phone_seconds": round(seconds, 1),
+            "pipeline_with_presidio_phone_same_output": with_presidio_phone.equals(scrubbed)}
 
 
 def main() -> None:
@@ -90,6 +125,8 @@ def main() -> None:
     parser.add_argument("--naive-calls", type=int, default=0, help="calls the naive way runs on (default: all; it is slow)")
     parser.add_argument("--processes", type=int, default=0, help="worker processes of the pipeline (default: one per core)")
     parser.add_argument("--breakdown", action="store_true", help="only time the parts of the analysis, on one core")
+    parser.add_argument("--compare-presidio-phone", action="store_true",
+                        help="also time the pipeline with Presidio's phone recognizer as it comes, same process")
     args = parser.parse_args()
 
     from pipeline import curate, ingest
@@ -99,12 +136,13 @@ def main() -> None:
     if args.breakdown:
         results.record("curation_breakdown", breakdown(traces))
         return
-    curate.build_analyzer(), curate.build_analyzer(lean_pipeline=False)  # both start with models loaded
+    curate.build_analyzer(), curate.build_analyzer(tuned=False)  # both start with models loaded
 
     scrubber = curate.Scrubber(processes=args.processes)
     started = time.perf_counter()
     scrubbed = curate.scrub_calls(traces, scrubber)
     pipeline_seconds = time.perf_counter() - started
+    compared = compare_presidio_phone(traces, scrubbed, args.processes) if args.compare_presidio_phone else {}
 
     naive_calls = args.naive_calls or len(traces)
     # the nightly rerun: yesterday's run filled the cache with every day but the last
@@ -146,6 +184,7 @@ def main() -> None:
         "canaries_missed_naive": len(naive_missed),
         "canaries_missed_pipeline": len(pipeline_missed),
         "same_canaries_found": naive_missed == pipeline_missed,
+        **compared,
     })
 
 

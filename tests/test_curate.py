@@ -150,6 +150,27 @@ def test_code_identifiers_are_not_persons():
         assert scrubber.scrub(f"Restart {identifier} on myNode now.") == f"Restart {identifier} on myNode now."
 
 
+def test_phone_numbers_are_found_as_presidio_finds_them_while_short_digit_groups_are_skipped(ingested):
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    tuned = next(r for r in curate.build_analyzer().registry.recognizers if r.name == "PhoneRecognizer")
+    assert type(tuned) is not PhoneRecognizer
+    # a German number can have 4 digits; one written with "+" has at least a country code digit and 2 more
+    assert curate.shortest_phone_candidate(("DE",), tuned.leniency) == 4
+    assert curate.shortest_phone_candidate(("US", "CA"), tuned.leniency) == 4
+    # where merely possible numbers count, so do German numbers dialled locally (2 digits)
+    assert curate.shortest_phone_candidate(("DE",), 0) == 2
+
+    texts = sorted({t for m, r in zip(ingested.traces["messages"], ingested.traces["response_message"])
+                    for t in curate.texts_of_call(json.loads(m), json.loads(r)) if any(c.isdigit() for c in t)})
+    texts += ["Ring +49 30 901820 or 030 901820, ext. 12", "+44 20 7946 0958 / 07700 900123", "call (205) 638-4234 x 7",
+              "+1-202-555-0143, 12 apples, 3.5 kg, 2026", "+972 3-123-4567 or 98765 43210"]
+    plain = PhoneRecognizer()
+    found_plain = [[(f.start, f.end, f.score) for f in plain.analyze(t, ["PHONE_NUMBER"])] for t in texts]
+    found_tuned = [[(f.start, f.end, f.score) for f in tuned.analyze(t, ["PHONE_NUMBER"])] for t in texts]
+    assert found_tuned == found_plain
+    assert sum(map(len, found_plain)) >= 150  # the sample's numbers and the hand-written ones
+
 def test_exact_and_near_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
     removed = curation.removed[curation.removed["reason"].isin(["exact duplicate", "near duplicate"])]
     for kind in ("exact", "near"):
