@@ -1,6 +1,7 @@
 """Shadow evaluation's generation: batched (by length, shared prefix, KV cache, greedy) against one call at a time.
 
     python -m bench.eval_bench --calls-per-step 32 --batch-size 32 --single-calls 8
+    python -m bench.eval_bench --latest-calls 1000 --single-calls 8   # the sample's latest 1,000 calls, every step
     python -m bench.eval_bench --compare-padded-prefill --steps call_tool   # prefill with and without padding
     python -m bench.eval_bench --compare-growing-cache --steps call_tool    # a cache that grows per token
 
@@ -9,7 +10,9 @@ of the bundled sample (its true step from tests/fixtures/labels.json, read by th
 its latest `--calls-per-step` calls are answered by `evaluate.generate_answers` in batches of
 `--batch-size`, and the first `--single-calls` of them once more one call per `generate`
 (no batching, no shared prefix), with the step's answer-token budget (longest logged answer,
-capped). Reported per step and in all: calls/s of each, the speedup, and the share of calls
+capped); or, with `--latest-calls N`, the sample's latest N calls in all, each step answering
+its own share of them, as shadow evaluation answers each cluster's held-out calls. Reported per
+step and in all: calls/s of each, the speedup, and the share of calls
 whose answer is the same both ways. The bundled base model has no adapter, so on steps with
 long answers it writes up to its budget where a fine-tuned one would stop: a slow case.
 Appended to bench/results/evaluation.jsonl with the device, date and command.
@@ -66,6 +69,8 @@ EARLIER_WAYS = {"padded_prefill": padded_prefill, "growing_cache": growing_cache
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls-per-step", type=int, default=32)
+    parser.add_argument("--latest-calls", type=int, default=0,
+                        help="answer the sample's latest N calls in all, each step its share (instead of --calls-per-step)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--single-calls", type=int, default=8, help="calls per step also answered one at a time")
     parser.add_argument("--max-new-tokens-cap", type=int, default=160)
@@ -76,8 +81,8 @@ def main() -> None:
                         help="also answer the batches the earlier way (a cache that grows per token), same process")
     parser.add_argument("--model-cache", type=Path, default=Path(os.environ.get("SLM_MODEL_CACHE", REPO / ".cache" / "models")))
     args = parser.parse_args()
-    if min(args.calls_per_step, args.batch_size, args.single_calls) < 1:
-        parser.error("--calls-per-step, --batch-size and --single-calls must be at least 1")
+    if min(args.calls_per_step, args.batch_size, args.single_calls) < 1 or args.latest_calls < 0:
+        parser.error("--calls-per-step, --batch-size and --single-calls must be at least 1, --latest-calls not negative")
 
     import torch
 
@@ -89,11 +94,14 @@ def main() -> None:
     candidate = next(c for c in models.load_candidates(REPO / "configs" / "candidates.yaml") if c.source == "bundled-gguf")
     model, tokenizer = evaluate.load_adapter_model(models.resolve_model_dir(candidate, args.model_cache), None)
     native_tools = renders_tools(tokenizer)
+    if args.latest_calls:
+        traces = traces.tail(args.latest_calls)
     per_step = {}
     for step, calls in traces.groupby(traces["trace_id"].map(steps)):
         if args.steps and step not in args.steps.split(","):
             continue
-        calls = calls.tail(args.calls_per_step)
+        if not args.latest_calls:
+            calls = calls.tail(args.calls_per_step)
         prompts = evaluate.prompts_of(calls, native_tools)
         budget = evaluate.answer_token_budget(tokenizer, [baseline_answer(r) for r in calls["response_message"]],
                                               args.max_new_tokens_cap)
@@ -131,6 +139,9 @@ def main() -> None:
         "calls": calls,
         "batched_seconds": round(seconds, 1),
         "batched_calls_per_second": round(calls / seconds, 3),
+        # every call one per `generate`, at the rate measured on each step's first --single-calls
+        "one_at_a_time_seconds_at_measured_rates": round(
+            sum(s["calls"] / s["one_at_a_time_calls_per_second"] for s in per_step.values()), 1),
         "by_step": per_step,
     })
 
