@@ -8,8 +8,9 @@
 Naive: every text of every call (message contents, tool-call arguments, the answer) goes through
 `AnalyzerEngine.analyze` one at a time on spaCy's full pipeline, as a first implementation would
 do. Pipeline: the `curate.scrub_calls` the `curated_traces` asset runs (each distinct text
-analyzed once, batched `nlp.pipe`, only the spaCy components Presidio reads, a phone recognizer
-that skips digit groups too short to be a number, all cores). Both use the same recognizers and
+analyzed once, batched `nlp.pipe`, only the spaCy components Presidio reads, spaCy's NER run one
+numpy step per token position, a phone recognizer that skips digit groups too short to be a
+number, all cores). Both use the same recognizers and
 entity types; the benchmark checks that they remove exactly the same canaries of the sample's truth labels,
 then reports calls/s for each and the ratio. Naive runs on all the calls, or on the first
 `--naive-calls` (it is slow); its rate is per call, so the two rates compare.
@@ -51,9 +52,10 @@ def naive_scrub(traces, entities) -> tuple[list[str], float]:
 
 def breakdown(traces) -> dict:
     """Where one core's time goes in the pipeline's analysis of the distinct texts: spaCy with
-    the NER (texts with a capital letter), spaCy without it (the others), the phone recognizer
-    (the pipeline's, and Presidio's own as it comes, on the same texts), and the other
-    recognizers."""
+    the NER (texts with a capital letter), spaCy without it (the others), the NER alone both ways
+    (spaCy's compiled loop and the pipeline's stepwise run, with whether they found the same
+    entities), the phone recognizer (the pipeline's, and Presidio's own as it comes, on the same
+    texts), and the other recognizers."""
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
     from pipeline import curate
@@ -68,7 +70,7 @@ def breakdown(traces) -> dict:
     artifacts = dict(engine.process_batch(with_ner, language="en", batch_size=256))
     ner_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    with nlp.select_pipes(disable=["ner"]):
+    with nlp.select_pipes(disable=[name for name in curate.NER_PIPES if name in nlp.pipe_names]):
         artifacts.update(engine.process_batch(without_ner, language="en", batch_size=256))
     tokenize_seconds = time.perf_counter() - started
 
@@ -84,6 +86,14 @@ def breakdown(traces) -> dict:
             recognizer.analyze(text, ["PHONE_NUMBER"], artifacts[text])
         return time.perf_counter() - started
 
+    def entities(component) -> tuple[list, float]:
+        docs = [nlp.make_doc(t) for t in with_ner]
+        started = time.perf_counter()
+        found = [[(e.start_char, e.end_char, e.label_) for e in doc.ents] for doc in component.pipe(docs, batch_size=256)]
+        return found, time.perf_counter() - started
+
+    spacys, spacys_seconds = entities(nlp.get_pipe("ner"))
+    stepwise, stepwise_seconds = entities(nlp.get_pipe("stepwise_ner"))
     pipeline_phone = next(r for r in analyzer.registry.recognizers if r.name == "PhoneRecognizer")
     without_phone = recognizers([e for e in curate.DEFAULT_ENTITIES if e != "PHONE_NUMBER"])
     return {
@@ -91,6 +101,10 @@ def breakdown(traces) -> dict:
         "texts_with_ner": len(with_ner),
         "spacy_with_ner_seconds": round(ner_seconds, 1),
         "spacy_without_ner_seconds": round(tokenize_seconds, 1),
+        "ner_alone_spacys_loop_seconds": round(spacys_seconds, 1),
+        "ner_alone_stepwise_seconds": round(stepwise_seconds, 1),
+        "ner_alone_same_entities": stepwise == spacys,
+        "entities_found": sum(map(len, spacys)),
         "phone_recognizer_seconds": round(phone_numbers(pipeline_phone), 1),
         "presidio_phone_recognizer_seconds": round(phone_numbers(PhoneRecognizer()), 1),
         "other_recognizers_seconds": round(without_phone, 1),

@@ -87,50 +87,68 @@ INTRODUCED_NAME_PATTERN = (
 )
 
 
-@functools.lru_cache(maxsize=8)
-def shortest_phone_candidate(regions: tuple[str, ...], leniency: int) -> int:
-    """The fewest characters in which a number that `phonenumbers` accepts at this leniency can
-    be written, for numbers written nationally in one of these regions or internationally.
+def _shortest_written_national_number(country_code: int, parsed_as: str, leniency: int) -> int:
+    """The fewest digits in which a national number of this country code can be written, when
+    `phonenumbers` parses it with the metadata of region `parsed_as`.
 
-    Written nationally, a number has at least as many digits as the shortest national number
-    of its country (every region sharing the country code counts; lengths dialled locally only
-    count where merely possible numbers are accepted). Written internationally it has a plus
-    sign, a country code and a national number of at least `phonenumbers`' minimum, 2 digits:
-    4 characters."""
+    A valid number has as many digits as some region of the country code allows (lengths
+    dialled locally only count where merely possible numbers are accepted). The parsing region's
+    national prefix rule may add digits that were never written (Antigua's prepends its area
+    code to a 7-digit local number): those are taken off."""
     import phonenumbers
 
-    lengths = [4]
-    for region in regions:
-        country_code = phonenumbers.country_code_for_region(region)
-        for sharing in phonenumbers.region_codes_for_country_code(country_code):
-            general = phonenumbers.PhoneMetadata.metadata_for_region(sharing).general_desc
-            lengths += [n for n in general.possible_length if n > 0]
-            if leniency == phonenumbers.Leniency.POSSIBLE:
-                lengths += [n for n in general.possible_length_local_only if n > 0]
-    return min(lengths)
+    lengths = []
+    for region in phonenumbers.region_codes_for_country_code(country_code):
+        general = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(country_code, region).general_desc
+        lengths += [n for n in general.possible_length if n > 0]
+        if leniency == phonenumbers.Leniency.POSSIBLE:
+            lengths += [n for n in general.possible_length_local_only if n > 0]
+    rule = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(country_code, parsed_as).national_prefix_transform_rule
+    added = sum(c.isdigit() for c in regex.sub(r"\\\d", "", rule or ""))  # digits besides backreferences
+    return max(min(lengths, default=1) - added, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def shortest_phone_candidate(region: str, leniency: int) -> int:
+    """The fewest characters in which a number that `phonenumbers`' matcher for this region
+    accepts at this leniency can be written.
+
+    Written nationally, the number is parsed with the region's metadata. Written
+    internationally, it has a plus sign (or a longer dialling prefix), a country code and a
+    national number parsed with the metadata of that country code's main region: the shortest
+    such sum over all country codes is 7 characters ("+49" and a 4-digit German number)."""
+    import phonenumbers
+
+    international = min(
+        1 + len(str(code)) + _shortest_written_national_number(code, phonenumbers.region_code_for_country_code(code), leniency)
+        for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE
+    )
+    national = _shortest_written_national_number(phonenumbers.country_code_for_region(region), region, leniency)
+    return min(national, international)
 
 
 def _phone_recognizer():
     """Presidio's phone recognizer, made to skip digit groups too short to be a phone number.
 
     It runs `phonenumbers`' matcher once per region (eight) over every text, and the matcher parses
-    each digit group it finds: in agent logs mostly counts, prices and years ("12", "3.5"); 87% of
-    the sample's 14,618 groups have three digits or fewer. Groups shorter than
-    `shortest_phone_candidate` cannot hold a valid number, so the matcher is told to skip them
-    (its `min_candidate_length`); the findings are the same (tests/test_curate.py)."""
+    each digit group it finds: in agent logs mostly counts, prices and years ("12", "3.5", "2024");
+    87% of the sample's 14,618 groups have three digits or fewer. Groups shorter than
+    `shortest_phone_candidate` of a region cannot hold a number valid there (4 characters for
+    Germany, 7 for the other regions), so that region's matcher is told to skip them (its
+    `min_candidate_length`); the findings are the same (tests/test_curate.py)."""
     import phonenumbers
     from presidio_analyzer import EntityRecognizer
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
     class ShortGroupSkippingPhoneRecognizer(PhoneRecognizer):
         def analyze(self, text, entities, nlp_artifacts=None):
-            shortest = shortest_phone_candidate(tuple(self.supported_regions), self.leniency)
             results = [
                 # Presidio's own result; the region only goes into its explanation
                 self._get_recognizer_result(match, text, region, nlp_artifacts)
                 for region in self.supported_regions
                 for match in phonenumbers.PhoneNumberMatcher(
-                    text, region, leniency=self.leniency, min_candidate_length=shortest)
+                    text, region, leniency=self.leniency,
+                    min_candidate_length=shortest_phone_candidate(region, self.leniency))
             ]
             return EntityRecognizer.remove_duplicates(results)
 
@@ -155,6 +173,51 @@ def lowercase_lemmas(doc):
     for token in doc:
         token.lemma = token.lower  # the ids of the strings: no string lookups
     return doc
+
+
+class StepwiseEntityRecognizer:
+    """spaCy's NER, run one numpy step per token position for the whole batch (the way spaCy
+    runs it in training) instead of through its compiled greedy loop.
+
+    Why: in the installed spaCy wheel that loop takes and drops Python's GIL for every hidden unit
+    of every token (a maxout helper inlined from thinc, compiled without `noexcept`: gdb shows
+    `PyEval_SaveThread` called from `Vec.arg_max` in `predict_states`). That lock traffic was half
+    of the NER's time on one core. The stepwise path computes the same precomputed features,
+    maxout and scores, and spaCy's own `transition_states` picks the best valid action, so the
+    entities are the ones spaCy's loop finds (tests/test_curate.py compares them on the sample)."""
+
+    def __init__(self, ner):
+        self.ner = ner
+
+    def __call__(self, doc):
+        self._annotate([doc])
+        return doc
+
+    def pipe(self, docs, batch_size: int = 128):
+        from spacy.util import minibatch
+
+        for batch in minibatch(docs, size=batch_size):
+            self._annotate(batch)
+            yield from batch
+
+    def _annotate(self, docs) -> None:
+        states = self.ner.moves.init_batch(docs)
+        if any(len(doc) for doc in docs):  # spaCy's `predict` skips a batch of empty docs too
+            model = self.ner.model.predict(docs)
+            unfinished = [state for state in states if not state.is_final()]
+            while unfinished:
+                unfinished = self.ner.transition_states(unfinished, model.predict(unfinished))
+            model.clear_memory()
+        self.ner.set_annotations(docs, states)
+
+
+@Language.factory("stepwise_ner")
+def _stepwise_ner(nlp, name):
+    return StepwiseEntityRecognizer(nlp.get_pipe("ner"))
+
+
+# The spaCy components that find entities: spaCy's own, or ours in its place (tuned analyzer).
+NER_PIPES = ("ner", "stepwise_ner")
 
 
 @functools.lru_cache(maxsize=2)
@@ -184,11 +247,14 @@ def build_analyzer(tuned: bool = True):
     # lemmatizer are most of spaCy's time, and the shared `tok2vec` only feeds the tagger and
     # parser (the NER has its own): all four are switched off. Lowercased words stand in for
     # lemmas (the context words are base forms already); bench/curation_bench.py checks that the
-    # canaries found are the same as with the full pipeline.
+    # canaries found are the same as with the full pipeline. The NER itself runs stepwise (see
+    # `StepwiseEntityRecognizer`): same entities, half the time.
     if tuned:
         nlp = nlp_engine.nlp["en"]
         unused = ("tok2vec", "parser", "tagger", "attribute_ruler", "lemmatizer")
         nlp.disable_pipes(*[name for name in unused if name in nlp.pipe_names])
+        nlp.add_pipe("stepwise_ner", after="ner")
+        nlp.disable_pipe("ner")
         nlp.add_pipe("lowercase_lemmas", last=True)
     analyzer = AnalyzerEngine(nlp_engine=nlp_engine, supported_languages=["en"])
     if tuned:
@@ -296,7 +362,7 @@ def find_personal_data(texts: list[str], entities: tuple[str, ...], score_thresh
     with_ner = [t for t, needed in zip(texts, needs_ner) if needed]
     without_ner = [t for t, needed in zip(texts, needs_ner) if not needed]
     artifacts = dict(nlp_engine.process_batch(with_ner, language="en", batch_size=batch_size))
-    with nlp.select_pipes(disable=[name for name in ("ner",) if name in nlp.pipe_names]):
+    with nlp.select_pipes(disable=[name for name in NER_PIPES if name in nlp.pipe_names]):
         artifacts.update(nlp_engine.process_batch(without_ner, language="en", batch_size=batch_size))
     found = []
     for text in texts:

@@ -151,15 +151,21 @@ def test_code_identifiers_are_not_persons():
 
 
 def test_phone_numbers_are_found_as_presidio_finds_them_while_short_digit_groups_are_skipped(ingested):
+    import phonenumbers
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
     tuned = next(r for r in curate.build_analyzer().registry.recognizers if r.name == "PhoneRecognizer")
     assert type(tuned) is not PhoneRecognizer
-    # a German number can have 4 digits; one written with "+" has at least a country code digit and 2 more
-    assert curate.shortest_phone_candidate(("DE",), tuned.leniency) == 4
-    assert curate.shortest_phone_candidate(("US", "CA"), tuned.leniency) == 4
+    # a German number can have 4 digits; written internationally a number has at least 7
+    # characters ("+49" and 4 digits); no NANP number has fewer than 7 digits
+    assert curate.shortest_phone_candidate("DE", tuned.leniency) == 4
+    assert [curate.shortest_phone_candidate(region, tuned.leniency) for region in ("US", "CA", "GB")] == [7, 7, 7]
     # where merely possible numbers count, so do German numbers dialled locally (2 digits)
-    assert curate.shortest_phone_candidate(("DE",), 0) == 2
+    assert curate.shortest_phone_candidate("DE", 0) == 2
+    # Antigua's national prefix rule prepends its area code (3 digits never written) to a local
+    # number: the shortest NANP length, 7, less those 3
+    assert [m.raw_string for m in phonenumbers.PhoneNumberMatcher("call 462-1234", "AG")] == ["462-1234"]
+    assert curate.shortest_phone_candidate("AG", tuned.leniency) == 4
 
     texts = sorted({t for m, r in zip(ingested.traces["messages"], ingested.traces["response_message"])
                     for t in curate.texts_of_call(json.loads(m), json.loads(r)) if any(c.isdigit() for c in t)})
@@ -170,6 +176,24 @@ def test_phone_numbers_are_found_as_presidio_finds_them_while_short_digit_groups
     found_tuned = [[(f.start, f.end, f.score) for f in tuned.analyze(t, ["PHONE_NUMBER"])] for t in texts]
     assert found_tuned == found_plain
     assert sum(map(len, found_plain)) >= 150  # the sample's numbers and the hand-written ones
+
+def test_the_stepwise_ner_finds_exactly_the_entities_spacys_own_ner_finds(ingested):
+    nlp = curate.build_analyzer().nlp_engine.nlp["en"]
+    assert "stepwise_ner" in nlp.pipe_names and "ner" not in nlp.pipe_names
+    texts = sorted({t for m, r in zip(ingested.traces["messages"], ingested.traces["response_message"])
+                    for t in curate.texts_of_call(json.loads(m), json.loads(r)) if any(c.isupper() for c in t)})
+    texts = texts[::4] + ["", " ", "Mr. Jan Kowalski of Warsaw called Acme Corp. on Friday."]
+
+    def entities(component, batch_size) -> list:
+        docs = component.pipe([nlp.make_doc(t) for t in texts], batch_size=batch_size)
+        return [[(e.start_char, e.end_char, e.label_) for e in doc.ents] for doc in docs]
+
+    spacys = entities(nlp.get_pipe("ner"), 256)
+    assert sum(map(len, spacys)) >= 3000  # the sample's texts are full of entities of every kind
+    assert entities(nlp.get_pipe("stepwise_ner"), 256) == spacys
+    assert entities(nlp.get_pipe("stepwise_ner"), 7) == spacys  # batches of one length and of many
+    assert list(nlp.get_pipe("stepwise_ner").pipe([nlp.make_doc("")]))[0].ents == ()
+
 
 def test_exact_and_near_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
     removed = curation.removed[curation.removed["reason"].isin(["exact duplicate", "near duplicate"])]
