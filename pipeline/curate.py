@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy
 import pandas as pd
 import regex
 from spacy.language import Language
@@ -183,11 +184,13 @@ class StepwiseEntityRecognizer:
     of every token (a maxout helper inlined from thinc, compiled without `noexcept`: gdb shows
     `PyEval_SaveThread` called from `Vec.arg_max` in `predict_states`). That lock traffic was half
     of the NER's time on one core. The stepwise path computes the same precomputed features,
-    maxout and scores, and spaCy's own `transition_states` picks the best valid action, so the
-    entities are the ones spaCy's loop finds (tests/test_curate.py compares them on the sample)."""
+    maxout and scores, and each step applies the move spaCy's loop would pick
+    (`_apply_best_moves`), so the entities are the ones spaCy's loop finds (tests/test_curate.py
+    compares them on the sample)."""
 
     def __init__(self, ner):
         self.ner = ner
+        self.move_names = [ner.moves.get_class_name(i) for i in range(ner.moves.n_moves)]
 
     def __call__(self, doc):
         self._annotate([doc])
@@ -206,9 +209,31 @@ class StepwiseEntityRecognizer:
             model = self.ner.model.predict(docs)
             unfinished = [state for state in states if not state.is_final()]
             while unfinished:
-                unfinished = self.ner.transition_states(unfinished, model.predict(unfinished))
+                unfinished = self._apply_best_moves(unfinished, model.predict(unfinished))
             model.clear_memory()
         self.ner.set_annotations(docs, states)
+
+    def _apply_best_moves(self, states, scores):
+        """Apply to each state the move spaCy's `transition_states` would: of the valid moves,
+        the first with the highest score. The first highest-scoring move overall is that move
+        when it is valid, which it is for all but a few states; spaCy checks those the whole way.
+
+        Why: `transition_states` asks every move (74 in the bundled model) whether it is valid, for every
+        state, and each of those checks takes Python's GIL state several times (the same missing
+        `noexcept` as above, in spaCy's `StateC` accessors), most of the NER's time after its
+        matrix products. `apply_transition` checks the one move with spaCy's own rules and
+        refuses an invalid move before changing the state."""
+        if not numpy.isfinite(scores).all():  # spaCy's comparison treats NaN its own way
+            return self.ner.transition_states(states, scores)
+        checked_by_spacy = []
+        for i, (state, best) in enumerate(zip(states, scores.argmax(axis=1))):
+            try:
+                self.ner.moves.apply_transition(state, self.move_names[best])
+            except ValueError:  # not a valid move in this state
+                checked_by_spacy.append(i)
+        if checked_by_spacy:
+            self.ner.transition_states([states[i] for i in checked_by_spacy], numpy.ascontiguousarray(scores[checked_by_spacy]))
+        return [state for state in states if not state.is_final()]
 
 
 @Language.factory("stepwise_ner")

@@ -1,5 +1,6 @@
 import json
 
+import numpy
 import pandas as pd
 import pytest
 
@@ -193,6 +194,40 @@ def test_the_stepwise_ner_finds_exactly_the_entities_spacys_own_ner_finds(ingest
     assert entities(nlp.get_pipe("stepwise_ner"), 256) == spacys
     assert entities(nlp.get_pipe("stepwise_ner"), 7) == spacys  # batches of one length and of many
     assert list(nlp.get_pipe("stepwise_ner").pipe([nlp.make_doc("")]))[0].ents == ()
+
+
+def test_the_stepwise_ner_applies_the_move_spacy_would_where_the_best_scored_move_is_invalid():
+    # Random scores put moves that are invalid in the state (I-, L- with no entity open ...) on top
+    # at about every other step, and two steps have NaNs: spaCy's `transition_states` and the
+    # stepwise one must still make the same moves, step by step.
+    nlp = curate.build_analyzer().nlp_engine.nlp["en"]
+    ner, stepwise = nlp.get_pipe("ner"), nlp.get_pipe("stepwise_ner")
+    texts = ["Mr. Jan Kowalski of Warsaw called Acme Corp. on Friday.", "ok", "  spaced \n text  ", "A B C D E F G"]
+    rng = numpy.random.default_rng(7)
+    invalid_on_top = 0
+    for trial in range(5):
+        spacys_docs, stepwise_docs = ([nlp.make_doc(t) for t in texts] for _ in range(2))
+        spacys_all, stepwise_all = ner.moves.init_batch(spacys_docs), ner.moves.init_batch(stepwise_docs)
+        spacys_states, stepwise_states, step = list(spacys_all), list(stepwise_all), 0
+        while spacys_states:
+            scores = rng.standard_normal((len(spacys_states), len(stepwise.move_names))).astype("float32")
+            if trial == 0 and step in (1, 2):  # numpy's argmax takes a NaN, spaCy's never does
+                scores[:, stepwise.move_names.index("U-PERSON")] = numpy.nan
+            invalid_on_top += sum(not ner.moves.is_valid(state, stepwise.move_names[best])
+                                  for state, best in zip(stepwise_states, scores.argmax(axis=1)))
+            spacys_states = ner.transition_states(spacys_states, scores)
+            stepwise_states = stepwise._apply_best_moves(stepwise_states, scores)
+            def where(states):
+                return [(state.queue, state.stack, state.entity_is_open()) for state in states]
+
+            assert where(stepwise_states) == where(spacys_states)
+            step += 1
+        assert not stepwise_states
+        ner.set_annotations(spacys_docs, spacys_all)
+        ner.set_annotations(stepwise_docs, stepwise_all)
+        assert [[(e.start, e.end, e.label_) for e in d.ents] for d in stepwise_docs] == \
+               [[(e.start, e.end, e.label_) for e in d.ents] for d in spacys_docs]
+    assert invalid_on_top > 20
 
 
 def test_exact_and_near_duplicates_are_removed_keeping_the_earliest(ingested, curation, labels):
