@@ -136,10 +136,27 @@ def _phone_recognizer():
     87% of the sample's 14,618 groups have three digits or fewer. Groups shorter than
     `shortest_phone_candidate` of a region cannot hold a number valid there (4 characters for
     Germany, 7 for the other regions), so that region's matcher is told to skip them (its
-    `min_candidate_length`); the findings are the same (tests/test_curate.py)."""
+    `min_candidate_length`); the findings are the same (tests/test_curate.py).
+
+    When a candidate is no number, the matcher also parses the groups inside it ("(676) 815-8684"
+    -> "676", "815-8684"), where `min_candidate_length` does not apply: most of those parses are
+    of groups with one to five digits. A number needs as many letters and digits as its shortest
+    written form less the plus sign (parsing may turn an extension's letters into digits, so
+    letters count too): groups with fewer are skipped before parsing."""
     import phonenumbers
     from presidio_analyzer import EntityRecognizer
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    class ShortGroupSkippingMatcher(phonenumbers.PhoneNumberMatcher):
+        def __init__(self, text, region, leniency):
+            fewest_characters = shortest_phone_candidate(region, leniency)
+            super().__init__(text, region, leniency=leniency, min_candidate_length=fewest_characters)
+            self.fewest_alphanumerics = fewest_characters - 1
+
+        def _parse_and_verify(self, candidate, offset):
+            if sum(c.isalnum() for c in candidate) < self.fewest_alphanumerics:
+                return None
+            return super()._parse_and_verify(candidate, offset)
 
     class ShortGroupSkippingPhoneRecognizer(PhoneRecognizer):
         def analyze(self, text, entities, nlp_artifacts=None):
@@ -147,9 +164,7 @@ def _phone_recognizer():
                 # Presidio's own result; the region only goes into its explanation
                 self._get_recognizer_result(match, text, region, nlp_artifacts)
                 for region in self.supported_regions
-                for match in phonenumbers.PhoneNumberMatcher(
-                    text, region, leniency=self.leniency,
-                    min_candidate_length=shortest_phone_candidate(region, self.leniency))
+                for match in ShortGroupSkippingMatcher(text, region, self.leniency)
             ]
             return EntityRecognizer.remove_duplicates(results)
 

@@ -171,7 +171,10 @@ def test_phone_numbers_are_found_as_presidio_finds_them_while_short_digit_groups
     texts = sorted({t for m, r in zip(ingested.traces["messages"], ingested.traces["response_message"])
                     for t in curate.texts_of_call(json.loads(m), json.loads(r)) if any(c.isdigit() for c in t)})
     texts += ["Ring +49 30 901820 or 030 901820, ext. 12", "+44 20 7946 0958 / 07700 900123", "call (205) 638-4234 x 7",
-              "+1-202-555-0143, 12 apples, 3.5 kg, 2026", "+972 3-123-4567 or 98765 43210"]
+              "+1-202-555-0143, 12 apples, 3.5 kg, 2026", "+972 3-123-4567 or 98765 43210",
+              # numbers the matcher finds only inside a longer candidate that is no number
+              "Tickets 2 - 030 901820", "Room 5. 030 901820", "call 7 (205) 638-4234", "A12 - 089 1234",
+              "4 - (202) 555-0143 or 10 - 0761 1234"]
     plain = PhoneRecognizer()
     found_plain = [[(f.start, f.end, f.score) for f in plain.analyze(t, ["PHONE_NUMBER"])] for t in texts]
     found_tuned = [[(f.start, f.end, f.score) for f in tuned.analyze(t, ["PHONE_NUMBER"])] for t in texts]
