@@ -54,7 +54,8 @@ def breakdown(traces) -> dict:
     """Where one core's time goes in the pipeline's analysis of the distinct texts: spaCy with
     the NER (texts with a capital letter), spaCy without it (the others), the NER alone both ways
     (spaCy's compiled loop and the pipeline's stepwise run, with whether they found the same
-    entities), the phone recognizer (the pipeline's, and Presidio's own as it comes, on the same
+    entities), the NER's move selection both ways (spaCy's and the stepwise one's, same scores),
+    the phone recognizer (the pipeline's, and Presidio's own as it comes, on the same
     texts), and the other recognizers."""
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
@@ -92,6 +93,39 @@ def breakdown(traces) -> dict:
         found = [[(e.start_char, e.end_char, e.label_) for e in doc.ents] for doc in component.pipe(docs, batch_size=256)]
         return found, time.perf_counter() - started
 
+    def move_selection() -> dict:
+        """spaCy's `transition_states` against the stepwise NER's `_apply_best_moves` on the same
+        scores, step by step (the states of both are compared at every step, untimed), and how
+        many states' best-scoring move was invalid (those spaCy checks the whole way)."""
+        ner, stepwise = nlp.get_pipe("ner"), nlp.get_pipe("stepwise_ner")
+        docs = [nlp.make_doc(t) for t in with_ner]
+        spacys_seconds = pipelines_seconds = 0.0
+        state_steps = checked_by_spacy = 0
+        same_moves = True
+        for start in range(0, len(docs), 256):
+            batch = docs[start : start + 256]
+            model = ner.model.predict(batch)
+            spacys, pipelines = ([s for s in ner.moves.init_batch(batch) if not s.is_final()] for _ in range(2))
+            while spacys:
+                scores = model.predict(spacys)
+                state_steps += len(spacys)
+                checked_by_spacy += sum(not ner.moves.is_valid(state, stepwise.move_names[best])
+                                        for state, best in zip(pipelines, scores.argmax(axis=1)))
+                started = time.perf_counter()
+                spacys = ner.transition_states(spacys, scores)
+                spacys_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                pipelines = stepwise._apply_best_moves(pipelines, scores)
+                pipelines_seconds += time.perf_counter() - started
+                same_moves &= [(s.queue, s.stack, s.entity_is_open()) for s in spacys] == \
+                              [(s.queue, s.stack, s.entity_is_open()) for s in pipelines]
+            model.clear_memory()
+        return {"move_selection_spacys_seconds": round(spacys_seconds, 2),
+                "move_selection_stepwise_seconds": round(pipelines_seconds, 2),
+                "move_selection_same_moves": same_moves,
+                "move_selection_state_steps": state_steps,
+                "move_selection_checked_by_spacy": checked_by_spacy}
+
     spacys, spacys_seconds = entities(nlp.get_pipe("ner"))
     stepwise, stepwise_seconds = entities(nlp.get_pipe("stepwise_ner"))
     pipeline_phone = next(r for r in analyzer.registry.recognizers if r.name == "PhoneRecognizer")
@@ -105,6 +139,7 @@ def breakdown(traces) -> dict:
         "ner_alone_stepwise_seconds": round(stepwise_seconds, 1),
         "ner_alone_same_entities": stepwise == spacys,
         "entities_found": sum(map(len, spacys)),
+        **move_selection(),
         "phone_recognizer_seconds": round(phone_numbers(pipeline_phone), 1),
         "presidio_phone_recognizer_seconds": round(phone_numbers(PhoneRecognizer()), 1),
         "other_recognizers_seconds": round(without_phone, 1),

@@ -140,7 +140,7 @@ def _phone_recognizer():
 
     When a candidate is no number, the matcher also parses the groups inside it ("(676) 815-8684"
     -> "676", "815-8684"), where `min_candidate_length` does not apply: most of those parses are
-    of groups with one to five digits. A number needs as many letters and digits as its shortest
+    of groups with none to five digits. A number needs as many letters and digits as its shortest
     written form less the plus sign (parsing may turn an extension's letters into digits, so
     letters count too): groups with fewer are skipped before parsing."""
     import phonenumbers
@@ -233,10 +233,10 @@ class StepwiseEntityRecognizer:
         the first with the highest score. The first highest-scoring move overall is that move
         when it is valid, which it is for all but a few states; spaCy checks those the whole way.
 
-        Why: `transition_states` asks every move (74 in the bundled model) whether it is valid, for every
-        state, and each of those checks takes Python's GIL state several times (the same missing
-        `noexcept` as above, in spaCy's `StateC` accessors), most of the NER's time after its
-        matrix products. `apply_transition` checks the one move with spaCy's own rules and
+        Why: `transition_states` asks every move (74 in the bundled model) whether it is valid,
+        for every state, and each of those checks takes Python's GIL state several times (the
+        same missing `noexcept` as above, in spaCy's `StateC` accessors), most of the NER's time
+        after its matrix products. `apply_transition` checks the one move with spaCy's own rules and
         refuses an invalid move before changing the state."""
         if not numpy.isfinite(scores).all():  # spaCy's comparison treats NaN its own way
             return self.ner.transition_states(states, scores)
@@ -247,7 +247,8 @@ class StepwiseEntityRecognizer:
             except ValueError:  # not a valid move in this state
                 checked_by_spacy.append(i)
         if checked_by_spacy:
-            self.ner.transition_states([states[i] for i in checked_by_spacy], numpy.ascontiguousarray(scores[checked_by_spacy]))
+            rest = [states[i] for i in checked_by_spacy]
+            self.ner.transition_states(rest, numpy.ascontiguousarray(scores[checked_by_spacy]))
         return [state for state in states if not state.is_final()]
 
 

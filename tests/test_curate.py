@@ -208,6 +208,10 @@ def test_the_stepwise_ner_applies_the_move_spacy_would_where_the_best_scored_mov
     texts = ["Mr. Jan Kowalski of Warsaw called Acme Corp. on Friday.", "ok", "  spaced \n text  ", "A B C D E F G"]
     rng = numpy.random.default_rng(7)
     invalid_on_top = 0
+
+    def where(states):
+        return [(state.queue, state.stack, state.entity_is_open()) for state in states]
+
     for trial in range(5):
         spacys_docs, stepwise_docs = ([nlp.make_doc(t) for t in texts] for _ in range(2))
         spacys_all, stepwise_all = ner.moves.init_batch(spacys_docs), ner.moves.init_batch(stepwise_docs)
@@ -220,9 +224,6 @@ def test_the_stepwise_ner_applies_the_move_spacy_would_where_the_best_scored_mov
                                   for state, best in zip(stepwise_states, scores.argmax(axis=1)))
             spacys_states = ner.transition_states(spacys_states, scores)
             stepwise_states = stepwise._apply_best_moves(stepwise_states, scores)
-            def where(states):
-                return [(state.queue, state.stack, state.entity_is_open()) for state in states]
-
             assert where(stepwise_states) == where(spacys_states)
             step += 1
         assert not stepwise_states
