@@ -28,9 +28,13 @@ def test_every_stage_with_settings_has_its_config_class_listed():
     assert {name: set(cls.model_fields) for name, cls in stage_configs.items()} == with_config
 
 
+RUN_CONFIGS = ["gpu.yaml", "cpu-long.yaml"]
+
+
 def test_the_shipped_configs_are_valid():
     assert _problems({}) == []
-    assert _problems(yaml.safe_load((REPO_ROOT / "configs" / "gpu.yaml").read_text())) == []
+    for name in RUN_CONFIGS:
+        assert _problems(yaml.safe_load((REPO_ROOT / "configs" / name).read_text())) == [], name
 
 
 def test_typos_wrong_types_and_out_of_range_values_are_all_named_by_path():
