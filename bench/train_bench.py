@@ -27,6 +27,12 @@ learning-rate schedule and seed, completion-only loss, `--steps` steps, loss log
   the norms, activations and LoRA's elementwise work itself; Liger's kernels do not compile).
 - `flex`, `flex+liger`: transformers' FlexAttention (a block mask built from the packed calls'
   position ids) in place of the variable-length kernel.
+- `packed-trl-head`: `packed` with TRL's fused LM head left as TRL sets it: on a CPU it projects
+  every position onto the vocabulary, prompts included (`finetune.lm_head_on_answers`); on
+  CUDA it is `packed`.
+
+On a CPU, the demo's settings: `run --base-dir DIR --variants packed-trl-head,packed --steps 12
+--batch-size 2 --max-length 768 --learning-rate 5e-4`.
 
 Reported per variant: tokens/s after the first `WARMUP_STEPS` steps, model TFLOP/s and MFU
 (`finetune.lora_training_flops` over the datasheet bf16 peak), peak GPU memory, the per-step
@@ -201,6 +207,7 @@ def settings_for(variant: str, args):
         kernels="liger" if "liger" in variant else "none",
         compile="compile" in variant,
         attention="flex_attention" if variant.startswith("flex") else finetune.PACKED_ATTENTION,
+        lm_head="trl" if variant.endswith("trl-head") else finetune.ANSWERS_ONLY,
         logging_steps=1,
     )
 
@@ -209,20 +216,22 @@ PROFILED_STEPS = (8, 10)
 
 
 def profile_callback(variant: str, out_dir: Path):
-    """Profiles the steps PROFILED_STEPS (after warm-up) and writes where the time went:
-    the kernels by GPU time, and how much of the wall time the GPU was busy."""
+    """Profiles the steps PROFILED_STEPS (after warm-up) and writes where the time went: on a GPU
+    the kernels by GPU time and how much of the wall time the GPU was busy; on a CPU the
+    operators by their own CPU time."""
     import torch
     from transformers import TrainerCallback
 
     first, last = PROFILED_STEPS
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
 
     class ProfileSteps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step + 1 == first:
                 sync()
-                self.profiler = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.profiler = torch.profiler.profile(activities=activities)
                 self.profiler.__enter__()
                 self.started = time.perf_counter()
 
@@ -232,12 +241,14 @@ def profile_callback(variant: str, out_dir: Path):
             sync()
             wall = time.perf_counter() - self.started
             self.profiler.__exit__(None, None, None)
-            kernels = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy = sum(e.device_time for e in kernels) / 1e6
             steps = last - first + 1
-            table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30)
-            summary = (f"{variant}: {steps} steps in {wall:.3f} s wall ({wall / steps * 1e3:.1f} ms/step); "
-                       f"GPU kernels {busy:.3f} s ({busy / wall:.0%} of wall), {len(kernels) / steps:.0f} kernels/step")
+            summary = f"{variant}: {steps} steps in {wall:.3f} s wall ({wall / steps * 1e3:.1f} ms/step)"
+            if cuda:
+                kernels = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                busy = sum(e.device_time for e in kernels) / 1e6
+                summary += f"; GPU kernels {busy:.3f} s ({busy / wall:.0%} of wall), {len(kernels) / steps:.0f} kernels/step"
+            sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+            table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=30)
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"profile-{variant.replace('+', '-')}.txt").write_text(summary + "\n\n" + table)
             print(summary, file=sys.stderr, flush=True)
@@ -368,7 +379,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="another seed gives the seed-to-seed noise of the loss curve")
     parser.add_argument("--results-dir", default=os.environ.get("BENCH_RESULTS_DIR"))
     parser.add_argument("--profile", action="store_true",
-                        help=f"profile steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1]} (CUDA) into profile-<variant>.txt")
+                        help=f"profile steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1]} into profile-<variant>.txt")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.calls)

@@ -167,6 +167,54 @@ def test_packed_attention_keeps_each_call_to_itself(base_model_dir):
     assert ((unpacked - expected).norm() / expected.norm()).item() > 1e-2
 
 
+def test_the_lm_head_scores_only_the_answers_on_cpu_with_the_same_loss_and_gradients(base_model_dir, monkeypatch):
+    """TRL's fused LM head, as SFTTrainer installs it, projects every position of a CPU batch;
+    inside `lm_head_on_answers` it projects only the positions with a label, and the loss,
+    the gradients and the metrics TRL logs stay what they were."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils as trl_utils
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :36] = -100  # a 36-token prompt, a 12-token answer
+    projected_rows = []
+    head = trl_utils._ChunkedLogProbFunction
+
+    class CountingHead:
+        @staticmethod
+        def apply(hidden, *args):
+            projected_rows.append(hidden.shape[0])
+            return head.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingHead)
+
+    def step(lm_head: str):
+        model.zero_grad()
+        with finetune.lm_head_on_answers(finetune.TrainSettings(lm_head=lm_head)) as narrowed:
+            out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+            out.loss.backward()
+        gradients = [p.grad.clone() for p in (model.model.norm.weight, model.model.layers[-1].mlp.down_proj.weight)]
+        return narrowed, out, gradients
+
+    everywhere, full, full_gradients = step("trl")
+    narrowed, answers, answer_gradients = step(finetune.ANSWERS_ONLY)
+    assert (everywhere, narrowed) == (False, True)
+    assert projected_rows == [47, 12]  # every shifted position, then the answer's
+    assert torch.allclose(answers.loss, full.loss, rtol=1e-6)
+    for a, b in zip(answer_gradients, full_gradients):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(answers.entropy, full.entropy, atol=1e-5)
+    assert torch.equal(answers.is_top1, full.is_top1)
+    # TRL's own choice is back once training is over
+    assert trl_utils._use_triton(torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="expected answers or trl"):
+        with finetune.lm_head_on_answers(finetune.TrainSettings(lm_head="some")):
+            pass
+
+
 def test_training_flops_count_every_weight_of_the_model(base_model_dir):
     """4 FLOPs per frozen weight and 6 per LoRA weight per token: checked against the real
     parameter counts of SmolLM2 and of PEFT's adapter, not against the formula itself."""
