@@ -62,8 +62,8 @@ class TrainSettings:
     # "packed": variable-length attention inside each packed call (`packed_attention`);
     # "flex_attention" or "sdpa": transformers' own, given the packed calls' position ids.
     attention: str = PACKED_ATTENTION
-    # "answers": TRL's fused LM head scores only the positions the loss covers, on every device
-    # (`lm_head_on_answers`); "trl": TRL's own choice, which scores every position off CUDA.
+    # "answers": TRL's fused LM head scores only the positions the loss covers, on CPU as on
+    # CUDA (`lm_head_on_answers`); "trl": TRL's own choice, which scores every position on CPU.
     lm_head: str = ANSWERS_ONLY
     logging_steps: int = 0  # loss and speed logged every this many steps; 0: ten times a run
     save_steps: int = 0  # a checkpoint every this many steps (resume point); 0: every tenth, >= 10
@@ -236,8 +236,8 @@ def register_packed_attention() -> None:
 # its metrics). On CUDA it projects only the positions with a label, the answers; elsewhere it
 # projects every position, so that tile shapes stay fixed for compilers that retrace on a new
 # shape (`compact = _use_triton(device)` in trl/trainer/utils.py). An eager CPU run retraces
-# nothing, and there the prompts' positions (most of a packed row) cost a 49k-column projection,
-# its softmax statistics and their backward for nothing: their labels are masked out.
+# nothing, and there the prompts' positions cost a 49k-column projection, its softmax
+# statistics and their backward for nothing: their labels are masked out.
 
 
 @contextmanager
