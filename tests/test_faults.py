@@ -108,8 +108,8 @@ def test_an_unreadable_landing_file_stops_collection_before_anything_is_stored(o
 FULL_DISK_SCRIPT = """
 set -e
 mount -t tmpfs -o size=200k tmpfs "$SLM_OUTPUT_DIR"
-"$PYTHON" -m assets.cli run > run.log 2>&1 && exit 1 || echo "run exit: $?"
-tail -n 1 run.log
+"$PYTHON" -m assets.cli run > "$RUN_LOG" 2>&1 && exit 1 || echo "run exit: $?"
+tail -n 1 "$RUN_LOG"
 echo "parts published: $(find "$SLM_OUTPUT_DIR" -name 'part-*' ! -path '*_staging*' | wc -l)"
 echo "curated table: $(ls "$SLM_OUTPUT_DIR/store" 2>/dev/null | wc -l)"
 # the same output folder with room: the next run takes everything, once
@@ -132,7 +132,8 @@ def test_a_full_disk_stops_the_run_with_one_clear_line_and_the_next_run_takes_ev
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, **rawzone.new_keys(), "PYTHON": sys.executable, "SLM_OUTPUT_DIR": str(out),
-           "SLM_LANDING_DIR": str(one_day_landing), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+           "SLM_LANDING_DIR": str(one_day_landing), "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+           "RUN_LOG": str(tmp_path / "run.log")}  # the run's own log, kept out of the checkout
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     done = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK_SCRIPT], cwd=REPO_ROOT, env=env,
