@@ -2,6 +2,7 @@
 
 import base64
 import os
+import warnings
 from typing import Literal
 
 import dagster as dg
@@ -47,6 +48,10 @@ def _required_key(value: str, enabled: bool, env_var: str, setting: str) -> str 
 daily_calls = dg.DailyPartitionsDefinition(
     start_date=os.environ.get("SLM_FIRST_CALL_DAY", "2025-01-01"), end_offset=1, timezone="UTC"
 )
+# One run fills every day its files hold (a single-run backfill policy). Dagster still marks that
+# parameter beta and would warn on every load of the definitions (each CLI command, the UI, the
+# tests) with nothing for a user to do about it.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, partitions_def=daily_calls, backfill_policy=dg.BackfillPolicy.single_run())
