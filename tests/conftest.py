@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,32 @@ def pytest_report_header(config) -> str:
     return f"disk: {_free_disk()}"
 
 
+def _untracked_files() -> set[str] | None:
+    """Files in the checkout that git neither tracks nor ignores; None outside a git checkout."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    return set(listed.stdout.splitlines()) if listed.returncode == 0 else None
+
+
+_UNTRACKED_AT_START = pytest.StashKey[set[str] | None]()
+_LEFT_IN_CHECKOUT = pytest.StashKey[list[str]]()
+
+
+def pytest_sessionstart(session) -> None:
+    session.config.stash[_UNTRACKED_AT_START] = _untracked_files()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # Tests write under temporary folders only: a file a test leaves in the checkout ends up
+    # committed (a run log once was). Such a file fails the run, and the summary names it.
+    before, after = session.config.stash.get(_UNTRACKED_AT_START, None), _untracked_files()
+    if before is not None and after is not None and (left := sorted(after - before)):
+        session.config.stash[_LEFT_IN_CHECKOUT] = left
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if left := config.stash.get(_LEFT_IN_CHECKOUT, []):
+        terminalreporter.write_line(f"FAILED: tests left files in the checkout (write them under tmp_path): {', '.join(left)}", red=True)
     # Said again at the end: on a disk that filled up, tests error out everywhere with OSError and
     # this is the line that explains it.
     terminalreporter.write_line(f"disk at the end: {_free_disk()}")
