@@ -95,6 +95,7 @@ class FinetuneConfig(dg.Config):
     quantization: Literal["none", "4bit"] = "none"  # "4bit": QLoRA with bitsandbytes (CUDA only)
     kernels: Literal["auto", "liger", "none"] = "auto"  # "liger": Liger's fused kernels (CUDA); "none"; auto: Liger where it runs
     compile: bool = False  # torch.compile each decoder layer (CUDA; the fastest on an H100)
+    gradient_checkpointing: bool = False  # recompute activations in backward: for models or steps that do not fit in GPU memory
     save_steps: int = Field(0, ge=0)  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
     merged_weights: bool = False  # also write the base model with the adapter merged in (servers without LoRA)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # latest share of each cluster's calls, kept for shadow eval

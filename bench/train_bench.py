@@ -43,6 +43,7 @@ to bench/results/training.jsonl (or `--results-dir`) with the device, date and c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,7 +122,6 @@ def check_compile(args) -> None:
     2. Dropout on (train mode): the mean and spread of the loss over `DROPOUT_PASSES` forward
        passes, eager and compiled: a compiled layer must drop as often and scale as eager does.
     """
-    import dataclasses
     import statistics
 
     import pandas as pd
@@ -268,7 +268,8 @@ def plain_trl(base_dir: Path, calls, settings, progress, callbacks=()) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = SFTTrainer(
             model=finetune._load_base_for_training(base_dir, settings, attention="sdpa"),
-            args=finetune.sft_config(Path(scratch), settings, gradient_checkpointing=True),
+            # TRL's default: activations recomputed in backward
+            args=finetune.sft_config(Path(scratch), dataclasses.replace(settings, gradient_checkpointing=True)),
             train_dataset=Dataset.from_list(finetune.training_examples(calls)),
             processing_class=tokenizer,
             peft_config=finetune.lora_config(settings),

@@ -65,6 +65,9 @@ class TrainSettings:
     # "answers": TRL's fused LM head scores only the positions the loss covers, on CPU as on
     # CUDA (`lm_head_on_answers`); "trl": TRL's own choice, which scores every position on CPU.
     lm_head: str = ANSWERS_ONLY
+    # Recompute each decoder layer's activations in backward instead of keeping them: for base
+    # models or steps whose activations do not fit in GPU memory. Same loss and gradients, slower.
+    gradient_checkpointing: bool = False
     logging_steps: int = 0  # loss and speed logged every this many steps; 0: ten times a run
     save_steps: int = 0  # a checkpoint every this many steps (resume point); 0: every tenth, >= 10
 
@@ -501,14 +504,45 @@ def sft_config(output_dir: Path, settings: TrainSettings, **overrides):
         save_strategy="no",
         report_to="none",
         seed=settings.seed,
-        # A 135M-3B model's activations for a few packed rows fit in GPU memory many times
-        # over; recomputing them (TRL's default) only costs time.
-        gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    # TRL recomputes activations by default; we keep them unless asked (SmolLM2-135M's took
+    # 26.6 GiB at ~31k tokens a step on an H100, bench/README.md): recomputing only costs time
+    # where they fit. transformers 5 renamed the option (the old name still works, with a warning).
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
+    options[checkpointing] = settings.gradient_checkpointing
     options.update(overrides)
     return SFTConfig(**options)
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """The GPU ran out of memory during training; the message says which settings to change."""
+
+
+@contextmanager
+def out_of_memory_explained(settings: TrainSettings, base_model: str):
+    """A CUDA out-of-memory error during training, turned into one that names the settings that
+    make a step fit, instead of PyTorch's allocator advice alone."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()) if torch.cuda.is_available() else None
+        on = f" on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB)" if gpu else ""
+        advice = [
+            "set gradient_checkpointing: true (activations recomputed in backward; same results, slower)"
+            if not settings.gradient_checkpointing else "",
+            "lower batch_size, raising gradient_accumulation_steps to keep the tokens a step",
+            "lower max_length",
+            "set quantization: 4bit (QLoRA)" if settings.quantization != "4bit" else "",
+        ]
+        raise TrainingOutOfMemory(
+            f"out of GPU memory training {base_model} with {settings.batch_size} rows of {settings.max_length} "
+            f"tokens a step{on}. To fit: {'; or '.join(a for a in advice if a)}. "
+            f"PyTorch said: {str(err).splitlines()[0] if str(err) else 'out of memory'}"
+        ) from err
 
 
 def lora_config(settings: TrainSettings):
@@ -677,7 +711,7 @@ def train_adapter(
         for layer in decoder_layers(trainer.model):
             layer.compile(dynamic=True)
     started = time.monotonic()
-    with lm_head_on_answers(settings):
+    with lm_head_on_answers(settings), out_of_memory_explained(settings, Path(base_dir).name):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     meter.mark(result.global_step)
     seconds = time.monotonic() - started

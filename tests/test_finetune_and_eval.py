@@ -251,6 +251,85 @@ def test_calls_longer_than_max_length_are_counted_and_a_useless_max_length_refus
                                finetune.TrainSettings(max_steps=1, max_length=16))
 
 
+def test_gradient_checkpointing_keeps_fewer_activations_for_the_same_loss_and_gradients(intent_calls, base_model_dir, tmp_path):
+    """`gradient_checkpointing: true`, one step of the trainer the pipeline builds (packed rows,
+    LoRA, dropout on): the forward keeps a fraction of the activations for backward, and the loss
+    and every LoRA gradient are those of the step that keeps them all."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenized = finetune.tokenize_examples(tokenizer, finetune.training_examples(intent_calls.iloc[:24]))
+
+    class GradientsBeforeTheUpdate(TrainerCallback):
+        def __init__(self):
+            self.gradients = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def one_step(checkpointing: bool):
+        settings = finetune.TrainSettings(max_steps=1, batch_size=2, max_length=768, logging_steps=1,
+                                          gradient_checkpointing=checkpointing)
+        capture = GradientsBeforeTheUpdate()
+        trainer = SFTTrainer(
+            model=finetune._load_base_for_training(base_model_dir, settings),
+            args=finetune.sft_config(tmp_path / str(checkpointing), settings),
+            train_dataset=Dataset.from_list(tokenized),
+            processing_class=tokenizer,
+            peft_config=finetune.lora_config(settings),
+            callbacks=[capture],
+        )
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:  # non-zero, so that lora_A gets a gradient too
+                parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        kept_bytes = []
+
+        def keep(tensor):
+            kept_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            trainer.train()
+        return trainer.state.log_history[0]["loss"], capture.gradients, sum(kept_bytes)
+
+    loss, gradients, kept = one_step(checkpointing=False)
+    checkpointed_loss, checkpointed_gradients, checkpointed_kept = one_step(checkpointing=True)
+    assert checkpointed_kept < kept / 10, (checkpointed_kept, kept)
+    assert checkpointed_loss == pytest.approx(loss, rel=1e-6)
+    assert gradients.keys() == checkpointed_gradients.keys() and len(gradients) == 2 * 7 * 30  # A and B, 7 projections, 30 layers
+    for name, gradient in gradients.items():
+        assert gradient.abs().sum() > 0 and torch.allclose(checkpointed_gradients[name], gradient, rtol=1e-4, atol=1e-7), name
+
+
+def test_running_out_of_gpu_memory_names_the_settings_that_make_a_step_fit(intent_calls, base_model_dir, tmp_path, monkeypatch):
+    import torch
+    from trl import SFTTrainer
+
+    def out_of_memory(self, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity "
+                                          "of 22.05 GiB of which 1.20 GiB is free.\nIf reserved but unallocated ...")
+
+    monkeypatch.setattr(SFTTrainer, "train", out_of_memory)
+    with pytest.raises(finetune.TrainingOutOfMemory) as refused:
+        finetune.train_adapter(base_model_dir, intent_calls.iloc[:8], tmp_path / "adapter", finetune.TrainSettings(max_steps=1))
+    message = str(refused.value)
+    assert message.startswith(f"out of GPU memory training {base_model_dir.name} with 2 rows of 768 tokens a step. ")
+    assert ("To fit: set gradient_checkpointing: true (activations recomputed in backward; same results, slower); "
+            "or lower batch_size, raising gradient_accumulation_steps to keep the tokens a step; or lower max_length; "
+            "or set quantization: 4bit (QLoRA). ") in message
+    assert message.endswith("PyTorch said: CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity "
+                            "of 22.05 GiB of which 1.20 GiB is free.")
+    assert not (tmp_path / "adapter").exists()
+    # what is already set is not suggested again
+    with pytest.raises(finetune.TrainingOutOfMemory, match=r"a step\. To fit: lower batch_size, .*; or set quantization"):
+        finetune.train_adapter(base_model_dir, intent_calls.iloc[:8], tmp_path / "adapter",
+                               finetune.TrainSettings(max_steps=1, gradient_checkpointing=True))
+
+
 def test_kernel_choices_fail_clearly_where_they_cannot_run():
     with pytest.raises(RuntimeError, match="CUDA"):
         finetune.apply_kernels(None, finetune.TrainSettings(kernels="liger"))
