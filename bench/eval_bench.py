@@ -45,7 +45,7 @@ def padded_prefill():
         if not shared:
             return None
         cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), past_key_values=cache,
+        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), **{evaluate.cache_keyword(model): cache},
               use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(sequences))
         return cache

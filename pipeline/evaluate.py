@@ -149,6 +149,15 @@ def _prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
+def cache_keyword(model) -> str:
+    """The keyword a model's forward and `generate` take a KV cache by: `cache` since
+    transformers 5.2x renamed it, `past_key_values` before (5.40 drops the old name)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes it on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _prefilled_cache(model, sequences: list[list[int]], shared: int, width: int, pad_token_id: int):
     """The KV cache of every prompt but its last token, laid out as the batch's left padding
     wants it: the shared prefix (run once), then each row's own tokens right-aligned in `width`.
@@ -165,7 +174,7 @@ def _prefilled_cache(model, sequences: list[list[int]], shared: int, width: int,
     if shared:
         prefix = DynamicCache(config=model.config)
         # only the cache is wanted: logits of the last position alone, not the whole prefix's
-        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), past_key_values=prefix,
+        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), **{cache_keyword(model): prefix},
               use_cache=True, logits_to_keep=1)
     own = [s[shared:-1] for s in sequences]
     groups = _prefill_groups([len(o) for o in own])
@@ -191,7 +200,7 @@ def _prefilled_cache(model, sequences: list[list[int]], shared: int, width: int,
                 cache.update(prefix_layer.keys.expand(len(group), -1, -1, -1).contiguous(),
                              prefix_layer.values.expand(len(group), -1, -1, -1).contiguous(), layer)
         model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions.to(model.device),
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+              **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
         rows = torch.tensor(group, device=model.device)
         for layer, group_layer in enumerate(cache.layers):
             if keys[layer] is None:
@@ -254,7 +263,7 @@ def _generate_batch(
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **{cache_keyword(model): cache},
             max_new_tokens=max_new_tokens,
             max_time=max_time,
             # transformers compiles the decoding of a generation that uses a preallocated cache on a
