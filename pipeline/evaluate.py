@@ -170,11 +170,12 @@ def _prefilled_cache(model, sequences: list[list[int]], shared: int, width: int,
     import torch
     from transformers import DynamicCache
 
+    keyword = cache_keyword(model)
     prefix = None
     if shared:
         prefix = DynamicCache(config=model.config)
         # only the cache is wanted: logits of the last position alone, not the whole prefix's
-        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), **{cache_keyword(model): prefix},
+        model(input_ids=torch.tensor([sequences[0][:shared]], device=model.device), **{keyword: prefix},
               use_cache=True, logits_to_keep=1)
     own = [s[shared:-1] for s in sequences]
     groups = _prefill_groups([len(o) for o in own])
@@ -200,7 +201,7 @@ def _prefilled_cache(model, sequences: list[list[int]], shared: int, width: int,
                 cache.update(prefix_layer.keys.expand(len(group), -1, -1, -1).contiguous(),
                              prefix_layer.values.expand(len(group), -1, -1, -1).contiguous(), layer)
         model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions.to(model.device),
-              **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
+              **{keyword: cache}, use_cache=True, logits_to_keep=1)
         rows = torch.tensor(group, device=model.device)
         for layer, group_layer in enumerate(cache.layers):
             if keys[layer] is None:
