@@ -57,7 +57,21 @@ def describe_routes(registry: Path) -> str:
     return "\n".join(lines)
 
 
-def run(config_file: Path | None) -> int:
+def replay_held_out_calls(store: Store, limit: int) -> str:
+    """Send held-out calls through slm-router over the run's registry; its summary, also kept as
+    replay.json beside the run's report."""
+    from pipeline import replay
+    from pipeline.store import read_table, write_json
+
+    calls = replay.held_out_calls(read_table(store.table("curated_traces")), read_table(store.table("task_clusters")),
+                                  read_table(store.evaluation / "predictions.parquet"), limit=limit)
+    print(f"Replaying {len(calls)} held-out calls through slm-router...", flush=True)
+    summary = replay.replay(store.registry, calls)
+    write_json(latest_run(store.registry) / "replay.json", summary)
+    return replay.format_replay(summary)
+
+
+def run(config_file: Path | None, replay_calls: int = 300) -> int:
     import dagster as dg
 
     from assets import run_config as run_configs
@@ -93,6 +107,8 @@ def run(config_file: Path | None) -> int:
         return 1
     print(f"\nFinished in {time.monotonic() - started:.0f}s\n")
     print(format_summary(latest_summary(resource.store())))
+    if replay_calls and resource.mirror() is None:
+        print("\n" + replay_held_out_calls(resource.store(), replay_calls))
     return 0
 
 
@@ -118,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--candidates", type=Path, default=REPO_ROOT / "configs" / "candidates.yaml")
     run_parser = commands.add_parser("run", help="materialize the whole asset graph and print the summary")
     run_parser.add_argument("--config", type=Path, help="Dagster run config (YAML), e.g. configs/gpu.yaml")
+    run_parser.add_argument("--replay-calls", type=int, default=300,
+                            help="held-out calls sent through slm-router after the run (0: none)")
     commands.add_parser("summary", help="print the summary of the newest run")
     commands.add_parser("routes", help="what the router serves, each route's versions and the promotion history")
     rollback = commands.add_parser("rollback", help="serve an earlier version of a route, or send its calls to the LLM")
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_models(Path(resource.model_cache_dir), args.candidates)
             return 0
         if args.command == "run":
-            return run(args.config)
+            return run(args.config, args.replay_calls)
         # The other commands read (and rollback writes) the registry; on object storage through
         # the local copy, pulled first and pushed after a change. The folder is held to change
         # router.yaml or the local copy; reading local files written by renames needs no hold.

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
-from pipeline import curate, finetune, models, select
+from pipeline import curate, encoders, finetune, models, select
 from pipeline.cluster import cluster_key
 from pipeline.store import read_json, read_table, write_json
 
@@ -27,6 +27,17 @@ class SelectionConfig(dg.Config):
     probe_shots: int = Field(select.ProbeSettings.shots, ge=0)  # solved calls in the few-shot prompt
     probe_margin: float = Field(select.ProbeSettings.margin, ge=0, le=1)  # a larger candidate must beat the smallest by more
     probe_max_new_tokens: int = Field(select.ProbeSettings.max_new_tokens_cap, ge=1)  # longest probe answer
+    # the kinds of specialist a cluster may get, cheapest first where its answers allow: "classifier"
+    # (closed label sets), "span_tagger" (JSON of spans of the request), "generative" (LoRA on an SLM)
+    specialist_kinds: list[str] = Field(default_factory=lambda: list(encoders.KINDS), min_length=1)
+
+    @field_validator("specialist_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - set(encoders.KINDS))
+        if unknown:
+            raise ValueError(f"unknown specialist kind(s) {', '.join(unknown)}; the kinds are {', '.join(encoders.KINDS)}")
+        return kinds
 
 
 @dg.asset(group_name=GROUP, deps=[curated_traces, task_clusters], kinds={"python"})
@@ -51,6 +62,7 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
         ) if config.probe else None,
         progress=context.log.info,
         known_probes=known_probes,
+        kinds=tuple(config.specialist_kinds),
     )
     write_json(known_path, known_probes)
     write_json(
@@ -64,8 +76,9 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
         metadata={
             "clusters_to_fine_tune": sum(c["decision"] == select.FINE_TUNE for c in choices),
             "decisions": markdown_table(
-                ["cluster", "label", "decision", "model", "reason"],
-                [[c["cluster_id"], c["label"], c["decision"], c["candidate"] or "-", c["reason"]] for c in choices],
+                ["cluster", "label", "decision", "kind", "model", "reason"],
+                [[c["cluster_id"], c["label"], c["decision"], c.get("kind") or "-", c["candidate"] or "-", c["reason"]]
+                 for c in choices],
             ),
             "unavailable_candidates": dg.MetadataValue.json(unavailable),
             "probe_scores": dg.MetadataValue.json({c["cluster_id"]: c.get("probe") for c in choices}),
@@ -98,6 +111,12 @@ class FinetuneConfig(dg.Config):
     gradient_checkpointing: bool = False  # recompute activations in backward: for models or steps that do not fit in GPU memory
     save_steps: int = Field(0, ge=0)  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
     merged_weights: bool = False  # also write the base model with the adapter merged in (servers without LoRA)
+    # encoder specialists (classifier, span tagger): whole passes over the cluster's training calls.
+    # 12 epochs: where the learning curves of the sample's two encoder clusters flatten (bench/README.md)
+    encoder_epochs: int = Field(12, ge=1)
+    encoder_batch_size: int = Field(16, ge=1)
+    encoder_learning_rate: float = Field(5e-5, gt=0, lt=1)
+    encoder_max_length: int = Field(128, ge=8)  # request tokens an encoder reads
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # latest share of each cluster's calls, kept for shadow eval
     min_holdout: int = Field(10, ge=1)
     max_holdout: int = Field(200, ge=1)
@@ -110,6 +129,10 @@ class FinetuneConfig(dg.Config):
 
     def train_settings(self, candidate: models.Candidate) -> finetune.TrainSettings:
         return finetune.settings_for_model(self.model_dump(), candidate.params_millions, candidate.context_length)
+
+    def encoder_settings(self) -> encoders.EncoderSettings:
+        return encoders.EncoderSettings(epochs=self.encoder_epochs, batch_size=self.encoder_batch_size,
+                                        learning_rate=self.encoder_learning_rate, max_length=self.encoder_max_length)
 
     def split_settings(self) -> finetune.SplitSettings:
         return finetune.SplitSettings(self.holdout_fraction, self.min_holdout, self.max_holdout)
@@ -132,6 +155,9 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         key = cluster_key(choice["cluster_id"])
         members = calls[calls["cluster_id"] == choice["cluster_id"]]
         train, holdout = finetune.split_by_time(members, config.split_settings())
+        if choice.get("kind", encoders.GENERATIVE) in encoders.ENCODER_KINDS:
+            trained.append(_encoder_specialist(context, config, store, choice, train, holdout))
+            continue
         base_dir = models.resolve_model_dir(candidates[choice["candidate"]], pipeline_store.model_cache())
         settings = config.train_settings(candidates[choice["candidate"]])
         fingerprint = finetune.training_fingerprint(choice["candidate"], list(train["trace_id"]), settings)
@@ -158,6 +184,7 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
             record = {
                 "cluster_id": choice["cluster_id"],
                 "label": choice["label"],
+                "kind": encoders.GENERATIVE,
                 "candidate": choice["candidate"],
                 "base_dir": str(base_dir),
                 "adapter_dir": str(adapter_dir),
@@ -182,10 +209,12 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         metadata={
             "adapters": len(trained),
             "training": markdown_table(
-                ["cluster", "model", "train calls", "steps", "loss first → last", "tokens/s", "MFU", "peak GiB"],
+                ["cluster", "kind", "model", "train calls", "steps / epochs", "loss first → last", "tokens/s",
+                 "MFU", "peak GiB"],
                 [
-                    [r["cluster_id"], r["candidate"], r["metrics"]["train_calls"], r["metrics"]["steps"],
-                     f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"]["tokens_per_second"],
+                    [r["cluster_id"], r.get("kind", encoders.GENERATIVE), r["candidate"], r["metrics"]["train_calls"],
+                     r["metrics"].get("steps") or f"{r['metrics'].get('epochs')} epochs",
+                     f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"].get("tokens_per_second", "–"),
                      r["metrics"].get("mfu", "–"), r["metrics"].get("peak_memory_gib", "–")]
                     for r in trained
                 ],
@@ -194,13 +223,45 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
     )
 
 
-@dg.asset_check(asset=finetuned_adapters, description="Every adapter folder holds a loadable PEFT adapter.")
+def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfig, store, choice: dict,
+                        train, holdout) -> dict:
+    """Train (or keep, when its data and settings are unchanged) one cluster's encoder specialist;
+    its training record. The learning curve is read on the earlier half of the held-out calls,
+    where shadow evaluation calibrates (by default); the later, test half is never looked at."""
+    key = cluster_key(choice["cluster_id"])
+    folder, record_path = store.adapters / key / "specialist", store.adapters / key / "training.json"
+    settings = config.encoder_settings()
+    fingerprint = encoders.training_fingerprint(choice["kind"], choice["contract"], list(train["trace_id"]), settings)
+    kept = read_json(record_path) if record_path.exists() and folder.exists() else None
+    if kept and kept.get("fingerprint") == fingerprint:
+        context.log.info(f"{key}: data and settings unchanged, keeping its {choice['kind']}")
+        return kept
+    context.log.info(f"{key}: training a {choice['kind']} ({choice['candidate']}) on {len(train)} calls, "
+                     f"{len(holdout)} held out")
+    shutil.rmtree(store.adapters / key / "adapter", ignore_errors=True)  # a generative adapter of an earlier run
+    metrics = encoders.train_specialist(
+        choice["kind"], choice["contract"], encoders.encoder_path(), train, folder, settings,
+        curve_calls=holdout.iloc[: len(holdout) // 2],
+        instructions=[encoders.instructions_key(m, t) for m, t in zip(train["messages"], train["tools"])],
+        progress=lambda m: context.log.info(f"{key}: {m}"),
+    )
+    record = {"cluster_id": choice["cluster_id"], "label": choice["label"], "kind": choice["kind"],
+              "candidate": choice["candidate"], "base_dir": encoders.encoder_path(), "adapter_dir": str(folder),
+              "fingerprint": fingerprint, "train_ids": list(train["trace_id"]),
+              "holdout_ids": list(holdout["trace_id"]), "metrics": metrics, "merged_dir": None}
+    write_json(record_path, record)
+    return record
+
+
+@dg.asset_check(asset=finetuned_adapters, description="Every adapter folder holds a loadable PEFT adapter, and every "
+                                                      "encoder specialist's folder a model the router can serve.")
 def adapters_are_complete(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     records = read_json(pipeline_store.store().stats("finetuned_adapters"))
     incomplete = [
         r["adapter_dir"] for r in records
-        if not (Path(r["adapter_dir"]) / "adapter_config.json").is_file()
-        or not (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file()
+        if (encoders.servability_problems(Path(r["adapter_dir"])) if r.get("kind") in encoders.ENCODER_KINDS else
+            not (Path(r["adapter_dir"]) / "adapter_config.json").is_file()
+            or not (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file())
     ]
     return dg.AssetCheckResult(passed=not incomplete, metadata={"adapters": len(records), "incomplete": incomplete})
 

@@ -19,7 +19,7 @@ import pandas as pd
 from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
 from assets.resources import JudgeEndpoint, PipelineStore
-from pipeline import evaluate, promote, rawzone
+from pipeline import encoders, evaluate, promote, rawzone
 from pipeline.cluster import UNCLUSTERED, cluster_key
 from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
 
@@ -27,12 +27,16 @@ GROUP = "promotion"
 
 
 class ShadowEvalConfig(dg.Config):
-    # latest held-out calls answered per cluster (0: all); sized for a CPU demo, configs/gpu.yaml takes all
+    # latest held-out calls a generative SLM answers per cluster (0: all); sized for a CPU demo,
+    # configs/gpu.yaml takes all. Encoder specialists answer every held-out call (seconds on a CPU).
     max_calls_per_cluster: int = Field(24, ge=0)
     calibration_share: float = Field(0.5, gt=0, lt=1)  # the earlier part of them, where the threshold is chosen
     batch_size: int = Field(32, ge=1)  # calls answered together; 32 was fastest on the 2-core CPU (bench/README.md)
     max_new_tokens_cap: int = Field(160, ge=1)
     quality_floor: float = Field(0.8, ge=0, le=1)  # mean score vs baseline a cluster must reach to be promoted
+    # the calibrated threshold keeps answers whose lower bound at this confidence clears the floor on the
+    # calibration calls (promotion's own test, asked of the other split); 0: whose mean does
+    threshold_confidence: float = Field(0.95, ge=0, lt=1)
     latency_calls: int = Field(2, ge=0)  # test calls answered one at a time as well, for the batch-1 latency
     arm_calls: int = Field(4, ge=0)  # latest test calls the base model answers too (zero-shot, in-context); 0: none
     shots: int = Field(2, ge=0)  # retrieved training calls in the in-context arm's prompt
@@ -103,7 +107,9 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
     summaries, predictions, kept_names = [], [], set()
     for record in _training_records(store):
         key = cluster_key(record["cluster_id"])
-        holdout_ids = record["holdout_ids"][-config.max_calls_per_cluster:] if config.max_calls_per_cluster else record["holdout_ids"]
+        kind = record.get("kind", encoders.GENERATIVE)
+        every_call = kind in encoders.ENCODER_KINDS or not config.max_calls_per_cluster
+        holdout_ids = record["holdout_ids"] if every_call else record["holdout_ids"][-config.max_calls_per_cluster:]
         adapter_hash = _adapter_hash(Path(record["adapter_dir"]))
         fingerprint = _evaluation_fingerprint(record, adapter_hash, holdout_ids, config, judge_endpoint)
         kept = _kept_evaluation(kept_folder, key, fingerprint)
@@ -113,17 +119,23 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
         else:
             holdout = curated.loc[holdout_ids].reset_index(drop=True)
             train = curated.loc[record["train_ids"]].reset_index(drop=True)
-            context.log.info(f"{key}: answering {len(holdout)} held-out calls")
-            model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
-            scored, summary = evaluate.evaluate_cluster(
-                model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
-                progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
-            )
+            context.log.info(f"{key}: answering {len(holdout)} held-out calls ({kind})")
+            if kind in encoders.ENCODER_KINDS:
+                scored, summary = evaluate.evaluate_specialist(
+                    encoders.Specialist(Path(record["adapter_dir"])), holdout, config.quality_floor, settings,
+                    config.calibration_share, prices, threshold_confidence=config.threshold_confidence or None)
+            else:
+                model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
+                scored, summary = evaluate.evaluate_cluster(
+                    model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
+                    progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
+                    threshold_confidence=config.threshold_confidence or None,
+                )
             scored, summary = _keep_evaluation(kept_folder, key, fingerprint, scored, summary)
             pipeline_store.publish_folder(kept_folder, context.log.info)  # a pod lost later keeps it
         kept_names |= {f"{key}.json", f"{key}.{fingerprint}.parquet"}
         summaries.append({"cluster_id": record["cluster_id"], "label": record["label"], "candidate": record["candidate"],
-                          "adapter_hash": adapter_hash, **summary})
+                          "adapter_hash": adapter_hash, **summary, "kind": kind})
         predictions.append(scored.assign(cluster_id=record["cluster_id"]))
     for leftover in kept_folder.iterdir():  # clusters of earlier runs that this run does not have
         if leftover.name not in kept_names:
@@ -214,6 +226,7 @@ def promotion_decisions(config: PromotionConfig, pipeline_store: PipelineStore) 
         decision, reason = promote.promotion_decision(evaluations.get(cid), report["quality_floor"], config.min_holdout,
                                                       config.confidence)
         decisions.append({"cluster_id": cid, "decision": decision, "reason": reason,
+                          "kind": records[cid].get("kind", encoders.GENERATIVE) if cid in records else None,
                           "adapter_dir": records[cid]["adapter_dir"] if cid in records else None,
                           "base_dir": records[cid]["base_dir"] if cid in records else None})
     write_json(store.stats("promotion_decisions"), {
@@ -253,13 +266,15 @@ def promoted_clusters_clear_the_floor(pipeline_store: PipelineStore) -> dg.Asset
 
 @dg.asset_check(asset=promotion_decisions, blocking=True,
                 description="Every adapter to be promoted can be served: PEFT LoRA that loads, trained on the route's base "
-                            "model, rank within the serving limit, no full weights unless allowed, chat template present.")
+                            "model, rank within the serving limit, no full weights unless allowed, chat template present; "
+                            "an encoder specialist with its model, tokenizer, labels and the instructions it serves.")
 def promoted_adapters_are_servable(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     decisions, promoted = _promoted(pipeline_store.store())
     limits = decisions["serving"]
     problems = {cluster_key(d["cluster_id"]): found for d in promoted
-                if (found := promote.servability_problems(Path(d["adapter_dir"]), d["base_dir"], limits["max_lora_rank"],
-                                                          limits["allow_extra_modules"]))}
+                if (found := promote.specialist_problems(d.get("kind", encoders.GENERATIVE), Path(d["adapter_dir"]),
+                                                         d["base_dir"], limits["max_lora_rank"],
+                                                         limits["allow_extra_modules"]))}
     return dg.AssetCheckResult(passed=not problems, metadata={"promoted": len(promoted), "problems": dg.MetadataValue.json(problems)})
 
 
@@ -295,7 +310,8 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
         decision = decisions[cid]
         if decision["decision"] == promote.PROMOTED:
             record = records[cid]
-            route = {"name": cluster_key(cid), "label": cluster["label"], "base_model": record["candidate"],
+            route = {"name": cluster_key(cid), "label": cluster["label"], "kind": record.get("kind", encoders.GENERATIVE),
+                     "base_model": record["candidate"],
                      "base_model_path": record["base_dir"], "adapter_dir": record["adapter_dir"],
                      "threshold": evaluations[cid]["confidence_threshold"], "centroid": cluster["centroid"],
                      "min_similarity": cluster["match_min_similarity"],
@@ -311,7 +327,7 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
                 "size": cluster["size"],
                 "share": cluster["share"],
                 "member_ids": list(assignments.loc[assignments["cluster_id"] == cid, "trace_id"]),
-                "selection": {k: choices[cid][k] for k in ("decision", "candidate", "reason")},
+                "selection": {k: choices[cid].get(k) for k in ("decision", "kind", "candidate", "reason")},
                 "training": {k: v for k, v in training.items() if k != "loss_curve"} if training else None,
                 "shadow_eval": evaluations.get(cid),
                 "promotion": {"decision": decision["decision"], "reason": decision["reason"]},
@@ -351,7 +367,10 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     }
     plot_path = store.evaluation / "coverage_quality.png"
     plot_png = plot_path.read_bytes() if plot_path.exists() else None
-    run_dir = promote.write_run_report(store.registry, run, report, summary, plot_png)
+    curves = {f"{cluster_key(r['cluster_id'])} {r.get('kind', encoders.GENERATIVE)}": r["metrics"]["learning_curve"]
+              for r in records.values() if r.get("metrics", {}).get("learning_curve")}
+    curves_png = evaluate.learning_curves_png(curves, report["quality_floor"]) if curves else None
+    run_dir = promote.write_run_report(store.registry, run, report, summary, plot_png, curves_png)
     summary = read_json(run_dir / "summary.json")
     image = f"data:image/png;base64,{base64.b64encode(plot_png).decode()}" if plot_png else None
     context.log.info(f"run {run_dir.name}: {len(promoted)} route(s) promoted, the router serves {len(router['routes'])}")
@@ -372,9 +391,12 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     )
 
 
-@dg.asset_check(asset=router_config, description="Every route of the router config points at an adapter that exists.")
+@dg.asset_check(asset=router_config, description="Every route of the router config points at an adapter (or an encoder "
+                                                 "specialist) that exists.")
 def routes_point_at_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     registry = pipeline_store.store().registry
     router = promote.read_router_config(registry)
-    missing = [r["name"] for r in router["routes"] if not (registry / r["adapter"] / "adapter_config.json").is_file()]
+    config_file = lambda route: (encoders.SPECIALIST_FILE if route.get("kind", encoders.GENERATIVE)  # noqa: E731
+                                 in encoders.ENCODER_KINDS else "adapter_config.json")
+    missing = [r["name"] for r in router["routes"] if not (registry / r["adapter"] / config_file(r)).is_file()]
     return dg.AssetCheckResult(passed=not missing, metadata={"routes": len(router["routes"]), "missing": missing})

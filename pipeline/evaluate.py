@@ -355,16 +355,25 @@ def score_holdout(holdout: pd.DataFrame, generated: list[tuple[str, float]], jud
     return pd.DataFrame(rows)
 
 
-def calibrate_threshold(scored: pd.DataFrame, quality_floor: float) -> tuple[float | None, float]:
+def calibrate_threshold(scored: pd.DataFrame, quality_floor: float,
+                        confidence: float | None = None) -> tuple[float | None, float]:
     """(threshold, coverage): the lowest confidence at which the answers at or above it
     average at least the quality floor, and the share of calls the SLM then answers.
+
+    With `confidence` (promotion's, e.g. 0.95) the answers kept must clear the floor by their
+    lower confidence bound, not by their mean: the threshold that puts the mean right at the
+    floor puts the test calls' bound below it, so promotion could never follow from it.
 
     None means no threshold reaches the floor: every call would be escalated.
     """
     if scored.empty:
         return None, 0.0
+    from pipeline.promote import quality_lower_bound
+
     ordered = scored.sort_values("confidence", ascending=False)
     running_mean = ordered["score"].expanding().mean().to_numpy()
+    if confidence is not None:
+        running_mean = np.array([quality_lower_bound(m, n, confidence) for n, m in enumerate(running_mean, start=1)])
     meets = np.flatnonzero(running_mean >= quality_floor)
     if len(meets) == 0:
         return None, 0.0
@@ -413,10 +422,11 @@ def feedback_accuracy(scored: pd.DataFrame) -> dict | None:
     }
 
 
-def summarize_scores(scored: pd.DataFrame, quality_floor: float) -> dict:
-    """The cluster's figures from its scored held-out answers (with their `split` column)."""
+def summarize_scores(scored: pd.DataFrame, quality_floor: float, threshold_confidence: float | None = None) -> dict:
+    """The cluster's figures from its scored held-out answers (with their `split` column); the
+    threshold is calibrated with `threshold_confidence` (see `calibrate_threshold`)."""
     calibration, test = scored[scored["split"] == CALIBRATION], scored[scored["split"] == TEST]
-    threshold, _ = calibrate_threshold(calibration, quality_floor)
+    threshold, _ = calibrate_threshold(calibration, quality_floor, threshold_confidence)
     answered = test[test["confidence"] >= threshold] if threshold is not None else test.iloc[0:0]
     mean = lambda frame: round(float(frame["score"].mean()), 4) if len(frame) else None  # noqa: E731
     return {
@@ -492,7 +502,7 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
 def evaluate_cluster(
     model, tokenizer, holdout: pd.DataFrame, train: pd.DataFrame, quality_floor: float,
     settings: GenerationSettings, calibration_share: float = 0.5, prices: Prices | None = None,
-    progress: Callable[[str], None] | None = None, judge: Judge | None = None,
+    progress: Callable[[str], None] | None = None, judge: Judge | None = None, threshold_confidence: float | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures."""
     prompts = prompts_of(holdout, renders_tools(tokenizer))
@@ -507,7 +517,8 @@ def evaluate_cluster(
     scored = score_holdout(holdout, generated, judge)
     scored["split"] = split_for_calibration(scored, calibration_share)
     speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
-    summary = {**summarize_scores(scored, quality_floor), "max_new_tokens": budget, "cost_and_speed": speed}
+    summary = {**summarize_scores(scored, quality_floor, threshold_confidence), "max_new_tokens": budget,
+               "cost_and_speed": speed}
     test_rows = np.flatnonzero(scored["split"] == TEST)[-settings.arm_calls:] if settings.arm_calls else []
     if len(test_rows) and len(train):
         if progress:
@@ -516,6 +527,64 @@ def evaluate_cluster(
         summary["arms"] = {"calls": len(test_rows), **arms,
                            "fine_tuned": round(float(scored["score"].iloc[test_rows].mean()), 4)}
     return scored, summary
+
+
+def evaluate_specialist(
+    specialist, holdout: pd.DataFrame, quality_floor: float, settings: GenerationSettings,
+    calibration_share: float = 0.5, prices: Prices | None = None, threshold_confidence: float | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """`evaluate_cluster` for an encoder specialist (`pipeline.encoders.Specialist`): it answers
+    every held-out call's request; a call under instructions it was not trained with gets
+    confidence 0, as the router would escalate it."""
+    from pipeline.encoders import instructions_key, request_text
+
+    requests = [request_text(m) for m in holdout["messages"]]
+    known = set(specialist.spec.get("instructions") or [])
+    batch_seconds: list[float] = []
+    generated: list[tuple[str, float]] = []
+    for start in range(0, len(requests), settings.batch_size):
+        started = time.perf_counter()
+        generated += specialist.answer(requests[start : start + settings.batch_size])
+        batch_seconds.append(time.perf_counter() - started)
+    single_seconds = []
+    for request in requests[-settings.latency_calls:] if settings.latency_calls else []:
+        started = time.perf_counter()
+        specialist.answer([request])
+        single_seconds.append(time.perf_counter() - started)
+    generated = [(answer, confidence if instructions_key(m, t) in known else 0.0)
+                 for (answer, confidence), m, t in zip(generated, holdout["messages"], holdout["tools"])]
+    scored = score_holdout(holdout, generated)
+    scored["split"] = split_for_calibration(scored, calibration_share)
+    speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
+    return scored, {**summarize_scores(scored, quality_floor, threshold_confidence), "kind": specialist.kind,
+                    "cost_and_speed": speed}
+
+
+def learning_curves_png(curves: dict[str, list[dict]], quality_floor: float) -> bytes:
+    """Each specialist's learning curve: mean score against the logged answers on its
+    calibration calls after each pass, by the training examples seen so far."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, curve in curves.items():
+        points = [p for p in curve if "score" in p]
+        axes.plot([p["examples_seen"] for p in points], [p["score"] for p in points], "o-", markersize=3, label=name[:50])
+    axes.axhline(quality_floor, color="grey", linestyle="--", linewidth=1, label=f"quality floor {quality_floor:g}")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("training examples seen")
+    axes.set_ylabel("mean score vs baseline (calibration calls)")
+    axes.set_title("Learning curves of the specialists")
+    axes.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def coverage_quality_png(scored: pd.DataFrame, summaries: dict[int, dict], labels: dict[int, str],

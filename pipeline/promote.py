@@ -6,7 +6,7 @@ The model registry:
         router.yaml                   what the router serves now (schema: ROUTER_SCHEMA below)
         history.jsonl                 every promotion and rollback, one JSON line each
         cluster-2/v0001/              one promoted version of a route, never changed once written
-            adapter/                  LoRA adapter and tokenizer
+            adapter/                  LoRA adapter and tokenizer (an encoder specialist: its whole model)
             eval.json                 its shadow-evaluation figures
             route.json                label, base model, threshold, match rule, training settings
             hashes.json               sha256 of every file of the version
@@ -52,6 +52,8 @@ routes:                           # one per promoted task cluster
   - name: cluster-2
     version: v0003                # registry/cluster-2/v0003/
     label: "classify intent"
+    kind: generative              # generative: an SLM with a LoRA adapter; classifier or span_tagger:
+                                  # an encoder specialist answering from the request, served in-process
     match:                        # a call belongs to the route when the cosine similarity of
       centroid: [0.01, ...]       # its task-signature embedding to this centroid
       min_similarity: 0.41        # is at least this (nearest route wins)
@@ -59,7 +61,7 @@ routes:                           # one per promoted task cluster
       signature: weighted_parts   # and its task signature (pipeline.cluster.SIGNATURES)
     base_model: smollm2-135m-instruct
     base_model_path: /path/to/model-cache/smollm2-135m-instruct
-    adapter: cluster-2/v0003/adapter   # relative to the registry folder
+    adapter: cluster-2/v0003/adapter   # relative to the registry folder (an encoder specialist's model)
     confidence_threshold: 0.62    # below it the call is escalated to the fallback
     max_new_tokens: 48            # the answer budget shadow evaluation used for this route
 """
@@ -85,6 +87,18 @@ def quality_lower_bound(mean_score: float, calls: int, confidence: float) -> flo
     return max(0.0, (p + z * z / (2 * calls) - spread) / (1 + z * z / calls))
 
 
+def calls_to_clear(quality_floor: float, confidence: float, score: float = 1.0, limit: int = 100_000) -> int | None:
+    """The fewest answered calls on which a mean `score` (1.0: every answer right) has a lower
+    bound at or above the floor; None when no number of calls up to `limit` would do."""
+    if quality_lower_bound(score, limit, confidence) < quality_floor:
+        return None
+    low, high = 1, limit
+    while low < high:  # the bound rises with the number of calls
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if quality_lower_bound(score, middle, confidence) < quality_floor else (low, middle)
+    return low
+
+
 def promotion_decision(
     evaluation: dict | None, quality_floor: float, min_holdout: int, confidence: float = 0.95
 ) -> tuple[str, str]:
@@ -99,6 +113,10 @@ def promotion_decision(
         return NOT_PROMOTED, "not fine-tuned"
     if evaluation["test_calls"] < min_holdout:
         return NOT_PROMOTED, f"only {evaluation['test_calls']} held-out test calls (< {min_holdout})"
+    needed = calls_to_clear(quality_floor, confidence)
+    if needed is None or evaluation["test_calls"] < needed:
+        return NOT_PROMOTED, (f"underpowered: {evaluation['test_calls']} test calls cannot clear floor {quality_floor:g} "
+                              f"at {confidence:.0%} even if all correct (it takes {needed})")
     if evaluation["confidence_threshold"] is None:
         score = evaluation["score_vs_baseline"]
         return NOT_PROMOTED, f"shadow score {score:.3f}: no confidence threshold keeps the answered calls at the floor"
@@ -144,6 +162,16 @@ def servability_problems(adapter_dir: Path, base_model_path: str, max_rank: int 
             adapter_dir / "tokenizer_config.json"):
         problems.append("no chat template beside the adapter")
     return problems
+
+
+def specialist_problems(kind: str, adapter_dir: Path, base_model_path: str, max_rank: int = SERVING_MAX_RANK,
+                        allow_extra_modules: bool = False) -> list[str]:
+    """`servability_problems` for a route of any kind: an encoder specialist is checked as one."""
+    from pipeline import encoders
+
+    if kind in encoders.ENCODER_KINDS:
+        return encoders.servability_problems(adapter_dir)
+    return servability_problems(adapter_dir, base_model_path, max_rank, allow_extra_modules)
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -195,6 +223,7 @@ def router_entry(registry: Path, name: str, version: str) -> dict:
         "name": name,
         "version": version,
         "label": route["label"],
+        "kind": route.get("kind", "generative"),
         "match": {"centroid": route["centroid"], "min_similarity": route["min_similarity"],
                   "embedding_model": embedding.get("model", DEFAULT_MATCH_EMBEDDING["model"]),
                   "signature": embedding.get("signature", DEFAULT_MATCH_EMBEDDING["signature"])},
@@ -314,10 +343,14 @@ def routed_share(registry: Path, router: dict, cluster_shares: dict[str, float])
     return round(total, 4)
 
 
-def write_run_report(registry: Path, run: str, eval_report: dict, summary: dict, plot_png: bytes | None = None) -> Path:
+LEARNING_CURVES = "learning_curves.png"
+
+
+def write_run_report(registry: Path, run: str, eval_report: dict, summary: dict, plot_png: bytes | None = None,
+                     curves_png: bytes | None = None) -> Path:
     """registry/runs/<run>/ (`run` from `next_run`, the number the run's promotions were logged
     under) with the run's summary, eval report and report (markdown, HTML, coverage/quality
-    plot); runs/LATEST names it."""
+    plot, and the learning curves of the specialists that recorded one); runs/LATEST names it."""
     runs = registry / RUNS
     runs.mkdir(parents=True, exist_ok=True)
     staging = runs / f".{run}.partial"
@@ -333,8 +366,11 @@ def write_run_report(registry: Path, run: str, eval_report: dict, summary: dict,
     plot = "coverage_quality.png" if plot_png else None
     if plot_png:
         write_bytes(staging / plot, plot_png)
-    write_bytes(staging / "report.md", run_report_markdown(summary, plot).encode())
-    write_bytes(staging / "report.html", run_report_html(summary, plot).encode())
+    curves = LEARNING_CURVES if curves_png else None
+    if curves_png:
+        write_bytes(staging / curves, curves_png)
+    write_bytes(staging / "report.md", run_report_markdown(summary, plot, curves).encode())
+    write_bytes(staging / "report.html", run_report_html(summary, plot, curves).encode())
     staging.rename(final)
     write_bytes(runs / "LATEST", f"{run}\n".encode())
     return final
@@ -360,9 +396,13 @@ def vllm_serving_commands(registry: Path, router: dict) -> str:
     if not router["routes"]:
         return "No promoted routes: nothing to serve; every call goes to the fallback model."
     by_base: dict[str, list[dict]] = {}
+    in_process = [r["name"] for r in router["routes"] if r.get("kind", "generative") != "generative"]
     for route in router["routes"]:
-        by_base.setdefault(route["base_model_path"], []).append(route)
-    lines = []
+        if route.get("kind", "generative") == "generative":
+            by_base.setdefault(route["base_model_path"], []).append(route)
+    lines = [f"Encoder specialists ({', '.join(in_process)}) are served by slm-router itself, in-process."] if in_process else []
+    if not by_base:
+        return "\n".join(lines + ["No generative route: no vLLM server is needed."])
     for base, routes in by_base.items():
         modules = " ".join(f"{r['name']}={registry / r['adapter']}" for r in routes)
         rank = max(json.loads((registry / r["adapter"] / "adapter_config.json").read_text())["r"] for r in routes)
@@ -408,7 +448,7 @@ def report_rows(summary: dict) -> list[list[str]]:
         llm_p50 = (cost.get("llm_logged_latency_ms") or {}).get("p50")
         number = lambda value, form: "–" if value is None else format(value, form)  # noqa: E731
         rows.append([
-            c["name"], c["label"], f"{c['share']:.1%}", c["selection"]["candidate"] or "LLM",
+            c["name"], c["label"], f"{c['share']:.1%}", specialist_name(c["selection"]),
             number(evaluation.get("score_vs_baseline"), ".3f"), number(evaluation.get("confidence_threshold"), ".3f"),
             number(evaluation.get("coverage_at_threshold"), ".0%"), number(evaluation.get("score_at_threshold"), ".3f"),
             f"{llm_p50 / slm_p50:.1f}x" if slm_p50 and llm_p50 else "–",
@@ -418,8 +458,9 @@ def report_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
-def run_report_markdown(summary: dict, plot: str | None = "coverage_quality.png") -> str:
-    """The run's report for a person, in markdown; `plot`: the coverage/quality image's URL."""
+def run_report_markdown(summary: dict, plot: str | None = "coverage_quality.png", curves: str | None = None) -> str:
+    """The run's report for a person, in markdown; `plot`: the coverage/quality image's URL,
+    `curves`: the learning curves' image's."""
     counts = summary["counts"]
     lines = [
         f"# slm-convert run {summary['run']} ({summary['run_at']})",
@@ -435,10 +476,12 @@ def run_report_markdown(summary: dict, plot: str | None = "coverage_quality.png"
     ]
     if plot:
         lines += ["", f"![coverage and quality per cluster]({plot})"]
+    if curves:
+        lines += ["", f"![learning curves: score on the calibration calls by training examples seen]({curves})"]
     return "\n".join(lines) + "\n"
 
 
-def run_report_html(summary: dict, plot: str | None = "coverage_quality.png") -> str:
+def run_report_html(summary: dict, plot: str | None = "coverage_quality.png", curves: str | None = None) -> str:
     """The same report as a standalone HTML page."""
     from html import escape
 
@@ -446,6 +489,8 @@ def run_report_html(summary: dict, plot: str | None = "coverage_quality.png") ->
     head = "".join(f"<th>{escape(c)}</th>" for c in REPORT_COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in report_rows(summary))
     image = f'<p><img alt="coverage and quality per cluster" src="{escape(plot)}"></p>' if plot else ""
+    if curves:
+        image += f'<p><img alt="learning curves" src="{escape(curves)}"></p>'
     return (
         f"<!doctype html><html><head><meta charset=\"utf-8\"><title>slm-convert run {escape(summary['run'])}</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -456,6 +501,14 @@ def run_report_html(summary: dict, plot: str | None = "coverage_quality.png") ->
         f"answer about {counts['share_of_calls_to_slms']:.0%} of all calls with SLMs.</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{image}</body></html>\n"
     )
+
+
+def specialist_name(selection: dict) -> str:
+    """What answers a cluster's calls: the LLM, or the chosen model and its kind of specialist."""
+    if not selection.get("candidate"):
+        return "LLM"
+    kind = selection.get("kind") or "generative"
+    return selection["candidate"] if kind == "generative" else f"{selection['candidate']} {kind}"
 
 
 def format_summary(summary: dict) -> str:
@@ -471,16 +524,16 @@ def format_summary(summary: dict) -> str:
         f"Task clusters: {counts['task_clusters']['clusters']} "
         f"({counts['task_clusters']['unclustered_calls']} calls unclustered, kept on the LLM)",
         "",
-        f"{'cluster':<11} {'calls':>6}  {'label':<34} {'model':<24} {'score':>6} {'floor':>6}  decision",
+        f"{'cluster':<11} {'calls':>6}  {'label':<34} {'specialist':<28} {'score':>6} {'floor':>6}  decision",
     ]
     for c in summary["clusters"]:
         evaluation = c["shadow_eval"]
         score = f"{evaluation['score_vs_baseline']:.3f}" if evaluation else "-"
         lines.append(
-            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {(c['selection']['candidate'] or 'LLM'):<24} "
+            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {specialist_name(c['selection']):<28} "
             f"{score:>6} {summary['quality_floor']:>6.2f}  {c['promotion']['decision']}: {c['promotion']['reason']}"
         )
-        if c["selection"]["decision"] != "fine-tune":
+        if c["selection"]["decision"] != "fine-tune" or c["selection"].get("kind") not in (None, "generative"):
             lines.append(f"{'':<11} {'':>6}  selection: {c['selection']['reason']}")
         if evaluation:
             lines += [f"{'':<11} {'':>6}  {line}" for line in _evaluation_lines(evaluation)]

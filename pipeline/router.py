@@ -8,7 +8,10 @@ For each chat-completion request:
     SlmEngine.answer      the route's base SLM with the route's LoRA adapter answers greedily;
                           one base model in memory, adapters switched per request; the answer's
                           confidence is the geometric mean of its token probabilities, as in
-                          shadow evaluation, so the route's calibrated threshold means the same
+                          shadow evaluation, so the route's calibrated threshold means the same.
+                          An encoder specialist's route (classifier, span tagger) is answered by
+                          its model in-process, only for calls under the instructions it was
+                          trained with (else: "instructions changed", to the fallback)
     TraceWriter.write     every answered call, in the canonical trace format, into the landing
                           folder, so the next nightly run learns from it
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, promote, rawzone
+from pipeline import cluster, encoders, promote, rawzone
 from pipeline.calls import (
     ROUTER_SLM_MODEL_PREFIX, TOOL_CALL_OPEN, chat_of_call, parse_tool_calls, render_prompt, renders_tools,
     signature_parts,
@@ -58,6 +61,8 @@ class Route:
     adapter_dir: Path
     threshold: float
     max_new_tokens: int
+    kind: str = encoders.GENERATIVE
+    instructions: frozenset[str] = frozenset()  # encoder specialists: the instructions_key values it serves
 
     @property
     def key(self) -> str:
@@ -157,7 +162,15 @@ def _route(registry: Path, entry: dict) -> Route:
     match = entry["match"]
     centroid = np.asarray(match["centroid"], dtype=np.float32)
     adapter_dir = registry / entry["adapter"]
-    if not (adapter_dir / "adapter_config.json").is_file():
+    kind = entry.get("kind", encoders.GENERATIVE)
+    instructions: frozenset[str] = frozenset()
+    if kind in encoders.ENCODER_KINDS:
+        if problems := encoders.servability_problems(adapter_dir):
+            raise RouterConfigError(f"route {entry['name']} {entry['version']}: {'; '.join(problems)}")
+        instructions = frozenset(json.loads((adapter_dir / encoders.SPECIALIST_FILE).read_text())["instructions"])
+    elif kind != encoders.GENERATIVE:
+        raise RouterConfigError(f"route {entry['name']}: unknown kind {kind!r} (one of {', '.join(encoders.KINDS)})")
+    elif not (adapter_dir / "adapter_config.json").is_file():
         raise RouterConfigError(f"route {entry['name']} {entry['version']}: no adapter in {adapter_dir}")
     signature = match.get("signature", promote.DEFAULT_MATCH_EMBEDDING["signature"])
     if signature not in cluster.SIGNATURES:
@@ -174,6 +187,8 @@ def _route(registry: Path, entry: dict) -> Route:
         adapter_dir=adapter_dir,
         threshold=float(entry["confidence_threshold"]),
         max_new_tokens=int(entry.get("max_new_tokens", promote.DEFAULT_MAX_NEW_TOKENS)),
+        kind=kind,
+        instructions=instructions,
     )
 
 
@@ -223,6 +238,8 @@ class SlmEngine:
         self.max_batch = max_batch
         self._models: dict[str, tuple[object, object]] = {}  # base model path -> (PeftModel, tokenizer)
         self._adapters: dict[str, str] = {}  # route key -> base model path
+        self._specialists: dict[str, encoders.Specialist] = {}  # route key -> encoder specialist
+        self._specialist_lock = threading.Lock()  # one encoder forward at a time (a fast tokenizer is not thread-safe)
         self._lock = threading.Lock()  # held while the models change or generate
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self.batch_sizes: list[int] = []  # of every batch answered (for tests and benchmarks)
@@ -230,14 +247,20 @@ class SlmEngine:
 
     @property
     def loaded(self) -> set[str]:
-        return set(self._adapters)
+        return set(self._adapters) | set(self._specialists)
 
     def prepare(self, routes: tuple[Route, ...]) -> None:
-        """Load the adapters of `routes` not loaded yet (and their base models)."""
+        """Load the adapters of `routes` not loaded yet (and their base models), and the encoder
+        specialists."""
         from pipeline.evaluate import load_adapter_model
 
         for route in routes:
-            if route.key in self._adapters:
+            if route.key in self.loaded:
+                continue
+            if route.kind in encoders.ENCODER_KINDS:
+                specialist = encoders.Specialist(route.adapter_dir)
+                with self._specialist_lock:
+                    self._specialists[route.key] = specialist
                 continue
             with self._lock:
                 if route.base_model_path not in self._models:
@@ -250,8 +273,11 @@ class SlmEngine:
     def retire(self, keep: set[str]) -> None:
         """Unload adapters of versions no longer served (keeping at least one per base model,
         which PEFT needs to stay a PEFT model)."""
+        with self._specialist_lock:
+            for key in sorted(set(self._specialists) - keep):
+                del self._specialists[key]
         with self._lock:
-            for key in sorted(self.loaded - keep):
+            for key in sorted(set(self._adapters) - keep):
                 model, _ = self._models[self._adapters[key]]
                 others = [k for k, base in self._adapters.items() if base == self._adapters[key] and k != key]
                 if not others:
@@ -265,6 +291,8 @@ class SlmEngine:
                timeout: float) -> SlmAnswer:
         """The route's SLM answer to one call, or SlmTimeout when it cannot give it in `timeout`
         seconds (waiting for the model included)."""
+        if route.kind in encoders.ENCODER_KINDS:
+            return self._specialist_answer(route, messages_json)
         if route.key not in self._adapters:
             raise RuntimeError(f"adapter of {route.key} is not loaded")
         _, tokenizer = self._models[route.base_model_path]
@@ -279,6 +307,20 @@ class SlmEngine:
         except FutureTimeout:
             pending.future.cancel()  # the worker skips it if it has not started on it
             raise SlmTimeout(f"no answer from the SLM within {timeout:.1f}s") from None
+
+    def _specialist_answer(self, route: Route, messages_json: str) -> SlmAnswer:
+        """An encoder specialist's answer: one forward pass, milliseconds on a CPU; its text is
+        the logged answers' format (a label list, a JSON object), its message plain content."""
+        started = time.perf_counter()
+        request = encoders.request_text(messages_json)
+        with self._specialist_lock:
+            specialist = self._specialists.get(route.key)
+            if specialist is None:
+                raise RuntimeError(f"encoder specialist of {route.key} is not loaded")
+            (text, confidence), = specialist.answer([request])
+            prompt_tokens = len(specialist.tokenizer(request, truncation=True, max_length=specialist.spec["max_length"])["input_ids"])
+        return SlmAnswer({"role": "assistant", "content": text}, text, confidence, "stop", prompt_tokens, 0,
+                         time.perf_counter() - started)
 
     def _serve(self) -> None:
         while True:

@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
-from pipeline import promote, rawzone
+from pipeline import encoders, promote, rawzone
 from pipeline.calls import ROUTER_SLM_MODEL_PREFIX
 from pipeline.formats import json_text
 from pipeline.router import (
@@ -79,6 +79,8 @@ class RouterSettings:
     registry_mirror: Mirror | None = None  # the registry on object storage, `registry` its local copy
     log_max_records: int = 1000  # a trace file is closed (and visible to ingestion) after this many calls
     log_max_age: float = 300.0  # or after this many seconds
+    # the fallback's base URL instead of router.yaml's (a staging endpoint; the demo's replay of logged answers)
+    fallback_base_url: str | None = None
 
 
 class Metrics:
@@ -261,6 +263,9 @@ class Router:
                 f"no route: nearest {match.nearest} at similarity {match.similarity:.3f}")
             return None
         decision.route = route.key
+        if route.instructions and encoders.instructions_key(messages_json, tools_json) not in route.instructions:
+            decision.reason = "instructions changed: the call's system prompt or tools are not those the route was trained with"
+            return None
         unsupported = [p for p in ("n", "logprobs", "response_format") if payload.get(p) not in (None, 1, False)]
         if unsupported:
             decision.reason = f"unsupported: {', '.join(unsupported)}"
@@ -337,7 +342,8 @@ class Router:
         if model in ROUTER_MODEL_NAMES or model is None or str(model).startswith(ROUTER_SLM_MODEL_PREFIX):
             model = fallback["model"]
             body = json.dumps({**payload, "model": model}).encode()
-        url = fallback["base_url"].rstrip("/") + "/chat/completions"
+        base_url = self.settings.fallback_base_url or fallback["base_url"]
+        url = base_url.rstrip("/") + "/chat/completions"
         outgoing = {"content-type": "application/json"}
         key = os.environ.get(fallback.get("api_key_env") or "", "")
         if key:
@@ -348,7 +354,7 @@ class Router:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
             headers = self.finish(context, 502, None, fallback["model"], None, None, "none")
-            return ApiError(502, f"The fallback at {fallback['base_url']} did not answer: {type(err).__name__}",
+            return ApiError(502, f"The fallback at {base_url} did not answer: {type(err).__name__}",
                             "fallback_error").response(headers)
         if payload.get("stream") and response.status_code < 400:
             return StreamingResponse(self.relay(response, model, context), status_code=response.status_code,
@@ -563,7 +569,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
     return RouterSettings(
         registry=registry, registry_mirror=registry_mirror, landing_dir=landing, tokens=tokens,
         pseudonym_key=os.environ.get(rawzone.PSEUDONYM_KEY_ENV) or None, encryption_key=encryption_key,
-        slm_timeout=args.slm_timeout, max_request_bytes=args.max_request_bytes, reload_interval=args.reload_interval)
+        slm_timeout=args.slm_timeout, max_request_bytes=args.max_request_bytes, reload_interval=args.reload_interval,
+        fallback_base_url=args.fallback_url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--max-concurrency", type=int, default=64, help="requests in flight; more get 503")
     parser.add_argument("--reload-interval", type=float, default=2.0, help="seconds between looks at router.yaml")
+    parser.add_argument("--fallback-url", help="the fallback's base URL instead of router.yaml's (e.g. a staging endpoint)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     router = Router(settings_from_args(args))

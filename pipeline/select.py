@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pipeline import evaluate
+from pipeline import encoders, evaluate
 from pipeline.calls import baseline_answer, few_shot_prompt, renders_tools
 from pipeline.cluster import output_statistics
 from pipeline.models import Candidate, availability, resolve_model_dir
@@ -179,6 +179,30 @@ def run_probes(
     return results
 
 
+ENCODER_REASONS = {
+    encoders.CLASSIFIER: "every answer is a set of labels from a closed list of {n}: a classifier over the request "
+                         "gives it, the smallest specialist that fits the step's contract",
+    encoders.SPAN_TAGGER: "every answer is a JSON object of {n} keys whose values are copied from the request: a span "
+                          "tagger over the request gives it, the smallest specialist that fits the step's contract",
+}
+
+
+def choose_kind(features: dict, contract: dict, kinds: tuple[str, ...], min_calls: int,
+                generative_choice: dict) -> dict:
+    """The specialist kind for one cluster: an encoder specialist where the answers' contract
+    allows one and `kinds` enables it (cheapest to train and serve), else the generative choice
+    (`decide`), unless generative specialists are not enabled."""
+    kind = contract["kind"]
+    if kind in encoders.ENCODER_KINDS and kind in kinds and features["calls"] >= min_calls:
+        size = len(contract.get("labels") or contract.get("keys") or [])
+        return {"decision": FINE_TUNE, "kind": kind, "candidate": encoders.ENCODER_NAME,
+                "reason": ENCODER_REASONS[kind].format(n=size) + f" ({contract['share']:.0%} of the logged answers)"}
+    if generative_choice["decision"] == FINE_TUNE and encoders.GENERATIVE not in kinds:
+        return {"decision": KEEP_ON_LLM, "candidate": None, "kind": None,
+                "reason": "a generative SLM would be needed, and specialist_kinds does not include generative"}
+    return {**generative_choice, "kind": encoders.GENERATIVE if generative_choice["decision"] == FINE_TUNE else None}
+
+
 def select_models(
     curated: pd.DataFrame,
     assignments: pd.DataFrame,
@@ -190,11 +214,13 @@ def select_models(
     probe_settings: ProbeSettings | None = None,
     progress: Callable[[str], None] | None = None,
     known_probes: dict[str, dict] | None = None,
+    kinds: tuple[str, ...] = encoders.KINDS,
 ) -> tuple[list[dict], dict[str, str]]:
     """One choice per cluster, and the unavailable candidates with the reason for each.
 
-    `probe_settings=None` decides on the features alone (no model is loaded); `known_probes`
-    holds earlier runs' probe results (see `run_probes`) and receives this run's."""
+    `kinds`: the specialist kinds a cluster may get (encoders.KINDS). `probe_settings=None`
+    decides on the features alone (no model is loaded); `known_probes` holds earlier runs' probe
+    results (see `run_probes`) and receives this run's."""
     unavailable = {c.name: reason for c in candidates if (reason := availability(c, model_cache))}
     available = sorted((c for c in candidates if c.name not in unavailable), key=lambda c: c.params_millions)
     calls = curated.merge(assignments[["trace_id", "cluster_id"]], on="trace_id")
@@ -202,18 +228,22 @@ def select_models(
     for cluster in clusters:
         members = calls[calls["cluster_id"] == cluster["cluster_id"]]
         features = cluster_features(members)
-        choice = decide(features, candidates, unavailable, min_calls, max_mean_completion_tokens)
-        choices.append(
-            {"cluster_id": cluster["cluster_id"], "label": cluster["label"], **choice, "features": features}
-        )
+        contract = encoders.answer_contract(members)
+        choice = choose_kind(features, contract, tuple(kinds), min_calls,
+                             decide(features, candidates, unavailable, min_calls, max_mean_completion_tokens))
+        choices.append({"cluster_id": cluster["cluster_id"], "label": cluster["label"], **choice,
+                        "contract": contract, "features": features})
     rankings = {choice["cluster_id"]: choice.pop("ranking", []) for choice in choices}
     if probe_settings is None or not available:
         return choices, unavailable
 
-    # what to probe: every qualifying candidate of a cluster to fine-tune; the smallest available
-    # one on a cluster kept on the LLM with calls enough (evidence for the decision)
+    # what to probe: every qualifying candidate of a cluster to fine-tune as a generative SLM; the
+    # smallest available one on a cluster kept on the LLM with calls enough (evidence for the
+    # decision). Encoder specialists are measured by shadow evaluation, on every held-out call.
     plan = {}
     for choice in choices:
+        if choice["decision"] == FINE_TUNE and choice["kind"] != encoders.GENERATIVE:
+            continue
         if choice["decision"] == FINE_TUNE:
             plan[choice["cluster_id"]] = rankings[choice["cluster_id"]]
         elif choice["features"]["calls"] >= min_calls:

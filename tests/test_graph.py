@@ -20,10 +20,12 @@ DAY = "2026-10-01"  # the day of the one-day landing folder: runs are filed unde
 ASSET_NAMES = {"raw_traces", "curated_traces", "task_clusters", "slm_candidates", "finetuned_adapters", "shadow_eval",
                "promotion_decisions", "router_config"}
 
-# Tiny settings: the point here is the wiring, not the quality of a one-step adapter.
+# Tiny settings: the point here is the wiring, not the quality of a one-step adapter. Generative
+# specialists only (tests/test_encoders.py runs the graph with encoder specialists).
 QUICK = {
     "ops": {
-        "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8}},
+        "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8,
+                                      "specialist_kinds": ["generative"]}},
         "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 1, "max_length": 384, "min_holdout": 8, "max_holdout": 8}},
         "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 8, "quality_floor": 0.0,
                                    "arm_calls": 1, "latency_calls": 1}},

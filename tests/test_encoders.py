@@ -1,0 +1,183 @@
+"""Encoder specialists: which steps get one, how they are trained, answer, and are served."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import encoders, evaluate, promote, select
+from pipeline.promote import calls_to_clear, promotion_decision, quality_lower_bound
+
+
+def _step_calls(curation, labels, step: str) -> pd.DataFrame:
+    steps = {i: r["step"] for i, r in labels["records"].items()}
+    calls = curation.curated
+    return calls[calls["trace_id"].map(steps) == step].sort_values("called_at").reset_index(drop=True)
+
+
+def test_each_step_of_the_sample_gets_the_specialist_its_answers_allow(curation, labels):
+    intents = encoders.answer_contract(_step_calls(curation, labels, "classify_intent"))
+    assert intents["kind"] == encoders.CLASSIFIER
+    assert {"spa", "why", "booking", "wifi"} <= set(intents["labels"]) and len(intents["labels"]) <= 60
+    fields = encoders.answer_contract(_step_calls(curation, labels, "extract_slots"))
+    assert fields["kind"] == encoders.SPAN_TAGGER
+    assert {"date_from", "time_from", "person_name"} <= set(fields["keys"])
+    # tool calls and worked arithmetic need a generator
+    assert encoders.answer_contract(_step_calls(curation, labels, "call_tool"))["kind"] == encoders.GENERATIVE
+    assert encoders.answer_contract(_step_calls(curation, labels, "solve_math"))["kind"] == encoders.GENERATIVE
+
+
+def test_selection_picks_the_encoder_kind_only_where_enabled(curation, labels):
+    features = {"calls": 500}
+    contract = {"kind": encoders.CLASSIFIER, "labels": ["a", "b"], "share": 1.0}
+    generative = {"decision": select.FINE_TUNE, "candidate": "smollm2-135m-instruct", "reason": "fits"}
+    chosen = select.choose_kind(features, contract, encoders.KINDS, 40, generative)
+    assert (chosen["kind"], chosen["candidate"]) == (encoders.CLASSIFIER, encoders.ENCODER_NAME)
+    assert "closed list of 2" in chosen["reason"]
+    only_generative = select.choose_kind(features, contract, (encoders.GENERATIVE,), 40, generative)
+    assert (only_generative["kind"], only_generative["candidate"]) == (encoders.GENERATIVE, "smollm2-135m-instruct")
+    none = select.choose_kind(features, {"kind": encoders.GENERATIVE}, (encoders.CLASSIFIER,), 40, generative)
+    assert none["decision"] == select.KEEP_ON_LLM and "specialist_kinds" in none["reason"]
+    too_few = select.choose_kind({"calls": 10}, contract, encoders.KINDS, 40, {"decision": select.KEEP_ON_LLM,
+                                                                             "candidate": None, "reason": "10 calls"})
+    assert too_few["decision"] == select.KEEP_ON_LLM
+
+
+def test_a_span_answer_is_read_back_from_the_tags_with_the_whole_sequence_as_its_confidence():
+    tags = ["O", "B-date", "I-date", "B-people", "I-people"]
+    request = "table for 4 people tomorrow night"
+    offsets = [(0, 0), (0, 5), (6, 9), (10, 11), (12, 18), (19, 27), (28, 33), (0, 0)]
+    picks = [0, 0, 0, 3, 4, 1, 2, 0]
+    probabilities = np.full((len(offsets), len(tags)), 0.05)
+    for row, pick in enumerate(picks):
+        probabilities[row, pick] = 0.8
+    answer, confidence = encoders._spans_answer(request, offsets, probabilities, tags)
+    assert json.loads(answer) == {"people": "4 people", "date": "tomorrow night"}
+    assert list(json.loads(answer)) == ["people", "date"]  # in the order the request says them
+    assert confidence == pytest.approx(0.8 ** 6)  # the six word tokens; special tokens do not count
+
+
+def test_only_answers_a_specialist_can_give_are_trained_on():
+    examples = [encoders.Example("arrive tomorrow", '{"date": "tomorrow"}'),
+                encoders.Example("arrive tomorrow", '{"amount": "100"}'),  # not a span of the request
+                encoders.Example("arrive tomorrow", "{}")]
+    assert [e.answer for e in encoders.trainable_examples(encoders.SPAN_TAGGER, examples)] == ['{"date": "tomorrow"}', "{}"]
+
+
+def test_instructions_key_changes_with_the_system_prompt_or_tools_not_the_request():
+    system = {"role": "system", "content": "Tag the intents: a, b."}
+    one = json.dumps([system, {"role": "user", "content": "hello"}])
+    other_request = json.dumps([system, {"role": "user", "content": "bye"}])
+    other_system = json.dumps([{"role": "system", "content": "Tag the intents: a, b, c."}, {"role": "user", "content": "hello"}])
+    assert encoders.instructions_key(one, None) == encoders.instructions_key(other_request, None)
+    assert encoders.instructions_key(one, None) != encoders.instructions_key(other_system, None)
+    assert encoders.instructions_key(one, None) != encoders.instructions_key(one, json.dumps([{"function": {"name": "f"}}]))
+
+
+def test_a_test_set_too_small_to_clear_the_floor_is_called_underpowered():
+    needed = calls_to_clear(0.8, 0.95)
+    assert quality_lower_bound(1.0, needed, 0.95) >= 0.8 > quality_lower_bound(1.0, needed - 1, 0.95)
+    assert calls_to_clear(0.8, 0.95, score=0.9) > needed  # a score below 1 needs more calls
+    assert calls_to_clear(0.8, 0.95, score=0.79) is None  # never, however many
+    evaluation = {"test_calls": needed - 1, "confidence_threshold": 0.5, "answered_at_threshold": needed - 1,
+                  "score_at_threshold": 1.0, "score_vs_baseline": 1.0}
+    decision, reason = promotion_decision(evaluation, 0.8, 1)
+    assert decision == promote.NOT_PROMOTED
+    assert reason == f"underpowered: {needed - 1} test calls cannot clear floor 0.8 at 95% even if all correct (it takes {needed})"
+    assert promotion_decision({**evaluation, "test_calls": needed, "answered_at_threshold": needed}, 0.8, 1)[0] == promote.PROMOTED
+
+
+@pytest.fixture(scope="module")
+def intent_specialist(curation, labels, tmp_path_factory):
+    """A classifier trained briefly on the sample's earlier intent calls, and its held-out calls."""
+    calls = _step_calls(curation, labels, "classify_intent")
+    train, holdout = calls.iloc[:-120], calls.iloc[-120:]
+    folder = tmp_path_factory.mktemp("specialist") / "specialist"
+    metrics = encoders.train_specialist(
+        encoders.CLASSIFIER, encoders.answer_contract(train), encoders.encoder_path(), train, folder,
+        encoders.EncoderSettings(epochs=3, learning_rate=1e-4), curve_calls=holdout.iloc[:60],
+        instructions=[encoders.instructions_key(m, t) for m, t in zip(train["messages"], train["tools"])])
+    return folder, metrics, holdout
+
+
+@pytest.mark.slow
+def test_a_classifier_learns_the_intents_and_is_scored_like_any_slm(intent_specialist):
+    folder, metrics, holdout = intent_specialist
+    assert not encoders.servability_problems(folder)
+    assert encoders.kind_of(folder) == encoders.CLASSIFIER
+    curve = metrics["learning_curve"]
+    assert [p["epoch"] for p in curve] == [1, 2, 3] and curve[-1]["score"] > curve[0]["score"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    specialist = encoders.Specialist(folder)
+    scored, summary = evaluate.evaluate_specialist(specialist, holdout, 0.8, evaluate.GenerationSettings(latency_calls=1))
+    assert summary["kind"] == encoders.CLASSIFIER and summary["test_calls"] == 60
+    # three epochs already agree with the LLM on most labels; the answers are its label lists
+    assert summary["score_vs_baseline"] > 0.5
+    assert all(set(a.split(", ")) <= set(specialist.labels) for a in scored["slm_answer"] if a)
+    # more confident answers are better ones: the top third scores above the rest
+    ordered = scored.sort_values("confidence", ascending=False)["score"].to_numpy()
+    assert ordered[:40].mean() > ordered[40:].mean()
+    # a call under other instructions is never answered (confidence 0), as the router escalates it
+    changed = holdout.copy()
+    changed["messages"] = [json.dumps([{"role": "system", "content": "Other instructions."}, *json.loads(m)[1:]])
+                           for m in changed["messages"]]
+    other, _ = evaluate.evaluate_specialist(specialist, changed, 0.8, evaluate.GenerationSettings(latency_calls=0))
+    assert (other["confidence"] == 0).all()
+
+
+ENCODERS_ONLY = {
+    "ops": {
+        "slm_candidates": {"config": {"probe": False, "specialist_kinds": ["classifier", "span_tagger"]}},
+        "finetuned_adapters": {"config": {"encoder_epochs": 3}},
+        "shadow_eval": {"config": {"quality_floor": 0.3, "threshold_confidence": 0.0}},
+        "promotion_decisions": {"config": {"min_holdout": 4}},
+    }
+}
+
+
+@pytest.mark.slow
+def test_encoder_specialists_are_promoted_through_the_graph_and_served_by_the_router(one_day_landing, tmp_path,
+                                                                                    base_model_dir):
+    """A day of the sample through the whole Dagster graph with encoder specialists only: the
+    intent and booking-field steps are trained, evaluated and promoted as their kinds, router.yaml
+    says so, and slm-router then answers their held-out calls itself and escalates the others."""
+    import dagster as dg
+    import yaml
+
+    from assets.definitions import all_assets, all_checks
+    from pipeline import replay
+    from pipeline.store import read_table
+    from tests.test_graph import _resources
+
+    resources = _resources(one_day_landing, tmp_path, base_model_dir)
+    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=ENCODERS_ONLY,
+                            partition_key="2026-10-01", instance=dg.DagsterInstance.ephemeral())
+    assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+    out = tmp_path / "out"
+    summary = json.loads((out / "registry" / "runs" / "0001" / "summary.json").read_text())
+    kinds = {c["selection"]["kind"] for c in summary["clusters"] if c["selection"]["decision"] == "fine-tune"}
+    assert kinds == {encoders.CLASSIFIER, encoders.SPAN_TAGGER}
+    kept = [c for c in summary["clusters"] if c["selection"]["decision"] != "fine-tune"]
+    assert kept and all("specialist_kinds" in c["selection"]["reason"] or "reasoning" in c["selection"]["reason"]
+                        for c in kept)
+    router = yaml.safe_load((out / "registry" / "router.yaml").read_text())
+    served = {r["kind"] for r in router["routes"]}
+    assert served == kinds, summary  # floor 0.3: both are promoted
+    for route in router["routes"]:
+        assert (out / "registry" / route["adapter"] / encoders.SPECIALIST_FILE).is_file()
+    assert "served by slm-router itself" in summary["serving"]
+
+    store = resources["pipeline_store"].store()
+    calls = replay.held_out_calls(read_table(store.table("curated_traces")), read_table(store.table("task_clusters")),
+                                  read_table(store.evaluation / "predictions.parquet"))
+    outcome = replay.replay(store.registry, calls)
+    assert outcome["failed"] == 0 and outcome["calls"] == len(calls)
+    assert outcome["answered_by_specialists"] > 0
+    assert set(outcome["per_route"]) == {r["name"] for r in router["routes"]}
+    assert 0 < outcome["agreement_with_logged"] <= 1
+    # every call of the steps without a route went to the (replayed) LLM
+    assert sum(outcome["escalated"].values()) + outcome["answered_by_specialists"] == len(calls)
+    assert "answered by specialists" in replay.format_replay(outcome)
