@@ -560,37 +560,10 @@ def evaluate_specialist(
                     "cost_and_speed": speed}
 
 
-def learning_curves_png(curves: dict[str, list[dict]], quality_floor: float) -> bytes:
-    """Each specialist's learning curve: mean score against the logged answers on its
-    calibration calls after each pass, by the training examples seen so far."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    for name, curve in curves.items():
-        points = [p for p in curve if "score" in p]
-        axes.plot([p["examples_seen"] for p in points], [p["score"] for p in points], "o-", markersize=3, label=name[:50])
-    axes.axhline(quality_floor, color="grey", linestyle="--", linewidth=1, label=f"quality floor {quality_floor:g}")
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("training examples seen")
-    axes.set_ylabel("mean score vs baseline (calibration calls)")
-    axes.set_title("Learning curves of the specialists")
-    axes.legend(loc="lower right", fontsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def coverage_quality_png(scored: pd.DataFrame, summaries: dict[int, dict], labels: dict[int, str],
-                         quality_floor: float) -> bytes:
-    """The coverage/quality curve of each cluster on its test calls (dashed: calibration calls),
-    with the calibrated threshold marked and the quality floor drawn across."""
+@contextmanager
+def _figure(height: float, quality_floor: float, title: str, xlabel: str, ylabel: str, legend: str):
+    """A matplotlib figure for a report, its score axis from 0 to 1 with the quality floor drawn
+    across; yields (axes, out), and `out` holds the PNG bytes afterwards."""
     import io
 
     import matplotlib
@@ -598,28 +571,50 @@ def coverage_quality_png(scored: pd.DataFrame, summaries: dict[int, dict], label
     matplotlib.use("Agg")  # files only, no screen
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for index, (cluster_id, frame) in enumerate(scored.groupby("cluster_id", sort=True)):
-        colour = f"C{index % 10}"
-        for split, style in ((TEST, "-"), (CALIBRATION, ":")):
-            part = frame[frame["split"] == split]
-            if part.empty:
-                continue
-            curve = coverage_curve(part)
-            name = f"{cluster_id}: {labels.get(cluster_id, '')}"[:40] if split == TEST else None
-            axes.plot(curve["coverage"], curve["score"], style, color=colour, drawstyle="steps-post", label=name)
-        summary = summaries.get(cluster_id, {})
-        if summary.get("confidence_threshold") is not None and summary.get("score_at_threshold") is not None:
-            axes.plot(summary["coverage_at_threshold"], summary["score_at_threshold"], "o", color=colour, markersize=8)
+    figure, axes = plt.subplots(figsize=(7, height), dpi=100)
+    out = io.BytesIO()
+    yield axes, out
     axes.axhline(quality_floor, color="grey", linestyle="--", linewidth=1, label=f"quality floor {quality_floor:g}")
-    axes.set_xlim(0, 1.02)
     axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("coverage (share of test calls the SLM answers)")
-    axes.set_ylabel("mean score vs baseline of answered calls")
-    axes.set_title("Coverage and quality by confidence threshold (dot: calibrated threshold)")
-    axes.legend(loc="lower left", fontsize=7)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(loc=legend, fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(out, format="png")
     plt.close(figure)
-    return buffer.getvalue()
+
+
+def learning_curves_png(curves: dict[str, list[dict]], quality_floor: float) -> bytes:
+    """Each specialist's learning curve: mean score against the logged answers on its
+    calibration calls after each pass, by the training examples seen so far."""
+    with _figure(4, quality_floor, "Learning curves of the specialists", "training examples seen",
+                 "mean score vs baseline (calibration calls)", "lower right") as (axes, out):
+        for name, curve in curves.items():
+            points = [p for p in curve if "score" in p]
+            axes.plot([p["examples_seen"] for p in points], [p["score"] for p in points], "o-", markersize=3,
+                      label=name[:50])
+    return out.getvalue()
+
+
+def coverage_quality_png(scored: pd.DataFrame, summaries: dict[int, dict], labels: dict[int, str],
+                         quality_floor: float) -> bytes:
+    """The coverage/quality curve of each cluster on its test calls (dashed: calibration calls),
+    with the calibrated threshold marked and the quality floor drawn across."""
+    with _figure(4.5, quality_floor, "Coverage and quality by confidence threshold (dot: calibrated threshold)",
+                 "coverage (share of test calls the SLM answers)", "mean score vs baseline of answered calls",
+                 "lower left") as (axes, out):
+        for index, (cluster_id, frame) in enumerate(scored.groupby("cluster_id", sort=True)):
+            colour = f"C{index % 10}"
+            for split, style in ((TEST, "-"), (CALIBRATION, ":")):
+                part = frame[frame["split"] == split]
+                if part.empty:
+                    continue
+                curve = coverage_curve(part)
+                name = f"{cluster_id}: {labels.get(cluster_id, '')}"[:40] if split == TEST else None
+                axes.plot(curve["coverage"], curve["score"], style, color=colour, drawstyle="steps-post", label=name)
+            summary = summaries.get(cluster_id, {})
+            if summary.get("confidence_threshold") is not None and summary.get("score_at_threshold") is not None:
+                axes.plot(summary["coverage_at_threshold"], summary["score_at_threshold"], "o", color=colour, markersize=8)
+        axes.set_xlim(0, 1.02)
+    return out.getvalue()

@@ -9,6 +9,12 @@ within `margin` of the best few-shot score is chosen (fine-tuning then lifts eac
 from where it starts, so a larger one is worth its cost only when it starts clearly higher).
 Clusters kept on the LLM are probed too, with the smallest candidate, as evidence. Every
 decision carries its reason, the features and the probe scores behind it.
+
+Before any of that, the cluster's answers are read for a contract an encoder can keep
+(`pipeline.encoders.answer_contract`): label sets from a closed list get a classifier, JSON
+objects of spans copied from the request a span tagger. Such a specialist (22M parameters, a
+forward pass per call) is the cheapest to train and to serve, so it is chosen wherever the
+contract allows and `kinds` enables it; tool calls, reasoning and free text need a generator.
 """
 
 from __future__ import annotations

@@ -30,7 +30,10 @@ def test_reasoning_stays_on_the_llm_and_narrow_steps_get_the_smallest_model(sele
     assert "reasoning" in by_step["solve_math"]["reason"]
     for step in ("classify_intent", "extract_slots", "call_tool"):
         assert by_step[step]["decision"] == select.FINE_TUNE
-        assert by_step[step]["candidate"] == "smollm2-135m-instruct"
+    # closed label sets and spans of the request get encoder specialists; tool calls a generative SLM
+    assert (by_step["classify_intent"]["kind"], by_step["classify_intent"]["candidate"]) == ("classifier", "all-minilm-l6-v2")
+    assert (by_step["extract_slots"]["kind"], by_step["extract_slots"]["candidate"]) == ("span_tagger", "all-minilm-l6-v2")
+    assert (by_step["call_tool"]["kind"], by_step["call_tool"]["candidate"]) == ("generative", "smollm2-135m-instruct")
     assert by_step["call_tool"]["features"]["answer_shape"] == "tool_call"
 
 
@@ -90,6 +93,7 @@ def test_the_probe_measures_every_cluster_and_its_scores_are_evidence(curation, 
         return select.select_models(
             curation.curated, clustering.assignments, clustering.clusters, models.load_candidates(CANDIDATES),
             base_model_dir.parent, probe_settings=settings, known_probes=known,
+            kinds=("generative",),  # every cluster would get a generative SLM: every one is probed
         )[0]
 
     choices = choose()
