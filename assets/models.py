@@ -111,9 +111,11 @@ class FinetuneConfig(dg.Config):
     gradient_checkpointing: bool = False  # recompute activations in backward: for models or steps that do not fit in GPU memory
     save_steps: int = Field(0, ge=0)  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
     merged_weights: bool = False  # also write the base model with the adapter merged in (servers without LoRA)
-    # encoder specialists (classifier, span tagger): whole passes over the cluster's training calls.
-    # 12 epochs: where the learning curves of the sample's two encoder clusters flatten (bench/README.md)
-    encoder_epochs: int = Field(12, ge=1)
+    # encoder specialists: whole passes over the cluster's training calls, per kind, from the learning
+    # curves of the sample's intent and booking-field clusters (bench/README.md, "Encoder specialists"):
+    # the classifier's test score rises to about 24 passes; the span tagger's flattens after 8-10
+    classifier_epochs: int = Field(24, ge=1)
+    span_tagger_epochs: int = Field(10, ge=1)
     encoder_batch_size: int = Field(16, ge=1)
     encoder_learning_rate: float = Field(5e-5, gt=0, lt=1)
     encoder_max_length: int = Field(128, ge=8)  # request tokens an encoder reads
@@ -130,8 +132,9 @@ class FinetuneConfig(dg.Config):
     def train_settings(self, candidate: models.Candidate) -> finetune.TrainSettings:
         return finetune.settings_for_model(self.model_dump(), candidate.params_millions, candidate.context_length)
 
-    def encoder_settings(self) -> encoders.EncoderSettings:
-        return encoders.EncoderSettings(epochs=self.encoder_epochs, batch_size=self.encoder_batch_size,
+    def encoder_settings(self, kind: str) -> encoders.EncoderSettings:
+        epochs = self.classifier_epochs if kind == encoders.CLASSIFIER else self.span_tagger_epochs
+        return encoders.EncoderSettings(epochs=epochs, batch_size=self.encoder_batch_size,
                                         learning_rate=self.encoder_learning_rate, max_length=self.encoder_max_length)
 
     def split_settings(self) -> finetune.SplitSettings:
@@ -230,7 +233,7 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
     where shadow evaluation calibrates (by default); the later, test half is never looked at."""
     key = cluster_key(choice["cluster_id"])
     folder, record_path = store.adapters / key / "specialist", store.adapters / key / "training.json"
-    settings = config.encoder_settings()
+    settings = config.encoder_settings(choice["kind"])
     fingerprint = encoders.training_fingerprint(choice["kind"], choice["contract"], list(train["trace_id"]), settings)
     kept = read_json(record_path) if record_path.exists() and folder.exists() else None
     if kept and kept.get("fingerprint") == fingerprint:

@@ -1,6 +1,6 @@
 """Encoder specialists' learning curves and gate outcome, to choose their training defaults.
 
-    python -m bench.encoder_bench --output output --epochs 16 --learning-rates 5e-5,1e-4
+    python -m bench.encoder_bench --output output --epochs 24 --learning-rates 5e-5,1e-4 [--kinds span_tagger]
 
 Reads a finished run's output folder (`slm-convert run`): for each cluster that got an encoder
 specialist, the same training and held-out calls the run used. For each learning rate, a
@@ -45,12 +45,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--floor", type=float, default=0.8)
     parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--kinds", default=",".join(encoders.ENCODER_KINDS), help="which specialists to train again")
     args = parser.parse_args()
 
     store = Store(Path(args.output))
     curated = read_table(store.table("curated_traces")).set_index("trace_id", drop=False)
     records = [read_json(p) for p in sorted(store.adapters.glob("*/training.json"))]
-    records = [r for r in records if r.get("kind") in encoders.ENCODER_KINDS]
+    records = [r for r in records if r.get("kind") in args.kinds.split(",")]
     if not records:
         raise SystemExit(f"no encoder specialist in {args.output}: run `slm-convert run` first")
     contracts = {c["cluster_id"]: c["contract"] for c in read_json(store.stats("slm_candidates"))["choices"]}

@@ -129,6 +129,20 @@ def evaluation_against_truth(store: Store, labels: dict) -> dict | None:
             "coverage_at_threshold": evaluation["coverage_at_threshold"],
             "decision": c["promotion"]["decision"],
         }
+        # on the test calls the route would answer (confidence at or above its threshold), both
+        # graded by the same scorer against gold: what the agent gets from the route, against what
+        # it got from the LLM on the same calls
+        threshold = evaluation["confidence_threshold"]
+        answered = calls["confidence"] >= threshold if threshold is not None else calls["confidence"] > 2
+        if answered.any():
+            gold = [r["gold"] for r, keep in zip(records, answered) if keep]
+            clusters[c["name"]]["on_answered_calls"] = {
+                "calls": int(answered.sum()),
+                "slm_accuracy_vs_gold": round(sum(accuracy_vs_gold(g, a) for g, a in zip(gold, calls["slm_answer"][answered]))
+                                              / len(gold), 4),
+                "logged_llm_accuracy_vs_gold": round(sum(accuracy_vs_gold(g, a) for g, a in
+                                                         zip(gold, calls["baseline_answer"][answered])) / len(gold), 4),
+            }
     return {"clusters": clusters, "share_of_calls_to_slms": summary["counts"]["share_of_calls_to_slms"]}
 
 
