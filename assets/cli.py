@@ -60,8 +60,12 @@ def describe_routes(registry: Path) -> str:
 def replay_held_out_calls(store: Store, limit: int) -> str:
     """Send held-out calls through slm-router over the run's registry; its summary, also kept as
     replay.json beside the run's report."""
+    from transformers.utils import logging as transformers_logging
+
     from pipeline import replay
     from pipeline.store import read_table, write_json
+
+    transformers_logging.disable_progress_bar()  # the router loads its specialists: no bars in the summary
 
     calls = replay.held_out_calls(read_table(store.table("curated_traces")), read_table(store.table("task_clusters")),
                                   read_table(store.evaluation / "predictions.parquet"), limit=limit)

@@ -545,7 +545,7 @@ def format_summary(summary: dict) -> str:
         f"Router config: {summary['paths']['router_config']}",
         f"Summary:       {summary['paths']['summary']}",
         "",
-        "Serving with vLLM's multi-LoRA server:",
+        "Serving:",
         summary["serving"],
     ]
     return "\n".join(lines)

@@ -184,3 +184,17 @@ def test_encoder_specialists_are_promoted_through_the_graph_and_served_by_the_ro
     # every call of the steps without a route went to the (replayed) LLM
     assert sum(outcome["escalated"].values()) + outcome["answered_by_specialists"] == len(calls)
     assert "answered by specialists" in replay.format_replay(outcome)
+
+
+def test_the_replay_sends_test_calls_and_the_latest_calls_of_clusters_not_evaluated():
+    from pipeline import replay
+
+    curated = pd.DataFrame({"trace_id": [f"t{i}" for i in range(8)], "called_at": pd.date_range("2026-10-01", periods=8),
+                            "messages": ["[]"] * 8, "tools": [None] * 8, "response_message": ["{}"] * 8})
+    assignments = pd.DataFrame({"trace_id": curated["trace_id"], "cluster_id": [0, 0, 0, 0, 1, 1, 1, -1]})
+    predictions = pd.DataFrame({"trace_id": ["t2", "t3"], "cluster_id": [0, 0], "split": ["calibration", "test"]})
+    chosen = replay.held_out_calls(curated, assignments, predictions, per_unevaluated_cluster=2)
+    # cluster 0's test call (not its calibration call, nor its training calls); the two latest of
+    # cluster 1, which was not evaluated; the unclustered call; in time order
+    assert list(chosen["trace_id"]) == ["t3", "t5", "t6", "t7"]
+    assert list(replay.held_out_calls(curated, assignments, predictions, 2, limit=2)["trace_id"]) == ["t6", "t7"]
