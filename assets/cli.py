@@ -3,6 +3,8 @@
     slm-convert prepare-models      convert the bundled base model into the model cache
     slm-convert run [--config F]    materialize every asset (run config from a YAML file)
     slm-convert summary             print the summary of the newest run
+    slm-convert replay [--calls N]  send the newest run's held-out calls through slm-router
+                                    (loopback; fallback: the LLM's logged answers)
     slm-convert routes              what the router serves, each route's versions, the history
     slm-convert rollback ROUTE [--to VERSION|llm]
                                     serve an earlier version of a route (default: the one
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--replay-calls", type=int, default=300,
                             help="held-out calls sent through slm-router after the run (0: none)")
     commands.add_parser("summary", help="print the summary of the newest run")
+    replay_parser = commands.add_parser("replay", help="send the newest run's held-out calls through slm-router")
+    replay_parser.add_argument("--calls", type=int, default=300, help="at most this many calls")
     commands.add_parser("routes", help="what the router serves, each route's versions and the promotion history")
     rollback = commands.add_parser("rollback", help="serve an earlier version of a route, or send its calls to the LLM")
     rollback.add_argument("route", help="a route name, e.g. cluster-2")
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return run(args.config, args.replay_calls)
+        if args.command == "replay":
+            print(replay_held_out_calls(resource.store(), args.calls))
+            return 0
         # The other commands read (and rollback writes) the registry; on object storage through
         # the local copy, pulled first and pushed after a change. The folder is held to change
         # router.yaml or the local copy; reading local files written by renames needs no hold.

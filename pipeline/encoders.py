@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -363,8 +364,6 @@ def train_specialist(
     seconds = time.perf_counter() - started
     model.eval()
     staging = folder.parent / f".{folder.name}.partial"
-    import shutil
-
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -372,12 +371,35 @@ def train_specialist(
             "min_labels": min_labels,
             "contract": contract, "instructions": sorted(set(instructions or [])), "settings": asdict(settings)}
     (staging / SPECIALIST_FILE).write_text(json.dumps(spec, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return {"kind": kind, "train_calls": len(train), "examples": len(examples), "epochs": settings.epochs,
+    metrics = {"kind": kind, "train_calls": len(train), "examples": len(examples), "epochs": settings.epochs,
             "seconds": round(seconds, 1), "examples_per_second": round(settings.epochs * len(examples) / seconds, 1),
             "first_loss": losses[0], "final_loss": losses[-1], "learning_curve": curve, "settings": asdict(settings),
             "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+    (staging / "README.md").write_text(model_card(spec, metrics))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return metrics
+
+
+def model_card(spec: dict, metrics: dict) -> str:
+    """What the specialist is, for a person who finds its folder in the registry."""
+    answers = (f"label sets from {len(spec['contract']['labels'])} labels: {', '.join(spec['contract']['labels'])}"
+               if spec["kind"] == CLASSIFIER else f"JSON objects of spans of the request, keys: {', '.join(spec['contract']['keys'])}")
+    curve = metrics["learning_curve"]
+    return "\n".join([
+        f"# Encoder specialist ({spec['kind']})",
+        "",
+        f"- base encoder: all-MiniLM-L6-v2 ({metrics['parameters_millions']}M parameters with its head), fine-tuned whole",
+        f"- answers: {answers}",
+        "- reads: the call's last user message (up to "
+        f"{spec['max_length']} tokens); serves only calls under the {len(spec['instructions'])} instruction set(s) it was trained with",
+        f"- trained on {metrics['examples']} of {metrics['train_calls']} calls, {metrics['epochs']} passes, "
+        f"{metrics['seconds']} s; loss {metrics['first_loss']} -> {metrics['final_loss']}",
+        "- learning curve (score vs the logged answers on the calibration calls by pass): "
+        + (", ".join(str(p["score"]) for p in curve if "score" in p) or "not recorded"),
+        "- licence of the base encoder: Apache-2.0",
+        "",
+    ])
 
 
 def servability_problems(folder: Path) -> list[str]:

@@ -142,6 +142,6 @@ def format_replay(summary: dict) -> str:
     lines.append(f"  escalated to the LLM: {sum(summary['escalated'].values())}" + (f" ({escalated})" if escalated else "")
                  + (f"; {summary['failed']} requests failed" if summary["failed"] else ""))
     if summary["specialist_latency_ms_p50"] is not None:
-        lines.append(f"  latency p50: specialist answers {summary['specialist_latency_ms_p50']:.0f} ms in all, "
-                     f"of which routing {summary['routing_ms_p50']:.0f} ms")
+        lines.append(f"  latency p50: {summary['specialist_latency_ms_p50']:.0f} ms a request a specialist answered "
+                     f"(routing included); routing {summary['routing_ms_p50']:.0f} ms over all requests")
     return "\n".join(lines)

@@ -21,9 +21,11 @@ DAY = "2026-10-01"
 KEYS = rawzone.new_keys()
 # Small but complete: two training steps with a checkpoint after the first (a resume point),
 # enough held-out calls per cluster for the promotion gate, a floor of 0 so routes are promoted.
+# Generative specialists only: their checkpoints are what a killed run resumes from.
 SETTINGS = {
     "ops": {
-        "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8}},
+        "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8,
+                                      "specialist_kinds": ["generative"]}},
         "finetuned_adapters": {"config": {"max_steps": 2, "save_steps": 1, "batch_size": 1, "max_length": 384,
                                           "min_holdout": 8, "max_holdout": 8}},
         "shadow_eval": {"config": {"max_calls_per_cluster": 6, "max_new_tokens_cap": 8, "quality_floor": 0.0,

@@ -198,3 +198,10 @@ def test_the_replay_sends_test_calls_and_the_latest_calls_of_clusters_not_evalua
     # cluster 1, which was not evaluated; the unclustered call; in time order
     assert list(chosen["trace_id"]) == ["t3", "t5", "t6", "t7"]
     assert list(replay.held_out_calls(curated, assignments, predictions, 2, limit=2)["trace_id"]) == ["t6", "t7"]
+
+
+def test_a_specialist_ships_a_model_card_that_says_what_it_answers(intent_specialist):
+    folder, metrics, _ = intent_specialist
+    card = (folder / "README.md").read_text()
+    assert card.startswith("# Encoder specialist (classifier)")
+    assert "label sets from" in card and "spa" in card and f"{metrics['epochs']} passes" in card
