@@ -185,6 +185,12 @@ def test_encoder_specialists_are_promoted_through_the_graph_and_served_by_the_ro
     assert sum(outcome["escalated"].values()) + outcome["answered_by_specialists"] == len(calls)
     assert "answered by specialists" in replay.format_replay(outcome)
 
+    # a rollback covers encoder routes as any other: off to the LLM, then back to the version
+    name = router["routes"][0]["name"]
+    assert name not in {r["name"] for r in promote.rollback(store.registry, name, promote.OFF)["routes"]}
+    back = {r["name"]: r for r in promote.rollback(store.registry, name, "v0001")["routes"]}
+    assert back[name]["kind"] == router["routes"][0]["kind"] and back[name]["adapter"] == router["routes"][0]["adapter"]
+
 
 def test_the_replay_sends_test_calls_and_the_latest_calls_of_clusters_not_evaluated():
     from pipeline import replay
