@@ -60,6 +60,16 @@ def test_a_span_answer_is_read_back_from_the_tags_with_the_whole_sequence_as_its
     assert confidence == pytest.approx(0.8 ** 6)  # the six word tokens; special tokens do not count
 
 
+def test_a_label_set_answer_names_at_least_one_label_where_the_step_always_does():
+    labels = ["booking", "spa", "why"]
+    probabilities = np.array([0.9, 0.3, 0.6])
+    assert encoders._label_set_answer(probabilities, labels, ", ", 0) == ("booking, why", pytest.approx(0.9 * 0.7 * 0.6))
+    unsure = np.array([0.2, 0.4, 0.1])
+    assert encoders._label_set_answer(unsure, labels, ", ", 0) == ("", pytest.approx(0.8 * 0.6 * 0.9))
+    # the likeliest label is given, and the confidence is the probability of exactly that set
+    assert encoders._label_set_answer(unsure, labels, ",", 1) == ("spa", pytest.approx(0.8 * 0.4 * 0.9))
+
+
 def test_only_answers_a_specialist_can_give_are_trained_on():
     examples = [encoders.Example("arrive tomorrow", '{"date": "tomorrow"}'),
                 encoders.Example("arrive tomorrow", '{"amount": "100"}'),  # not a span of the request
@@ -184,6 +194,19 @@ def test_encoder_specialists_are_promoted_through_the_graph_and_served_by_the_ro
     # every call of the steps without a route went to the (replayed) LLM
     assert sum(outcome["escalated"].values()) + outcome["answered_by_specialists"] == len(calls)
     assert "answered by specialists" in replay.format_replay(outcome)
+
+    # a call whose instructions changed after the part the route's match reads (a label added at
+    # the end of the intent step's list) still matches the route, and is escalated, not answered
+    def with_a_label_added(messages: str) -> str:
+        system, *rest = json.loads(messages)
+        return json.dumps([{**system, "content": system["content"] + ", a_new_label"}, *rest])
+
+    assert all(len(json.loads(m)[0]["content"]) > 600 for m in calls["messages"] if "intent tagger" in m)
+    intents = calls[calls["messages"].str.contains("intent tagger")].head(3).copy()
+    intents["messages"] = intents["messages"].map(with_a_label_added)
+    escalated = replay.replay(store.registry, intents)
+    assert escalated["answered_by_specialists"] == 0 and escalated["failed"] == 0
+    assert escalated["escalated"] == {"instructions changed": 3}
 
     # a rollback covers encoder routes as any other: off to the LLM, then back to the version
     name = router["routes"][0]["name"]
