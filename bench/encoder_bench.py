@@ -8,7 +8,8 @@ specialist is trained for `--epochs` epochs, and after every epoch it answers al
 calls: the mean score against the logged answers on the calibration calls (the earlier half,
 the learning curve the pipeline records) and, at the threshold calibrated on them as shadow
 evaluation does (answers kept must clear the floor by their 95% lower bound), the test calls'
-coverage, score and the 95% lower bound promotion compares with the floor. The test calls are
+coverage, score and the 95% lower bound promotion compares with the floor; `mean_rule` gives the
+same with the threshold calibrated as it was before (the kept answers' mean at the floor). The test calls are
 read only to report; nothing is chosen on them here. Appended to bench/results/encoders.jsonl
 with the machine, date and command.
 """
@@ -26,10 +27,12 @@ from pipeline.promote import quality_lower_bound
 from pipeline.store import Store, read_json, read_table
 
 
-def gate_at(scored, floor: float, confidence: float) -> dict:
-    """What shadow evaluation and promotion would make of these scored held-out answers."""
+def gate_at(scored, floor: float, confidence: float, calibration_confidence: float | None) -> dict:
+    """What shadow evaluation and promotion (its bound at `confidence`) would make of these scored
+    held-out answers, the threshold calibrated with `calibration_confidence` (None: by the kept
+    answers' mean)."""
     scored = scored.assign(split=evaluate.split_for_calibration(scored, 0.5))
-    summary = evaluate.summarize_scores(scored, floor, confidence)
+    summary = evaluate.summarize_scores(scored, floor, calibration_confidence)
     answered, score = summary["answered_at_threshold"], summary["score_at_threshold"]
     return {"calibration_score": round(float(scored.loc[scored["split"] == evaluate.CALIBRATION, "score"].mean()), 4),
             "test_score": summary["score_vs_baseline"], "coverage": summary["coverage_at_threshold"],
@@ -67,7 +70,9 @@ def main() -> None:
             def measure(epoch: int, answer) -> None:
                 scored = evaluate.score_holdout(holdout, answer(requests))
                 curve.append({"epoch": epoch, "seconds": round(time.perf_counter() - started, 1),
-                              **gate_at(scored, args.floor, args.confidence)})
+                              **gate_at(scored, args.floor, args.confidence, args.confidence),
+                              # the threshold as calibrated before: the kept answers' mean at the floor
+                              "mean_rule": gate_at(scored, args.floor, args.confidence, None)})
                 print(record["label"], rate, curve[-1], flush=True)
 
             with tempfile.TemporaryDirectory() as folder:
