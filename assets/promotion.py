@@ -104,6 +104,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                              config.slm_hardware_price_per_hour)
     kept_folder = store.evaluation / "clusters"
     kept_folder.mkdir(parents=True, exist_ok=True)
+    threshold_confidence = config.threshold_confidence or None  # 0: calibrated by the kept answers' mean
     summaries, predictions, kept_names = [], [], set()
     for record in _training_records(store):
         key = cluster_key(record["cluster_id"])
@@ -118,18 +119,18 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
             scored, summary = kept
         else:
             holdout = curated.loc[holdout_ids].reset_index(drop=True)
-            train = curated.loc[record["train_ids"]].reset_index(drop=True)
             context.log.info(f"{key}: answering {len(holdout)} held-out calls ({kind})")
             if kind in encoders.ENCODER_KINDS:
                 scored, summary = evaluate.evaluate_specialist(
                     encoders.Specialist(Path(record["adapter_dir"])), holdout, config.quality_floor, settings,
-                    config.calibration_share, prices, threshold_confidence=config.threshold_confidence or None)
+                    config.calibration_share, prices, threshold_confidence=threshold_confidence)
             else:
+                train = curated.loc[record["train_ids"]].reset_index(drop=True)  # the in-context arm's examples
                 model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
                 scored, summary = evaluate.evaluate_cluster(
                     model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
                     progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
-                    threshold_confidence=config.threshold_confidence or None,
+                    threshold_confidence=threshold_confidence,
                 )
             scored, summary = _keep_evaluation(kept_folder, key, fingerprint, scored, summary)
             pipeline_store.publish_folder(kept_folder, context.log.info)  # a pod lost later keeps it

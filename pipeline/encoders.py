@@ -138,7 +138,6 @@ class Specialist:
     """A trained encoder specialist in memory: `answer` gives (answer text, confidence) per request."""
 
     def __init__(self, folder: Path):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
         self.folder = Path(folder)
@@ -148,18 +147,22 @@ class Specialist:
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.model = model_class.from_pretrained(self.folder).to(_device()).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self._torch = torch
 
     @property
     def kind(self) -> str:
         return self.spec["kind"]
 
-    def answer(self, requests: list[str], batch_size: int = 64) -> list[tuple[str, float]]:
-        results = []
-        for start in range(0, len(requests), batch_size):
-            results += _answer_batch(self.model, self.tokenizer, self.kind, self.labels, requests[start : start + batch_size],
-                                     self.spec["max_length"], self.spec.get("separator", ", "), self.spec.get("min_labels", 0))
-        return results
+    def answer(self, requests: list[str]) -> list[tuple[str, float]]:
+        return _answer_all(self.model, self.tokenizer, self.kind, self.labels, requests, self.spec["max_length"],
+                           self.spec.get("separator", ", "), self.spec.get("min_labels", 0))
+
+
+def _answer_all(model, tokenizer, kind: str, labels: list[str], requests: list[str], max_length: int,
+                separator: str, min_labels: int, batch_size: int = 64) -> list[tuple[str, float]]:
+    """(answer, confidence) per request, in batches."""
+    return [result for start in range(0, len(requests), batch_size)
+            for result in _answer_batch(model, tokenizer, kind, labels, requests[start : start + batch_size], max_length,
+                                        separator, min_labels)]
 
 
 def _answer_batch(model, tokenizer, kind: str, labels: list[str], requests: list[str], max_length: int,
@@ -349,9 +352,7 @@ def train_specialist(
         model.eval()
 
         def answer(requests: list[str]) -> list[tuple[str, float]]:
-            return [result for start in range(0, len(requests), 64)
-                    for result in _answer_batch(model, tokenizer, kind, labels, requests[start : start + 64],
-                                                settings.max_length, separator, min_labels)]
+            return _answer_all(model, tokenizer, kind, labels, requests, settings.max_length, separator, min_labels)
 
         if curve_examples:
             point["score"] = mean_score(answer([e.request for e in curve_examples]), curve_examples)
@@ -361,8 +362,7 @@ def train_specialist(
         if progress:
             progress(f"epoch {epoch + 1}/{settings.epochs}: loss {losses[-1]}"
                      + (f", score {point['score']} on {len(curve_examples)} calibration calls" if curve_examples else ""))
-    seconds = time.perf_counter() - started
-    model.eval()
+    seconds = time.perf_counter() - started  # the model is in eval mode since the last pass's curve
     staging = folder.parent / f".{folder.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -372,9 +372,9 @@ def train_specialist(
             "contract": contract, "instructions": sorted(set(instructions or [])), "settings": asdict(settings)}
     (staging / SPECIALIST_FILE).write_text(json.dumps(spec, indent=2))
     metrics = {"kind": kind, "train_calls": len(train), "examples": len(examples), "epochs": settings.epochs,
-            "seconds": round(seconds, 1), "examples_per_second": round(settings.epochs * len(examples) / seconds, 1),
-            "first_loss": losses[0], "final_loss": losses[-1], "learning_curve": curve, "settings": asdict(settings),
-            "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+               "seconds": round(seconds, 1), "examples_per_second": round(settings.epochs * len(examples) / seconds, 1),
+               "first_loss": losses[0], "final_loss": losses[-1], "learning_curve": curve, "settings": asdict(settings),
+               "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
     (staging / "README.md").write_text(model_card(spec, metrics))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
