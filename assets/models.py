@@ -159,7 +159,10 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         members = calls[calls["cluster_id"] == choice["cluster_id"]]
         train, holdout = finetune.split_by_time(members, config.split_settings())
         if choice.get("kind", encoders.GENERATIVE) in encoders.ENCODER_KINDS:
-            trained.append(_encoder_specialist(context, config, store, choice, train, holdout))
+            try:
+                trained.append(_encoder_specialist(context, config, store, choice, train, holdout))
+            except encoders.NothingToLearn as err:  # this cluster stays on the LLM; the others go on
+                context.log.warning(f"{key}: not trained, stays on the LLM: {err}")
             continue
         base_dir = models.resolve_model_dir(candidates[choice["candidate"]], pipeline_store.model_cache())
         settings = config.train_settings(candidates[choice["candidate"]])

@@ -110,6 +110,10 @@ def answer_contract(calls: pd.DataFrame) -> dict:
     return {"kind": GENERATIVE}
 
 
+class NothingToLearn(ValueError):
+    """No training call of a cluster has an answer its specialist kind can give."""
+
+
 @dataclass
 class EncoderSettings:
     """Fine-tuning of an encoder specialist. Epochs rather than steps: the whole cluster is seen."""
@@ -307,7 +311,7 @@ def train_specialist(
     torch.manual_seed(settings.seed)
     examples = trainable_examples(kind, examples_of(train))
     if not examples:
-        raise ValueError(f"no training call of this cluster has an answer a {kind} can learn")
+        raise NothingToLearn(f"no training call of this cluster has an answer a {kind} can learn")
     separator = _separator([e.answer for e in examples]) if kind == CLASSIFIER else ", "
     min_labels = int(kind == CLASSIFIER and np.mean([bool(_labels(e.answer)) for e in examples]) >= 0.99)
     labels = contract["labels"] if kind == CLASSIFIER else _tags(contract["keys"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,35 @@ def test_a_label_set_answer_names_at_least_one_label_where_the_step_always_does(
     assert encoders._label_set_answer(unsure, labels, ",", 1) == ("spa", pytest.approx(0.8 * 0.4 * 0.9))
 
 
+def test_a_cluster_with_nothing_a_specialist_can_learn_is_refused_by_name(tmp_path):
+    # looks like booking fields, but no value is copied from the request: nothing to tag
+    calls = pd.DataFrame({"messages": [json.dumps([{"role": "user", "content": "arrive tomorrow"}])] * 3,
+                          "tools": [None] * 3,
+                          "response_message": [json.dumps({"role": "assistant", "content": '{"amount": "100"}'})] * 3})
+    with pytest.raises(encoders.NothingToLearn, match="no training call of this cluster has an answer a span_tagger can learn"):
+        encoders.train_specialist(encoders.SPAN_TAGGER, {"keys": ["amount"]}, encoders.encoder_path(), calls,
+                                  tmp_path / "specialist", encoders.EncoderSettings(epochs=1))
+    assert not (tmp_path / "specialist").exists()
+
+
+def test_specialist_kinds_are_checked_when_the_config_is_read():
+    from pydantic import ValidationError
+
+    from assets.models import SelectionConfig
+
+    assert SelectionConfig(specialist_kinds=["generative", "classifier"]).specialist_kinds == ["generative", "classifier"]
+    with pytest.raises(ValidationError, match="unknown specialist kind\\(s\\) regex; the kinds are classifier"):
+        SelectionConfig(specialist_kinds=["classifier", "regex"])
+
+
+def test_a_replay_that_cannot_run_after_a_finished_run_is_one_line_not_a_failed_run(tmp_path):
+    from assets.cli import replay_after_run
+    from pipeline.store import Store
+
+    said = replay_after_run(Store(tmp_path), 10)  # an output folder without the run's tables
+    assert said.startswith("Router replay skipped: ") and "slm-convert replay" in said
+
+
 def test_only_answers_a_specialist_can_give_are_trained_on():
     examples = [encoders.Example("arrive tomorrow", '{"date": "tomorrow"}'),
                 encoders.Example("arrive tomorrow", '{"amount": "100"}'),  # not a span of the request
@@ -117,6 +147,14 @@ def intent_specialist(curation, labels, tmp_path_factory):
 def test_a_classifier_learns_the_intents_and_is_scored_like_any_slm(intent_specialist):
     folder, metrics, holdout = intent_specialist
     assert not encoders.servability_problems(folder)
+    # a copy without its weights, or that does not say which instructions it serves, cannot be served
+    broken = folder.parent / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "model.safetensors").unlink()
+    spec = json.loads((broken / encoders.SPECIALIST_FILE).read_text())
+    (broken / encoders.SPECIALIST_FILE).write_text(json.dumps({**spec, "instructions": []}))
+    assert encoders.servability_problems(broken) == [
+        "no model.safetensors", "no instructions recorded: the router could not tell the calls it was trained for"]
     assert encoders.kind_of(folder) == encoders.CLASSIFIER
     curve = metrics["learning_curve"]
     assert [p["epoch"] for p in curve] == [1, 2, 3, 4, 5] and curve[-1]["score"] > curve[0]["score"]
