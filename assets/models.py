@@ -27,6 +27,7 @@ class SelectionConfig(dg.Config):
     probe_shots: int = Field(select.ProbeSettings.shots, ge=0)  # solved calls in the few-shot prompt
     probe_margin: float = Field(select.ProbeSettings.margin, ge=0, le=1)  # a larger candidate must beat the smallest by more
     probe_max_new_tokens: int = Field(select.ProbeSettings.max_new_tokens_cap, ge=1)  # longest probe answer
+    probe_structured_decoding: bool = True  # probe answers decoded in the shape of the cluster's answers
     # the kinds of specialist a cluster may get, cheapest first where its answers allow: "classifier"
     # (closed label sets), "span_tagger" (JSON of spans of the request), "generative" (LoRA on an SLM)
     specialist_kinds: list[str] = Field(default_factory=lambda: list(encoders.KINDS), min_length=1)
@@ -58,7 +59,8 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
         min_calls=config.min_calls,
         max_mean_completion_tokens=config.max_mean_completion_tokens,
         probe_settings=select.ProbeSettings(
-            calls=config.probe_calls, shots=config.probe_shots, margin=config.probe_margin, max_new_tokens_cap=config.probe_max_new_tokens
+            calls=config.probe_calls, shots=config.probe_shots, margin=config.probe_margin,
+            max_new_tokens_cap=config.probe_max_new_tokens, structured_decoding=config.probe_structured_decoding,
         ) if config.probe else None,
         progress=context.log.info,
         known_probes=known_probes,
@@ -111,6 +113,9 @@ class FinetuneConfig(dg.Config):
     gradient_checkpointing: bool = False  # recompute activations in backward: for models or steps that do not fit in GPU memory
     save_steps: int = Field(0, ge=0)  # checkpoint interval, the point a killed run resumes from; 0: every tenth, >= 10
     merged_weights: bool = False  # also write the base model with the adapter merged in (servers without LoRA)
+    # a generative adapter's answers are decoded only in the shape of its cluster's logged answers (closed
+    # labels, JSON of the keys seen, calls of the request's own tools), by shadow evaluation and router alike
+    structured_decoding: bool = True
     # encoder specialists: whole passes over the cluster's training calls, per kind, from the learning
     # curves of the sample's intent and booking-field clusters (bench/README.md, "Encoder specialists"):
     # the classifier's test score rises to about 24 passes; the span tagger's flattens after 8-10

@@ -19,7 +19,7 @@ import pandas as pd
 from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
 from assets.resources import JudgeEndpoint, PipelineStore
-from pipeline import encoders, evaluate, promote, rawzone
+from pipeline import encoders, evaluate, promote, rawzone, structured
 from pipeline.cluster import UNCLUSTERED, cluster_key
 from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
 
@@ -59,7 +59,7 @@ def _adapter_hash(adapter_dir: Path) -> str:
 # Each cluster's evaluation is kept as soon as it is finished (eval/clusters/), under a
 # fingerprint of everything its figures depend on: a run killed halfway (a preempted GPU node)
 # or a nightly rerun with the same adapters and calls answers only what changed.
-EVALUATION_VERSION = 1  # raise it when what an evaluation computes changes: kept ones are redone
+EVALUATION_VERSION = 2  # raise it when what an evaluation computes changes: kept ones are redone
 
 
 def _evaluation_fingerprint(record: dict, adapter_hash: str, holdout_ids: list[str], config: "ShadowEvalConfig",
@@ -131,6 +131,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                     model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
                     progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
                     threshold_confidence=threshold_confidence,
+                    answer_format=structured.read_answer_format(Path(record["adapter_dir"])),
                 )
             scored, summary = _keep_evaluation(kept_folder, key, fingerprint, scored, summary)
             pipeline_store.publish_folder(kept_folder, context.log.info)  # a pod lost later keeps it

@@ -94,11 +94,12 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path | None, adapter_name: s
 def generate_answers(
     model, tokenizer, prompts: list[Chat], max_new_tokens: int, batch_size: int,
     progress: Callable[[str], None] | None = None, batch_seconds: list[float] | None = None,
-    max_time: float | None = None,
+    max_time: float | None = None, grammars: list | None = None,
 ) -> list[tuple[str, float]]:
     """(answer, confidence) per prompt, in the order of `prompts`, generated greedily in batches;
     each batch's wall time is appended to `batch_seconds` when given. `max_time`: seconds after
-    which a batch stops generating (its answers are cut there).
+    which a batch stops generating (its answers are cut there). `grammars`: each prompt's compiled
+    answer grammar (`pipeline.structured`; None: unconstrained).
 
     Two things make this several times faster than batching the prompts as they come, with the
     same answers: prompts are batched by length, so little is spent on padding; and the calls of
@@ -111,7 +112,8 @@ def generate_answers(
     for start in range(0, len(prompts), batch_size):
         started = time.perf_counter()
         rows = by_length[start : start + batch_size]
-        answers = _generate_batch(model, tokenizer, [token_ids[i] for i in rows], max_new_tokens, max_time)
+        answers = _generate_batch(model, tokenizer, [token_ids[i] for i in rows], max_new_tokens, max_time,
+                                  [grammars[i] for i in rows] if grammars else [])
         for row, answer in zip(rows, answers):
             results[row] = answer
         if batch_seconds is not None:
@@ -239,13 +241,20 @@ def _room_for_answers(model, cache, length: int):
 
 def _generate_batch(
     model, tokenizer, sequences: list[list[int]], max_new_tokens: int, max_time: float | None = None,
+    grammars: list | None = None,
 ) -> list[tuple[str, float]]:
     """Greedy answers with confidences for one batch of tokenized prompts. The shared prefix is
     encoded once; each row's own rest is left-padded after it (the attention mask hides the
     padding and positions follow the mask, so every row sees exactly its own prompt). All but
     the last prompt token go through the model before `generate` (`_prefilled_cache`), without
-    running the padding, into a cache with room for the answers (`_room_for_answers`)."""
+    running the padding, into a cache with room for the answers (`_room_for_answers`).
+
+    A row with a grammar is decoded within it. Its confidence is read from the constrained
+    distribution over the tokens where the grammar left a choice: a token it forced (the
+    `<tool_call>` tag, a key's quotes) says nothing of how sure the model is."""
     import torch
+
+    from pipeline.structured import forced_steps, logits_processor
 
     shared = _shared_prefix_length(sequences)
     rest = max(len(s) - shared for s in sequences)
@@ -258,6 +267,7 @@ def _generate_batch(
         attention_mask[row, :shared] = 1
         attention_mask[row, shared + rest - own :] = 1
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+    masks = logits_processor(grammars or [])
     with torch.inference_mode():
         cache = _prefilled_cache(model, sequences, shared, rest - 1, tokenizer.pad_token_id)
         cache = _room_for_answers(model, cache, shared + rest + max_new_tokens)
@@ -275,14 +285,18 @@ def _generate_batch(
             output_scores=True,
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
+            logits_processor=[masks] if masks is not None else None,
         )
     new_tokens = out.sequences[:, input_ids.shape[1] :]
     log_probs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    had_choice = (~forced_steps(masks, tokenizer, new_tokens, out.scores) if masks is not None
+                  else torch.ones_like(log_probs, dtype=torch.bool))
     answers = []
     for row in range(len(sequences)):
         tokens = new_tokens[row].tolist()
         length = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
-        mean_log_prob = float(log_probs[row, :length].float().mean()) if length else -math.inf
+        chosen = log_probs[row, :length][had_choice[row, :length]].float()
+        mean_log_prob = float(chosen.mean()) if len(chosen) else (0.0 if length else -math.inf)
         answers.append((tokenizer.decode(tokens[:length], skip_special_tokens=True).strip(), math.exp(mean_log_prob)))
     return answers
 
@@ -307,6 +321,15 @@ def lora_merged(model):
         model.unmerge_adapter()
 
 
+def call_grammars(model, tokenizer, answer_format: dict | None, calls: pd.DataFrame) -> list | None:
+    """Each call's compiled answer grammar (`pipeline.structured`), or None for free answers."""
+    from pipeline.structured import FREE, AnswerGrammars
+
+    if not answer_format or answer_format.get("shape", FREE) == FREE:
+        return None
+    return AnswerGrammars(tokenizer, model.config.vocab_size).for_calls(answer_format, list(calls["tools"]))
+
+
 def answer_token_budget(tokenizer, answers: list[str], cap: int) -> int:
     """Room for the longest answer the baseline gave, plus a margin, within a cap."""
     longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers), default=16)
@@ -324,9 +347,12 @@ def solved_examples(calls: pd.DataFrame, native_tools: bool) -> list[tuple[Chat,
             for m, t, r in zip(calls["messages"], calls["tools"], calls["response_message"])]
 
 
-def mean_score(model, tokenizer, prompts: list[Chat], calls: pd.DataFrame, budget: int, batch_size: int) -> float:
-    """Mean score against the logged answers of `calls` of the model's answers to `prompts`."""
-    answers = generate_answers(model, tokenizer, prompts, budget, batch_size)
+def mean_score(model, tokenizer, prompts: list[Chat], calls: pd.DataFrame, budget: int, batch_size: int,
+               answer_format: dict | None = None) -> float:
+    """Mean score against the logged answers of `calls` of the model's answers to `prompts`,
+    decoded in `answer_format` (`pipeline.structured`) where given."""
+    answers = generate_answers(model, tokenizer, prompts, budget, batch_size,
+                               grammars=call_grammars(model, tokenizer, answer_format, calls))
     baselines = [baseline_answer(r) for r in calls["response_message"]]
     return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
 
@@ -486,16 +512,17 @@ def retrieved_examples(train: pd.DataFrame, calls: pd.DataFrame, shots: int) -> 
 
 
 def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, budget: int,
-                    settings: GenerationSettings) -> dict:
+                    settings: GenerationSettings, answer_format: dict | None = None) -> dict:
     """Mean score against the baseline of the base SLM without its adapter, zero-shot and with
-    retrieved training calls as examples (in-context), on `calls`: what fine-tuning bought."""
+    retrieved training calls as examples (in-context), on `calls`, decoded in the same format as
+    the adapter: what fine-tuning bought."""
     native_tools = renders_tools(tokenizer)
     prompts = prompts_of(calls, native_tools)
     solved = solved_examples(train, native_tools)
     with_examples = [few_shot_prompt(p, [solved[i] for i in picks])
                      for p, picks in zip(prompts, retrieved_examples(train, calls, settings.shots))]
     with model.disable_adapter():
-        return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size)
+        return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size, answer_format)
                 for arm, arm_prompts in (("base_zero_shot", prompts), ("base_in_context", with_examples))}
 
 
@@ -503,27 +530,32 @@ def evaluate_cluster(
     model, tokenizer, holdout: pd.DataFrame, train: pd.DataFrame, quality_floor: float,
     settings: GenerationSettings, calibration_share: float = 0.5, prices: Prices | None = None,
     progress: Callable[[str], None] | None = None, judge: Judge | None = None, threshold_confidence: float | None = None,
+    answer_format: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures."""
+    """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures; the
+    answers are decoded in `answer_format` (the one recorded beside the adapter) where given."""
     prompts = prompts_of(holdout, renders_tools(tokenizer))
+    grammars = call_grammars(model, tokenizer, answer_format, holdout)
     budget = answer_token_budget(tokenizer, [baseline_answer(r) for r in train["response_message"]],
                                  settings.max_new_tokens_cap)
     batch_seconds: list[float] = []
     single_seconds: list[float] = []
     with lora_merged(model):
-        generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress, batch_seconds)
-        for prompt in prompts[-settings.latency_calls:] if settings.latency_calls else []:  # from the test calls
-            generate_answers(model, tokenizer, [prompt], budget, 1, batch_seconds=single_seconds)
+        generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress, batch_seconds,
+                                     grammars=grammars)
+        for row in range(len(prompts))[-settings.latency_calls:] if settings.latency_calls else []:  # test calls
+            generate_answers(model, tokenizer, [prompts[row]], budget, 1, batch_seconds=single_seconds,
+                             grammars=grammars and [grammars[row]])
     scored = score_holdout(holdout, generated, judge)
     scored["split"] = split_for_calibration(scored, calibration_share)
     speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
     summary = {**summarize_scores(scored, quality_floor, threshold_confidence), "max_new_tokens": budget,
-               "cost_and_speed": speed}
+               "answer_format": (answer_format or {}).get("shape", "free"), "cost_and_speed": speed}
     test_rows = np.flatnonzero(scored["split"] == TEST)[-settings.arm_calls:] if settings.arm_calls else []
     if len(test_rows) and len(train):
         if progress:
             progress(f"base model without adapter: answering {len(test_rows)} test calls zero-shot and in-context")
-        arms = base_model_arms(model, tokenizer, holdout.iloc[test_rows], train, budget, settings)
+        arms = base_model_arms(model, tokenizer, holdout.iloc[test_rows], train, budget, settings, answer_format)
         summary["arms"] = {"calls": len(test_rows), **arms,
                            "fine_tuned": round(float(scored["score"].iloc[test_rows].mean()), 4)}
     return scored, summary

@@ -29,8 +29,9 @@ from typing import Callable
 import pandas as pd
 
 from pipeline import failpoints
-from pipeline.calls import answer_message, chat_of_call, renders_tools
+from pipeline.calls import answer_message, baseline_answer, chat_of_call, renders_tools
 from pipeline.models import require_checkpoint
+from pipeline.structured import write_answer_format
 
 PACKED_ATTENTION = "packed"
 ANSWERS_ONLY = "answers"
@@ -70,6 +71,9 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     logging_steps: int = 0  # loss and speed logged every this many steps; 0: ten times a run
     save_steps: int = 0  # a checkpoint every this many steps (resume point); 0: every tenth, >= 10
+    # Decode the adapter's answers only in the shape of the cluster's logged answers
+    # (`pipeline.structured`): recorded beside the adapter, followed by shadow evaluation and router.
+    structured_decoding: bool = True
 
 
 def learning_rate_for(params_millions: int) -> float:
@@ -743,6 +747,8 @@ def train_adapter(
     shutil.rmtree(staging, ignore_errors=True)
     trainer.model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    answers = [baseline_answer(r) for r in train_calls["response_message"]] if settings.structured_decoding else []
+    metrics["answer_format"] = write_answer_format(staging, answers, renders_tools(tokenizer))["shape"]
     (staging / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
     if card is not None:
         write_model_card(staging, card, metrics)  # replaces PEFT's empty template

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, encoders, promote, rawzone
+from pipeline import cluster, encoders, promote, rawzone, structured
 from pipeline.calls import (
     ROUTER_SLM_MODEL_PREFIX, TOOL_CALL_OPEN, chat_of_call, parse_tool_calls, render_prompt, renders_tools,
     signature_parts,
@@ -220,6 +220,7 @@ class _Pending:
     budget: int
     deadline: float  # time.monotonic() after which the request has fallen back
     future: Future
+    grammar: object = None  # the answer's compiled grammar (`pipeline.structured`); None: free
 
 
 class SlmEngine:
@@ -239,6 +240,8 @@ class SlmEngine:
         self._models: dict[str, tuple[object, object]] = {}  # base model path -> (PeftModel, tokenizer)
         self._adapters: dict[str, str] = {}  # route key -> base model path
         self._specialists: dict[str, encoders.Specialist] = {}  # route key -> encoder specialist
+        self._formats: dict[str, dict] = {}  # route key -> the answer format its adapter was trained for
+        self._grammars: dict[str, structured.AnswerGrammars] = {}  # base model path -> its compiled grammars
         self._specialist_lock = threading.Lock()  # one encoder forward at a time (a fast tokenizer is not thread-safe)
         self._lock = threading.Lock()  # held while the models change or generate
         self._queue: queue.Queue[_Pending] = queue.Queue()
@@ -269,6 +272,10 @@ class SlmEngine:
                 else:
                     self._models[route.base_model_path][0].load_adapter(route.adapter_dir, adapter_name=route.key)
                 self._adapters[route.key] = route.base_model_path
+                self._formats[route.key] = structured.read_answer_format(route.adapter_dir)
+                if self._formats[route.key]["shape"] != structured.FREE and route.base_model_path not in self._grammars:
+                    model, tokenizer = self._models[route.base_model_path]
+                    self._grammars[route.base_model_path] = structured.AnswerGrammars(tokenizer, model.config.vocab_size)
 
     def retire(self, keep: set[str]) -> None:
         """Unload adapters of versions no longer served (keeping at least one per base model,
@@ -286,6 +293,7 @@ class SlmEngine:
                     model.set_adapter(others[0])
                 model.delete_adapter(key)
                 del self._adapters[key]
+                self._formats.pop(key, None)
 
     def answer(self, route: Route, messages_json: str, tools_json: str | None, max_new_tokens: int | None,
                timeout: float) -> SlmAnswer:
@@ -298,7 +306,10 @@ class SlmEngine:
         _, tokenizer = self._models[route.base_model_path]
         chat = chat_of_call(messages_json, tools_json, renders_tools(tokenizer))
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
-        pending = _Pending(route, chat, budget, time.monotonic() + timeout, Future())
+        found = self._formats.get(route.key, {"shape": structured.FREE})
+        grammar = (self._grammars[route.base_model_path].for_call(found, tools_json)
+                   if found["shape"] != structured.FREE else None)
+        pending = _Pending(route, chat, budget, time.monotonic() + timeout, Future(), grammar)
         queued = time.perf_counter()
         self._queue.put(pending)
         try:
@@ -350,7 +361,7 @@ class SlmEngine:
                 model.set_adapter(route.key)
                 left = max(max(p.deadline for p in batch) - now, 0.001)  # a request past its own deadline has fallen back
                 answers = generate_answers(model, tokenizer, [p.chat for p in batch], max(p.budget for p in batch),
-                                           batch_size=len(batch), max_time=left)
+                                           batch_size=len(batch), max_time=left, grammars=[p.grammar for p in batch])
                 # counted here too: a fast tokenizer must not be used by two threads at once
                 prompt_tokens = [len(tokenizer(render_prompt(tokenizer, p.chat), add_special_tokens=False)["input_ids"])
                                  for p in batch]

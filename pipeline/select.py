@@ -33,6 +33,7 @@ from pipeline.calls import baseline_answer, few_shot_prompt, renders_tools
 from pipeline.cluster import output_statistics
 from pipeline.models import Candidate, availability, resolve_model_dir
 from pipeline.scoring import FINAL_NUMBER, FREE_TEXT
+from pipeline.structured import answer_format
 
 FINE_TUNE, KEEP_ON_LLM = "fine-tune", "keep on LLM"
 
@@ -112,6 +113,7 @@ class ProbeSettings:
     margin: float = 0.1  # a larger candidate is chosen only if its few-shot score is higher by more
     max_new_tokens_cap: int = 64
     batch_size: int = 8
+    structured_decoding: bool = True  # answers decoded in the shape of the cluster's (`pipeline.structured`)
 
 
 def probe_calls(members: pd.DataFrame, settings: ProbeSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -132,11 +134,16 @@ def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> d
     examples = evaluate.solved_examples(shots, native_tools)
     budget = evaluate.answer_token_budget(tokenizer, [baseline_answer(r) for r in calls["response_message"]],
                                           settings.max_new_tokens_cap)
+    # the shape of the answers in the cluster's earlier half (never held out), the probe calls' own left out
+    earlier = members.sort_values(["called_at", "trace_id"], kind="stable").iloc[: max(len(members) // 2, 1)]
+    found = answer_format([baseline_answer(r) for r in earlier[~earlier["trace_id"].isin(calls["trace_id"])]["response_message"]]
+                          if settings.structured_decoding else [], native_tools)
     return {
         "calls": len(calls),
-        "zero_shot": evaluate.mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size),
+        "answer_format": found["shape"],
+        "zero_shot": evaluate.mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size, found),
         "few_shot": evaluate.mean_score(model, tokenizer, [few_shot_prompt(p, examples) for p in prompts], calls,
-                                        budget, settings.batch_size),
+                                        budget, settings.batch_size, found),
     }
 
 
