@@ -11,7 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
-from pipeline import curate, encoders, finetune, models, select
+from pipeline import curate, encoders, finetune, models, select, structured
+from pipeline.calls import INSTRUCTIONS_FILE
 from pipeline.cluster import cluster_key
 from pipeline.store import read_json, read_table, write_json
 
@@ -116,6 +117,10 @@ class FinetuneConfig(dg.Config):
     # a generative adapter's answers are decoded only in the shape of its cluster's logged answers (closed
     # labels, JSON of the keys seen, calls of the request's own tools), by shadow evaluation and router alike
     structured_decoding: bool = True
+    # train a generative adapter without the system prompt (and tool list) all its cluster's calls share:
+    # it learns them, and a training step holds several times more calls; the router serves a call only
+    # if it carries them verbatim (else "instructions changed", to the LLM)
+    factor_instructions: bool = True
     # encoder specialists: whole passes over the cluster's training calls, per kind, from the learning
     # curves of the sample's intent and booking-field clusters (bench/README.md, "Encoder specialists"):
     # the classifier's test score rises to about 24 passes; the span tagger's flattens after 8-10
@@ -220,11 +225,11 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         metadata={
             "adapters": len(trained),
             "training": markdown_table(
-                ["cluster", "kind", "model", "train calls", "steps / epochs", "loss first → last", "tokens/s",
-                 "MFU", "peak GiB"],
+                ["cluster", "kind", "model", "train calls", "prompt tokens per call (whole → trained on)",
+                 "steps / epochs", "loss first → last", "tokens/s", "MFU", "peak GiB"],
                 [
                     [r["cluster_id"], r.get("kind", encoders.GENERATIVE), r["candidate"], r["metrics"]["train_calls"],
-                     r["metrics"].get("steps") or f"{r['metrics'].get('epochs')} epochs",
+                     _prompt_tokens(r["metrics"]), r["metrics"].get("steps") or f"{r['metrics'].get('epochs')} epochs",
                      f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"].get("tokens_per_second", "–"),
                      r["metrics"].get("mfu", "–"), r["metrics"].get("peak_memory_gib", "–")]
                     for r in trained
@@ -232,6 +237,11 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
             ),
         }
     )
+
+
+def _prompt_tokens(metrics: dict) -> str:
+    tokens = metrics.get("prompt_tokens_per_call")
+    return f"{tokens['with_instructions']} → {tokens['trained_on']}" if tokens else "–"
 
 
 def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfig, store, choice: dict,
@@ -286,7 +296,7 @@ def no_known_pii_in_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResu
     records = read_json(pipeline_store.store().stats("finetuned_adapters"))
     # the vocabulary files come unchanged from the base model and are left out
     written = ("README.md", "training_metrics.json", "adapter_config.json", "tokenizer_config.json",
-               "chat_template.jinja", "special_tokens_map.json")
+               "chat_template.jinja", "special_tokens_map.json", structured.ANSWER_FORMAT_FILE, INSTRUCTIONS_FILE)
     files = [Path(r["adapter_dir"]) / name for r in records for name in written
              if (Path(r["adapter_dir"]) / name).is_file()]
     leaks = {str(f): found for f in files if sum((found := curate.find_leaks([f.read_text(errors="replace")])).values())}

@@ -16,10 +16,12 @@ import dagster as dg
 from pydantic import Field
 import pandas as pd
 
+from assets.data import curated_traces, task_clusters
 from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
 from assets.resources import JudgeEndpoint, PipelineStore
 from pipeline import encoders, evaluate, promote, rawzone, structured
+from pipeline.calls import exclusive_system_prompts, read_instructions
 from pipeline.cluster import UNCLUSTERED, cluster_key
 from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
 
@@ -132,6 +134,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                     progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
                     threshold_confidence=threshold_confidence,
                     answer_format=structured.read_answer_format(Path(record["adapter_dir"])),
+                    instructions=read_instructions(Path(record["adapter_dir"])),
                 )
             scored, summary = _keep_evaluation(kept_folder, key, fingerprint, scored, summary)
             pipeline_store.publish_folder(kept_folder, context.log.info)  # a pod lost later keeps it
@@ -291,7 +294,7 @@ def promoted_adapters_are_the_evaluated_ones(pipeline_store: PipelineStore) -> d
     return dg.AssetCheckResult(passed=not changed, metadata={"promoted": len(promoted), "changed_since_evaluation": changed})
 
 
-@dg.asset(group_name=GROUP, deps=[promotion_decisions], kinds={"yaml"})
+@dg.asset(group_name=GROUP, deps=[promotion_decisions, curated_traces, task_clusters], kinds={"yaml"})
 def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineStore) -> dg.MaterializeResult:
     """The registry after this run: a new version of each promoted route, router.yaml replaced in
     one rename (routes not promoted this run keep what they serve), and the run's summary."""
@@ -304,6 +307,8 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     clusters = read_json(store.stats("task_clusters"))
     choices = {c["cluster_id"]: c for c in read_json(store.stats("slm_candidates"))["choices"]}
     assignments = read_table(store.table("task_clusters"))
+    curated = read_table(store.table("curated_traces"))[["trace_id", "messages"]].merge(assignments, on="trace_id")
+    system_prompts = exclusive_system_prompts(list(curated["messages"]), list(curated["cluster_id"]))
     run = promote.next_run(store.registry)
 
     promoted, cluster_summaries = [], []
@@ -317,7 +322,7 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
                      "base_model_path": record["base_dir"], "adapter_dir": record["adapter_dir"],
                      "threshold": evaluations[cid]["confidence_threshold"], "centroid": cluster["centroid"],
                      "min_similarity": cluster["match_min_similarity"],
-                     "match_embedding": cluster.get("match_embedding"),
+                     "match_embedding": cluster.get("match_embedding"), "system_prompts": system_prompts.get(cid, []),
                      "training": record.get("metrics", {}).get("settings"), "run": run}
             promoted.append((route, evaluations[cid]))
         training = records.get(cid, {}).get("metrics")

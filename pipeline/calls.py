@@ -195,3 +195,120 @@ def signature_parts(messages_json: str, tools_json: str | None, max_chars: int =
         ("tools: " + ", ".join(names)) if names else "no tools",
         users[-1][: max_chars // 2] if users else "no request",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Instructions a cluster's calls all carry
+
+
+INSTRUCTIONS_FILE = "instructions.json"
+INSTRUCTIONS_SHARE = 0.9  # share of a cluster's calls that must carry the same instructions to factor them out
+
+
+@dataclass(frozen=True)
+class SharedInstructions:
+    """What (nearly) all calls of a cluster carry verbatim besides their request: the system
+    prompt, and the tool list where it is fixed. An adapter trained without them has learned them;
+    it answers only calls that carry them (any other goes to the LLM as "instructions changed")."""
+
+    system: str | None = None  # the first system message's text
+    tools: str | None = None  # the tool list, as canonical JSON
+
+    def __bool__(self) -> bool:
+        return self.system is not None or self.tools is not None
+
+    def to_json(self) -> dict:
+        return {"system": self.system, "tools": json.loads(self.tools) if self.tools else None}
+
+    @classmethod
+    def from_json(cls, value: dict) -> SharedInstructions:
+        return cls(value.get("system"), _canonical_tools(json.dumps(value["tools"])) if value.get("tools") else None)
+
+
+def _canonical_tools(tools_json: str | None) -> str | None:
+    tools = json.loads(tools_json) if isinstance(tools_json, str) and tools_json else None
+    return json.dumps(tools, sort_keys=True, ensure_ascii=False) if tools else None
+
+
+def _first_system(messages: list[dict]) -> str | None:
+    first = messages[0] if messages else {}
+    return content_text(first.get("content")) if first.get("role") == "system" else None
+
+
+def shared_instructions(messages: list[str], tools: list[str | None]) -> SharedInstructions:
+    """The system prompt and the tool list that at least INSTRUCTIONS_SHARE of the calls carry
+    verbatim (each part on its own: tool calls share a system prompt, rarely their tools)."""
+    from collections import Counter
+
+    if not messages:
+        return SharedInstructions()
+    enough = INSTRUCTIONS_SHARE * len(messages)
+    system, system_count = Counter(_first_system(json.loads(m)) for m in messages).most_common(1)[0]
+    tool_list, tools_count = Counter(_canonical_tools(t) for t in tools).most_common(1)[0]
+    return SharedInstructions(system if system is not None and system_count >= enough else None,
+                              tool_list if tool_list is not None and tools_count >= enough else None)
+
+
+def without_instructions(messages_json: str, tools_json: str | None,
+                         shared: SharedInstructions) -> tuple[str, str | None] | None:
+    """The call with the shared instructions taken out (messages JSON, tools JSON), or None when
+    it does not carry them verbatim."""
+    messages = json.loads(messages_json)
+    if shared.system is not None:
+        if _first_system(messages) != shared.system:
+            return None
+        messages = messages[1:]
+    if shared.tools is not None:
+        if _canonical_tools(tools_json) != shared.tools:
+            return None
+        tools_json = None
+    return json.dumps(messages, ensure_ascii=False), tools_json
+
+
+def read_instructions(folder) -> SharedInstructions:
+    """The instructions an adapter was trained without (none, for adapters trained before)."""
+    from pathlib import Path
+
+    path = Path(folder) / INSTRUCTIONS_FILE
+    return SharedInstructions.from_json(json.loads(path.read_text())) if path.is_file() else SharedInstructions()
+
+
+def factor_out(calls, shared: SharedInstructions):
+    """(calls, carried): a copy of `calls` (a frame with messages and tools) with the shared
+    instructions taken out of every call that carries them, and which calls did (a list of bool);
+    the others are left as they are."""
+    stripped = [without_instructions(m, t, shared) for m, t in zip(calls["messages"], calls["tools"])]
+    carried = [s is not None for s in stripped]
+    out = calls.copy()
+    out["messages"] = [s[0] if s else m for s, m in zip(stripped, calls["messages"])]
+    out["tools"] = [s[1] if s else t for s, t in zip(stripped, calls["tools"])]
+    return out, carried
+
+
+def system_prompt_key(messages_json: str) -> str | None:
+    """A short hash of a call's first system message (None without one): the router's lookup key.
+    An agent sends each step's system prompt verbatim with every call, so a prompt that only one
+    promoted cluster's calls carried names the route without embedding the call."""
+    import hashlib
+
+    system = _first_system(json.loads(messages_json))
+    return hashlib.sha256(system.encode()).hexdigest()[:16] if system is not None else None
+
+
+def exclusive_system_prompts(messages: list[str], clusters: list[int], min_calls: int = 5) -> dict[int, list[str]]:
+    """cluster -> the system-prompt keys (`system_prompt_key`) that at least `min_calls` calls
+    carried, every one of them in that cluster (calls in no cluster count as another cluster)."""
+    from collections import defaultdict
+
+    seen: dict[str, set[int]] = defaultdict(set)
+    counts: dict[str, int] = defaultdict(int)
+    for messages_json, cluster_id in zip(messages, clusters):
+        key = system_prompt_key(messages_json)
+        if key is not None:
+            seen[key].add(int(cluster_id))
+            counts[key] += 1
+    exclusive: dict[int, list[str]] = defaultdict(list)
+    for key, owners in seen.items():
+        if len(owners) == 1 and counts[key] >= min_calls:
+            exclusive[next(iter(owners))].append(key)
+    return {cluster_id: sorted(keys) for cluster_id, keys in exclusive.items()}

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.calls import (
-    Chat, answer_message, baseline_answer, chat_of_call, few_shot_prompt, render_prompt, renders_tools, signature_parts,
+    Chat, SharedInstructions, answer_message, baseline_answer, chat_of_call, factor_out, few_shot_prompt, render_prompt,
+    renders_tools, signature_parts,
 )
 from pipeline.judge import Judge
 from pipeline.models import require_checkpoint
@@ -530,11 +531,14 @@ def evaluate_cluster(
     model, tokenizer, holdout: pd.DataFrame, train: pd.DataFrame, quality_floor: float,
     settings: GenerationSettings, calibration_share: float = 0.5, prices: Prices | None = None,
     progress: Callable[[str], None] | None = None, judge: Judge | None = None, threshold_confidence: float | None = None,
-    answer_format: dict | None = None,
+    answer_format: dict | None = None, instructions: SharedInstructions | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures; the
-    answers are decoded in `answer_format` (the one recorded beside the adapter) where given."""
-    prompts = prompts_of(holdout, renders_tools(tokenizer))
+    answers are decoded in `answer_format` (the one recorded beside the adapter) where given.
+    An adapter trained without the cluster's shared `instructions` answers calls without them;
+    a call that does not carry them gets confidence 0, as the router would send it to the LLM."""
+    factored, carried = factor_out(holdout, instructions or SharedInstructions())
+    prompts = prompts_of(factored, renders_tools(tokenizer))
     grammars = call_grammars(model, tokenizer, answer_format, holdout)
     budget = answer_token_budget(tokenizer, [baseline_answer(r) for r in train["response_message"]],
                                  settings.max_new_tokens_cap)
@@ -546,10 +550,12 @@ def evaluate_cluster(
         for row in range(len(prompts))[-settings.latency_calls:] if settings.latency_calls else []:  # test calls
             generate_answers(model, tokenizer, [prompts[row]], budget, 1, batch_seconds=single_seconds,
                              grammars=grammars and [grammars[row]])
+    generated = [(answer, confidence if known else 0.0) for (answer, confidence), known in zip(generated, carried)]
     scored = score_holdout(holdout, generated, judge)
     scored["split"] = split_for_calibration(scored, calibration_share)
     speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
     summary = {**summarize_scores(scored, quality_floor, threshold_confidence), "max_new_tokens": budget,
+               "calls_under_other_instructions": len(carried) - sum(carried),
                "answer_format": (answer_format or {}).get("shape", "free"), "cost_and_speed": speed}
     test_rows = np.flatnonzero(scored["split"] == TEST)[-settings.arm_calls:] if settings.arm_calls else []
     if len(test_rows) and len(train):

@@ -29,7 +29,10 @@ from typing import Callable
 import pandas as pd
 
 from pipeline import failpoints
-from pipeline.calls import answer_message, baseline_answer, chat_of_call, renders_tools
+from pipeline.calls import (
+    INSTRUCTIONS_FILE, SharedInstructions, answer_message, baseline_answer, chat_of_call, factor_out, renders_tools,
+    shared_instructions,
+)
 from pipeline.models import require_checkpoint
 from pipeline.structured import write_answer_format
 
@@ -74,6 +77,10 @@ class TrainSettings:
     # Decode the adapter's answers only in the shape of the cluster's logged answers
     # (`pipeline.structured`): recorded beside the adapter, followed by shadow evaluation and router.
     structured_decoding: bool = True
+    # Train without the system prompt (and tool list) all calls of the cluster share: the adapter
+    # learns them, and every step sees several times more examples (recorded beside the adapter;
+    # the router then serves only calls that carry them, `calls.SharedInstructions`).
+    factor_instructions: bool = True
 
 
 def learning_rate_for(params_millions: int) -> float:
@@ -127,6 +134,10 @@ def training_examples(calls: pd.DataFrame, native_tools: bool = False) -> list[d
         examples.append({"prompt": chat.messages, "completion": [answer_message(json.loads(r), native_tools)],
                          "tools": chat.tools})
     return examples
+
+
+def _mean_prompt_tokens(tokenized: list[dict]) -> float:
+    return sum(len(t["input_ids"]) - sum(t["completion_mask"]) for t in tokenized) / max(len(tokenized), 1)
 
 
 def tokenize_examples(tokenizer, examples: list[dict]) -> list[dict]:
@@ -590,6 +601,15 @@ class ModelCard:
     cluster_id: int
 
 
+def _instructions_line(metrics: dict) -> str:
+    tokens = metrics.get("prompt_tokens_per_call") or {}
+    if not tokens or tokens["trained_on"] == tokens["with_instructions"]:
+        return "- Trained on the calls' whole prompts.\n"
+    return (f"- Trained without the instructions all the cluster's calls share ({INSTRUCTIONS_FILE}): "
+            f"{tokens['with_instructions']} -> {tokens['trained_on']}\n  prompt tokens per call; it answers only calls "
+            f"that carry them ({metrics['calls_under_other_instructions']} training calls did not).\n")
+
+
 def write_model_card(adapter_dir: Path, card: ModelCard, metrics: dict) -> None:
     settings = metrics["settings"]
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
@@ -617,7 +637,7 @@ not by this card.
 - Curated before training: personal data and secrets replaced by typed placeholders,
   duplicates and calls with errored, truncated or rejected answers removed. This card holds no
   training example.
-
+{_instructions_line(metrics)}
 ## Training
 - Base model: {card.base_model} (licence: {card.licence}); LoRA on all linear layers;
   loss on the logged answers only.
@@ -681,7 +701,17 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenized = tokenize_examples(tokenizer, training_examples(train_calls, renders_tools(tokenizer)))
+    native_tools = renders_tools(tokenizer)
+    whole = tokenize_examples(tokenizer, training_examples(train_calls, native_tools))
+    shared = (shared_instructions(list(train_calls["messages"]), list(train_calls["tools"]))
+              if settings.factor_instructions else SharedInstructions())
+    factored, carried = factor_out(train_calls, shared)
+    factored = factored[carried]  # a call under other instructions is one the adapter will never answer
+    tokenized = tokenize_examples(tokenizer, training_examples(factored, native_tools)) if shared else whole
+    if shared:
+        progress(f"trained without the instructions all calls share: {_mean_prompt_tokens(whole):.0f} -> "
+                 f"{_mean_prompt_tokens(tokenized):.0f} prompt tokens per call; {len(carried) - sum(carried)} calls "
+                 "under other instructions left out")
     cut, lost = calls_cut_by_max_length(tokenized, settings.max_length)
     if lost == len(tokenized):
         raise ValueError(f"max_length {settings.max_length} is shorter than every call's prompt: nothing would be "
@@ -736,6 +766,9 @@ def train_adapter(
         "kernels": kernels,
         "compiled": bool(settings.compile and device == "cuda"),
         "calls_cut_by_max_length": cut,
+        "prompt_tokens_per_call": {"with_instructions": round(_mean_prompt_tokens(whole), 1),
+                                   "trained_on": round(_mean_prompt_tokens(tokenized), 1)},
+        "calls_under_other_instructions": len(carried) - sum(carried),
         "first_loss": round(losses[0], 4) if losses else None,
         "final_loss": round(losses[-1], 4) if losses else None,
         "loss_curve": [round(x, 4) for x in losses],
@@ -748,7 +781,9 @@ def train_adapter(
     trainer.model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     answers = [baseline_answer(r) for r in train_calls["response_message"]] if settings.structured_decoding else []
-    metrics["answer_format"] = write_answer_format(staging, answers, renders_tools(tokenizer))["shape"]
+    metrics["answer_format"] = write_answer_format(staging, answers, native_tools)["shape"]
+    if shared:
+        (staging / INSTRUCTIONS_FILE).write_text(json.dumps(shared.to_json(), indent=1, ensure_ascii=False) + "\n")
     (staging / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
     if card is not None:
         write_model_card(staging, card, metrics)  # replaces PEFT's empty template

@@ -59,6 +59,9 @@ routes:                           # one per promoted task cluster
       min_similarity: 0.41        # is at least this (nearest route wins)
       embedding_model: "bundled:all-MiniLM-L6-v2"   # the embedding clustering used
       signature: weighted_parts   # and its task signature (pipeline.cluster.SIGNATURES)
+      system_prompts: [3f9a0c1d2e4b5a67]   # or, before any embedding: a call whose system prompt
+                                  # has one of these keys (pipeline.calls.system_prompt_key; each carried
+                                  # in training data only by this cluster's calls) belongs to the route
     base_model: smollm2-135m-instruct
     base_model_path: /path/to/model-cache/smollm2-135m-instruct
     adapter: cluster-2/v0003/adapter   # relative to the registry folder (an encoder specialist's model)
@@ -226,7 +229,8 @@ def router_entry(registry: Path, name: str, version: str) -> dict:
         "kind": route.get("kind", "generative"),
         "match": {"centroid": route["centroid"], "min_similarity": route["min_similarity"],
                   "embedding_model": embedding.get("model", DEFAULT_MATCH_EMBEDDING["model"]),
-                  "signature": embedding.get("signature", DEFAULT_MATCH_EMBEDDING["signature"])},
+                  "signature": embedding.get("signature", DEFAULT_MATCH_EMBEDDING["signature"]),
+                  "system_prompts": route.get("system_prompts", [])},
         "base_model": route["base_model"],
         "base_model_path": route["base_model_path"],
         "adapter": f"{name}/{version}/adapter",

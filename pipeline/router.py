@@ -32,6 +32,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,8 +40,8 @@ import numpy as np
 
 from pipeline import cluster, encoders, promote, rawzone, structured
 from pipeline.calls import (
-    ROUTER_SLM_MODEL_PREFIX, TOOL_CALL_OPEN, chat_of_call, parse_tool_calls, render_prompt, renders_tools,
-    signature_parts,
+    ROUTER_SLM_MODEL_PREFIX, TOOL_CALL_OPEN, SharedInstructions, chat_of_call, parse_tool_calls, read_instructions,
+    render_prompt, renders_tools, signature_parts, system_prompt_key, without_instructions,
 )
 from pipeline.formats import json_text
 from pipeline.store import write_bytes
@@ -63,18 +64,30 @@ class Route:
     max_new_tokens: int
     kind: str = encoders.GENERATIVE
     instructions: frozenset[str] = frozenset()  # encoder specialists: the instructions_key values it serves
+    shared: SharedInstructions = SharedInstructions()  # generative: the instructions its adapter was trained without
+    system_prompts: frozenset[str] = frozenset()  # keys of the system prompts only this route's cluster carried
 
     @property
     def key(self) -> str:
         """The route's version, as the router names it in headers, logs and adapters."""
         return f"{self.name}@{self.version}"
 
+    def serves_instructions_of(self, messages_json: str, tools_json: str | None) -> bool:
+        """Whether a call carries the instructions the route's model was trained under (else it
+        goes to the LLM as "instructions changed"): an encoder specialist knows each system
+        prompt and tool list it saw; an adapter trained without its cluster's shared ones needs
+        the call to carry them verbatim."""
+        if self.instructions:
+            return encoders.instructions_key(messages_json, tools_json) in self.instructions
+        return not self.shared or without_instructions(messages_json, tools_json, self.shared) is not None
+
 
 @dataclass(frozen=True)
 class Match:
     route: Route | None  # None: no route admits the call
-    similarity: float  # to the nearest route's centroid (-1 when there are no routes)
+    similarity: float  # to the nearest route's centroid (-1 when there are no routes; 1 by system prompt)
     nearest: str | None  # the nearest route's name, admitted or not
+    by_system_prompt: bool = False  # found by the call's system prompt, without an embedding
 
 
 class EmbeddingCache:
@@ -133,11 +146,25 @@ class RouteTable:
             raise RouterConfigError(f"{path} is not a valid router config ({type(err).__name__}: {err}); "
                                     "see ROUTER_SCHEMA in pipeline/promote.py") from err
 
+    @cached_property
+    def by_system_prompt(self) -> dict[str, Route]:
+        """System-prompt key -> the one route that claims it (a key two routes claim is left to
+        the embedding match)."""
+        owners: dict[str, list[Route]] = {}
+        for route in self.routes:
+            for key in route.system_prompts:
+                owners.setdefault(key, []).append(route)
+        return {key: claimed[0] for key, claimed in owners.items() if len(claimed) == 1}
+
     def match(self, messages_json: str, tools_json: str | None, embeddings: EmbeddingCache) -> Match:
-        """The nearest route whose match rule admits the call (cosine similarity of the call's
-        task signature to the route's centroid at least its min_similarity)."""
+        """The route whose cluster alone carried the call's system prompt (a lookup, microseconds);
+        else the nearest route whose match rule admits the call (cosine similarity of the call's
+        task signature to the route's centroid at least its min_similarity; one embedding)."""
         if not self.routes:
             return Match(None, -1.0, None)
+        owner = self.by_system_prompt.get(system_prompt_key(messages_json))
+        if owner is not None:
+            return Match(owner, 1.0, owner.name, by_system_prompt=True)
         parts = signature_parts(messages_json, tools_json)
         best: tuple[float, Route] | None = None
         for (model_name, signature), routes in _by_embedding(self.routes).items():
@@ -164,6 +191,7 @@ def _route(registry: Path, entry: dict) -> Route:
     adapter_dir = registry / entry["adapter"]
     kind = entry.get("kind", encoders.GENERATIVE)
     instructions: frozenset[str] = frozenset()
+    shared = SharedInstructions()
     if kind in encoders.ENCODER_KINDS:
         if problems := encoders.servability_problems(adapter_dir):
             raise RouterConfigError(f"route {entry['name']} {entry['version']}: {'; '.join(problems)}")
@@ -172,6 +200,8 @@ def _route(registry: Path, entry: dict) -> Route:
         raise RouterConfigError(f"route {entry['name']}: unknown kind {kind!r} (one of {', '.join(encoders.KINDS)})")
     elif not (adapter_dir / "adapter_config.json").is_file():
         raise RouterConfigError(f"route {entry['name']} {entry['version']}: no adapter in {adapter_dir}")
+    else:
+        shared = read_instructions(adapter_dir)
     signature = match.get("signature", promote.DEFAULT_MATCH_EMBEDDING["signature"])
     if signature not in cluster.SIGNATURES:
         raise RouterConfigError(f"route {entry['name']}: unknown signature {signature!r}")
@@ -189,6 +219,8 @@ def _route(registry: Path, entry: dict) -> Route:
         max_new_tokens=int(entry.get("max_new_tokens", promote.DEFAULT_MAX_NEW_TOKENS)),
         kind=kind,
         instructions=instructions,
+        shared=shared,
+        system_prompts=frozenset(match.get("system_prompts") or []),
     )
 
 
@@ -304,10 +336,16 @@ class SlmEngine:
         if route.key not in self._adapters:
             raise RuntimeError(f"adapter of {route.key} is not loaded")
         _, tokenizer = self._models[route.base_model_path]
+        grammar_tools = tools_json  # a tool call may name the request's own tools, factored out or not
+        if route.shared:
+            factored = without_instructions(messages_json, tools_json, route.shared)
+            if factored is None:
+                raise ValueError(f"the call does not carry the instructions {route.key} was trained without")
+            messages_json, tools_json = factored
         chat = chat_of_call(messages_json, tools_json, renders_tools(tokenizer))
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
         found = self._formats.get(route.key, {"shape": structured.FREE})
-        grammar = (self._grammars[route.base_model_path].for_call(found, tools_json)
+        grammar = (self._grammars[route.base_model_path].for_call(found, grammar_tools)
                    if found["shape"] != structured.FREE else None)
         pending = _Pending(route, chat, budget, time.monotonic() + timeout, Future(), grammar)
         queued = time.perf_counter()

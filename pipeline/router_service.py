@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
-from pipeline import encoders, promote, rawzone
+from pipeline import promote, rawzone
 from pipeline.calls import ROUTER_SLM_MODEL_PREFIX
 from pipeline.formats import json_text
 from pipeline.router import (
@@ -263,7 +263,7 @@ class Router:
                 f"no route: nearest {match.nearest} at similarity {match.similarity:.3f}")
             return None
         decision.route = route.key
-        if route.instructions and encoders.instructions_key(messages_json, tools_json) not in route.instructions:
+        if not route.serves_instructions_of(messages_json, tools_json):
             decision.reason = "instructions changed: the call's system prompt or tools are not those the route was trained with"
             return None
         unsupported = [p for p in ("n", "logprobs", "response_format") if payload.get(p) not in (None, 1, False)]

@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 from peft import PeftModel
 
-from pipeline import evaluate, finetune
-from pipeline.calls import baseline_answer, render_prompt, renders_tools
+from pipeline import evaluate, finetune, structured
+from pipeline.calls import (
+    SharedInstructions, baseline_answer, factor_out, read_instructions, render_prompt, renders_tools,
+    shared_instructions, without_instructions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,33 @@ def test_training_examples_are_prompt_completion_pairs(intent_calls):
     ]
 
 
+def test_the_instructions_every_call_of_a_step_shares_are_found_and_taken_out(curation, labels):
+    steps = {i: r["step"] for i, r in labels["records"].items()}
+    calls = curation.curated.assign(step=curation.curated["trace_id"].map(steps))
+    intents = calls[calls["step"] == "classify_intent"]
+    shared = shared_instructions(list(intents["messages"]), list(intents["tools"]))
+    assert shared.system.startswith("You are the intent tagger") and shared.tools is None
+    factored, carried = factor_out(intents, shared)
+    assert all(carried) and all(json_loads(m)[0]["role"] == "user" for m in factored["messages"])
+    # tool calls share their system prompt, not their tools, which stay with each call
+    tool_calls = calls[calls["step"] == "call_tool"]
+    shared_tools = shared_instructions(list(tool_calls["messages"]), list(tool_calls["tools"]))
+    assert shared_tools.system and shared_tools.tools is None
+    one = tool_calls.iloc[0]
+    assert without_instructions(one["messages"], one["tools"], shared_tools)[1] == one["tools"]
+    # a fixed tool list is shared too; a call with another one, or a reworded prompt, does not carry them
+    fixed = SharedInstructions.from_json({"system": shared.system, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    request = json_dumps([{"role": "system", "content": shared.system}, {"role": "user", "content": "hi"}])
+    assert without_instructions(request, '[{"function": {"name": "f"}, "type": "function"}]', fixed) == (
+        json_dumps([{"role": "user", "content": "hi"}]), None)
+    assert without_instructions(request, '[{"type": "function", "function": {"name": "g"}}]', fixed) is None
+    reworded = json_dumps([{"role": "system", "content": shared.system + " "}, {"role": "user", "content": "hi"}])
+    assert without_instructions(reworded, None, shared) is None
+    assert SharedInstructions.from_json(fixed.to_json()) == fixed
+    # calls of many steps share nothing: nothing is taken out
+    assert not shared_instructions(list(calls["messages"]), list(calls["tools"]))
+
+
 @pytest.mark.slow
 def test_lora_adapter_trains_loads_and_answers_held_out_calls(intent_calls, base_model_dir, tmp_path):
     train, holdout = finetune.split_by_time(intent_calls.iloc[:40], finetune.SplitSettings(0.2, 4, 4))
@@ -51,12 +81,26 @@ def test_lora_adapter_trains_loads_and_answers_held_out_calls(intent_calls, base
     assert all(math.isfinite(x) for x in metrics["loss_curve"]) and metrics["tokens"] > 0
     assert any(m.startswith("step 2/2, loss") for m in messages)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # trained without the intent step's long system prompt, which every call carries
+    tokens = metrics["prompt_tokens_per_call"]
+    assert tokens["trained_on"] < tokens["with_instructions"] / 2 and metrics["calls_under_other_instructions"] == 0
+    shared = read_instructions(tmp_path / "adapter")
+    assert shared.system == json_loads(train["messages"].iloc[0])[0]["content"] and shared.tools is None
+    found = structured.read_answer_format(tmp_path / "adapter")
+    assert found["shape"] == structured.LABELS and metrics["answer_format"] == structured.LABELS
 
     model, tokenizer = evaluate.load_adapter_model(base_model_dir, tmp_path / "adapter")
     assert isinstance(model, PeftModel) and tokenizer.padding_side == "left"
+    # the last held-out call comes under a reworded system prompt: the adapter would not be asked
+    changed = json_loads(holdout["messages"].iloc[-1])
+    changed[0]["content"] = "Reworded: " + changed[0]["content"]
+    holdout = holdout.assign(messages=list(holdout["messages"].iloc[:-1]) + [json_dumps(changed)])
     scored, summary = evaluate.evaluate_cluster(
         model, tokenizer, holdout, train, quality_floor=0.8, settings=evaluate.GenerationSettings(batch_size=4, max_new_tokens_cap=24),
+        answer_format=found, instructions=shared,
     )
+    assert summary["calls_under_other_instructions"] == 1 and scored["confidence"].iloc[-1] == 0
+    assert summary["answer_format"] == structured.LABELS
     assert list(scored["trace_id"]) == list(holdout["trace_id"])
     assert set(scored["scorer"]) == {"label_set"}
     assert scored["confidence"].between(0, 1).all() and scored["score"].between(0, 1).all()

@@ -4,6 +4,7 @@ intent step (a real PEFT adapter of the bundled base model), a fake fallback LLM
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import stat
 import time
@@ -14,6 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from pipeline import curate, ingest, promote, rawzone
+from pipeline.calls import SharedInstructions, exclusive_system_prompts
 from pipeline.router import RouteTable, RouterConfigError, SlmEngine, TraceWriter, answer_to_message
 from pipeline.router_service import Router, RouterSettings, StreamedAnswer, serving
 from tests.conftest import LANDING
@@ -119,6 +121,35 @@ def test_every_step_of_the_sample_but_the_routed_one_goes_to_the_fallback(router
         assert (np.mean(admitted) > 0.95) if step == "classify_intent" else not any(admitted), step
 
 
+def test_a_system_prompt_only_the_routes_cluster_carried_finds_the_route_without_an_embedding(router, sample_calls):
+    """The lookup by system prompt is microseconds where the embedding match is milliseconds; a
+    prompt that calls of two clusters carried is no key, and their calls are matched by embedding."""
+    clusters = sample_calls["step"].map({step: i for i, step in enumerate(sorted(sample_calls["step"].dropna().unique()))})
+    keys = exclusive_system_prompts(list(sample_calls["messages"]), list(clusters.fillna(-1)))
+    intent_cluster = int(clusters[sample_calls["step"] == "classify_intent"].iloc[0])
+    assert len(keys) == 4 and all(len(k) == 1 for k in keys.values())  # one system prompt per step of the sample
+    assert exclusive_system_prompts(list(sample_calls["messages"]), [0] * len(sample_calls), min_calls=10**6) == {}
+    # one intent call clustered with another step: the intent prompt names no cluster alone any more
+    moved = list(clusters)
+    moved[int(np.flatnonzero(sample_calls["step"] == "classify_intent")[0])] = intent_cluster + 1
+    assert intent_cluster not in exclusive_system_prompts(list(sample_calls["messages"]), moved)
+    with TestClient(router.app()):
+        table = router.table
+        keyed = dataclasses.replace(table.routes[0], system_prompts=frozenset(keys[intent_cluster]))
+        lookup = table.__class__(table.version, (keyed,), table.fallback)
+        intents = sample_calls[sample_calls["step"] == "classify_intent"].iloc[:50]
+        timings = {}
+        for name, routes in (("lookup", lookup), ("embedding", table)):
+            started = time.perf_counter()
+            matches = [routes.match(m, t, router.embeddings) for m, t in zip(intents["messages"], intents["tools"])]
+            timings[name] = (time.perf_counter() - started) / len(intents)
+            assert all(m.route is not None and m.route.name == "cluster-2" for m in matches)
+            assert all(m.by_system_prompt for m in matches) == (name == "lookup")
+        other = sample_calls[sample_calls["step"] == "call_tool"].iloc[0]
+        assert lookup.match(other["messages"], other["tools"], router.embeddings).route is None
+    assert timings["lookup"] < 0.002 and timings["lookup"] < timings["embedding"] / 5, timings
+
+
 def test_low_confidence_an_slm_failure_and_an_slm_timeout_each_fall_back(router, sample_calls, fallback, monkeypatch):
     body = request_of(intent_call(sample_calls, 1))
     with TestClient(router.app()) as client:
@@ -143,6 +174,28 @@ def test_low_confidence_an_slm_failure_and_an_slm_timeout_each_fall_back(router,
     assert low.headers["x-slm-reason"].startswith("low confidence:")
     assert failed.headers["x-slm-reason"] == "slm error: RuntimeError"
     assert slow.headers["x-slm-reason"].startswith("slm timeout:")
+
+
+def test_a_route_trained_without_its_steps_instructions_serves_only_calls_that_carry_them(router, sample_calls):
+    """An adapter trained without the system prompt its cluster's calls share gets each call with
+    that prompt taken out; a call whose system prompt was reworded goes to the LLM."""
+    call = intent_call(sample_calls)
+    system = json.loads(call["messages"])[0]["content"]
+    reworded = request_of(call)
+    reworded["messages"][0]["content"] = "Reworded: " + system
+    with TestClient(router.app()) as client:
+        table = router.table
+        factored = dataclasses.replace(table.routes[0], shared=SharedInstructions(system=system))
+        whole = router.engine.answer(table.routes[0], call["messages"], call["tools"], 8, timeout=120)
+        without = router.engine.answer(factored, call["messages"], call["tools"], 8, timeout=120)
+        router.table = table.__class__(table.version, (factored,), table.fallback)
+        changed = client.post("/v1/chat/completions", json=reworded, headers=AUTH)
+        carried = client.post("/v1/chat/completions", json=request_of(call), headers=AUTH)
+        router.table = table
+    assert without.prompt_tokens < whole.prompt_tokens - 150  # the intent step's system prompt is long
+    assert changed.headers["x-slm-served-by"] == "fallback"
+    assert changed.headers["x-slm-reason"].startswith("instructions changed")
+    assert not carried.headers.get("x-slm-reason", "").startswith("instructions changed")
 
 
 def test_auth_is_enforced_and_bad_requests_get_clear_4xx_errors(router, sample_calls):
