@@ -11,8 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
-from pipeline import curate, encoders, finetune, models, select, structured
-from pipeline.calls import INSTRUCTIONS_FILE
+from pipeline import curate, encoders, evaluate, finetune, models, select, structured
+from pipeline.calls import INSTRUCTIONS_FILE, baseline_answer, read_instructions
 from pipeline.cluster import cluster_key
 from pipeline.store import read_json, read_table, write_json
 
@@ -129,6 +129,10 @@ class FinetuneConfig(dg.Config):
     encoder_batch_size: int = Field(16, ge=1)
     encoder_learning_rate: float = Field(5e-5, gt=0, lt=1)
     encoder_max_length: int = Field(128, ge=8)  # request tokens an encoder reads
+    # a generative adapter's learning curve: its score on the earliest held-out calls (never the ones
+    # shadow evaluation tests on, where the cluster has more than these) after evenly spaced steps
+    generative_curve_points: int = Field(2, ge=0)  # 0: none
+    generative_curve_calls: int = Field(6, ge=1)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # latest share of each cluster's calls, kept for shadow eval
     min_holdout: int = Field(10, ge=1)
     max_holdout: int = Field(200, ge=1)
@@ -195,7 +199,10 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
                 # on object storage each checkpoint is uploaded as saved: a step that loses its
                 # machine (a preempted GPU node) resumes from it on the next one
                 on_checkpoint=lambda folder: pipeline_store.publish_folder(folder, context.log.info),
+                snapshot_steps=_curve_steps(settings.max_steps, config.generative_curve_points),
             )
+            metrics["learning_curve"] = _generative_curve(context, config, key, base_dir, adapter_dir, metrics,
+                                                          train, holdout)
             shutil.rmtree(merged_dir, ignore_errors=True)  # merged from the previous adapter
             record = {
                 "cluster_id": choice["cluster_id"],
@@ -237,6 +244,28 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
             ),
         }
     )
+
+
+def _curve_steps(max_steps: int, points: int) -> tuple[int, ...]:
+    """`points` evenly spaced steps of a training run, its last one included."""
+    return tuple(sorted({max(1, round(max_steps * i / points)) for i in range(1, points + 1)})) if points else ()
+
+
+def _generative_curve(context: dg.AssetExecutionContext, config: FinetuneConfig, key: str, base_dir: Path,
+                      adapter_dir: Path, metrics: dict, train, holdout) -> list[dict]:
+    """The adapter's learning curve from the snapshots its training saved (then removed)."""
+    snapshots = finetune.snapshot_folder(adapter_dir)
+    try:
+        calls = holdout.iloc[: config.generative_curve_calls]
+        context.log.info(f"{key}: learning curve: {len(metrics['snapshots'])} snapshots answering {len(calls)} held-out calls")
+        curve = evaluate.snapshot_learning_curve(
+            base_dir, snapshots, metrics["snapshots"], calls, [baseline_answer(r) for r in train["response_message"]],
+            evaluate.GenerationSettings(batch_size=config.generative_curve_calls),
+            structured.read_answer_format(adapter_dir), read_instructions(adapter_dir))
+    finally:
+        shutil.rmtree(snapshots, ignore_errors=True)
+    context.log.info(f"{key}: learning curve " + ", ".join(f"{p['examples_seen']} calls: {p['score']}" for p in curve))
+    return curve
 
 
 def _prompt_tokens(metrics: dict) -> str:

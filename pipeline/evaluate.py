@@ -567,6 +567,34 @@ def evaluate_cluster(
     return scored, summary
 
 
+def snapshot_learning_curve(
+    base_dir: Path, folder: Path, snapshots: list[dict], calls: pd.DataFrame, train_answers: list[str],
+    settings: GenerationSettings, answer_format: dict | None = None, instructions: SharedInstructions | None = None,
+) -> list[dict]:
+    """A generative adapter's learning curve: the mean score against the logged answers of
+    `calls` of the adapter as it was after each snapshot's step (`finetune.train_adapter`'s
+    `snapshot_steps`, saved in `folder`), answered as shadow evaluation answers."""
+    if not snapshots or calls.empty:
+        return []
+    from peft import PeftModel
+
+    base, tokenizer = load_adapter_model(base_dir, None)  # a snapshot holds the adapter's weights alone
+    first, *rest = snapshots
+    model = PeftModel.from_pretrained(base, folder / f"step-{first['step']}", adapter_name=f"step-{first['step']}").eval()
+    for snapshot in rest:
+        model.load_adapter(folder / f"step-{snapshot['step']}", adapter_name=f"step-{snapshot['step']}")
+    factored, _ = factor_out(calls, instructions or SharedInstructions())
+    prompts = prompts_of(factored, renders_tools(tokenizer))
+    budget = answer_token_budget(tokenizer, train_answers, settings.max_new_tokens_cap)
+    curve = []
+    for snapshot in snapshots:
+        model.set_adapter(f"step-{snapshot['step']}")
+        with lora_merged(model):
+            score = mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size, answer_format)
+        curve.append({**snapshot, "score": score})
+    return curve
+
+
 def evaluate_specialist(
     specialist, holdout: pd.DataFrame, quality_floor: float, settings: GenerationSettings,
     calibration_share: float = 0.5, prices: Prices | None = None, threshold_confidence: float | None = None,

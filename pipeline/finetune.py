@@ -400,6 +400,7 @@ class TrainingMeter:
         # (tokens, attended pairs) of each batch collated; the data loader collates one batch
         # ahead, so a step's count is the sum over the batches it consumed.
         self.batches: list[tuple[int, int]] = []
+        self.calls: list[int] = []  # calls (packed sequences) in each batch collated
         self.batches_per_step = 1
         self.first_step = 0  # where this run starts: a resumed run starts at its checkpoint
         self.marks: dict[int, tuple[float, int, int]] = {}
@@ -408,6 +409,10 @@ class TrainingMeter:
         """(tokens, attended pairs) this run trained on up to the end of `step`."""
         consumed = self.batches[: (step - self.first_step) * self.batches_per_step]
         return sum(t for t, _ in consumed), sum(p for _, p in consumed)
+
+    def calls_through(self, step: int) -> int:
+        """Calls (examples) this run trained on up to the end of `step`."""
+        return sum(self.calls[: (step - self.first_step) * self.batches_per_step])
 
     @property
     def tokens(self) -> int:
@@ -427,6 +432,7 @@ class TrainingMeter:
             else:
                 lengths = [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
             meter.batches.append((sum(lengths), sum(n * (n + 1) // 2 for n in lengths)))
+            meter.calls.append(len(lengths))
             return batch
 
         class Progress(TrainerCallback):
@@ -671,6 +677,22 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
     return target
 
 
+def snapshot_folder(output_dir: Path) -> Path:
+    """Where `train_adapter` saves the adapter as it is at chosen steps (beside the adapter)."""
+    return output_dir.parent / f".{output_dir.name}.snapshots"
+
+
+def _snapshot_callback(steps: set[int], folder: Path):
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in steps:
+                model.save_pretrained(folder / f"step-{state.global_step}")
+
+    return Snapshots()
+
+
 def train_adapter(
     base_dir: Path,
     train_calls: pd.DataFrame,
@@ -682,9 +704,12 @@ def train_adapter(
     card: ModelCard | None = None,
     fingerprint: str | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    snapshot_steps: tuple[int, ...] = (),
 ) -> dict:
     """Train one LoRA adapter; returns training metrics. The adapter lands in output_dir.
     `on_checkpoint(folder)` runs after each checkpoint is saved (the asset uploads it).
+    After each of `snapshot_steps` the adapter as it is then is saved in `snapshot_folder(output_dir)`
+    (`step-N`), for a learning curve; metrics["snapshots"] says how many calls each had seen.
 
     Checkpoints go to a folder beside output_dir every `save_steps`; a run killed midway
     resumes from its last one when called again with the same data and settings. Speed
@@ -741,6 +766,10 @@ def train_adapter(
     # The meter reports progress; the default printer would dump every log dict to stdout.
     trainer.remove_callback(PrinterCallback)
     meter = TrainingMeter(settings.max_steps, progress, warmup_steps, on_checkpoint).attach(trainer)
+    snapshots = snapshot_folder(output_dir)
+    shutil.rmtree(snapshots, ignore_errors=True)
+    if snapshot_steps:
+        trainer.add_callback(_snapshot_callback(set(snapshot_steps), snapshots))
     if settings.compile and device == "cuda":
         for layer in decoder_layers(trainer.model):
             layer.compile(dynamic=True)
@@ -766,6 +795,8 @@ def train_adapter(
         "kernels": kernels,
         "compiled": bool(settings.compile and device == "cuda"),
         "calls_cut_by_max_length": cut,
+        "snapshots": [{"step": step, "examples_seen": meter.calls_through(step)} for step in sorted(snapshot_steps)
+                      if (snapshots / f"step-{step}").is_dir()],
         "prompt_tokens_per_call": {"with_instructions": round(_mean_prompt_tokens(whole), 1),
                                    "trained_on": round(_mean_prompt_tokens(tokenized), 1)},
         "calls_under_other_instructions": len(carried) - sum(carried),

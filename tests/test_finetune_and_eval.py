@@ -75,9 +75,18 @@ def test_lora_adapter_trains_loads_and_answers_held_out_calls(intent_calls, base
     train, holdout = finetune.split_by_time(intent_calls.iloc[:40], finetune.SplitSettings(0.2, 4, 4))
     settings = finetune.TrainSettings(max_steps=2, batch_size=2, max_length=384)
     messages = []
-    metrics = finetune.train_adapter(base_model_dir, train.iloc[:8], tmp_path / "adapter", settings, progress=messages.append)
+    metrics = finetune.train_adapter(base_model_dir, train.iloc[:8], tmp_path / "adapter", settings, progress=messages.append,
+                                     snapshot_steps=(1, 2))
 
     assert metrics["steps"] == 2 and metrics["device"] == "cpu"
+    # the adapter as it was after steps 1 and 2 answers a few held-out calls: its learning curve
+    seen = [s["examples_seen"] for s in metrics["snapshots"]]
+    assert [s["step"] for s in metrics["snapshots"]] == [1, 2] and 0 < seen[0] < seen[1]
+    curve = evaluate.snapshot_learning_curve(
+        base_model_dir, finetune.snapshot_folder(tmp_path / "adapter"), metrics["snapshots"], holdout.iloc[:2],
+        [baseline_answer(r) for r in train["response_message"]], evaluate.GenerationSettings(max_new_tokens_cap=24),
+        structured.read_answer_format(tmp_path / "adapter"), read_instructions(tmp_path / "adapter"))
+    assert [p["examples_seen"] for p in curve] == seen and all(0 <= p["score"] <= 1 for p in curve)
     assert all(math.isfinite(x) for x in metrics["loss_curve"]) and metrics["tokens"] > 0
     assert any(m.startswith("step 2/2, loss") for m in messages)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
