@@ -6,6 +6,9 @@
 #   bash bench/gpu_setup.sh b   carry .gpu/b        second half; converts the GGUF to /tmp/model
 #   bash bench/gpu_setup.sh c   carry .gpu/c        bitsandbytes, for QLoRA
 # then, in the same call as b or c: PYTHONPATH=/tmp/site:. python -m bench.train_bench run --base-dir /tmp/model
+# Structured decoding (shadow evaluation, the router) needs xgrammar there too: stage it with
+#   EXTRA_WHEELS="xgrammar==0.2.9 apache-tvm-ffi" ../shared/gpu/stage.sh
+# (triton comes with the machine's CUDA build of PyTorch).
 set -euo pipefail
 case "$1" in
   a)

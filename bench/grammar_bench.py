@@ -11,7 +11,7 @@ valid under each tool's schema), then computes the allowed tokens at every posit
 answer's JSON (teacher forcing, SmolLM2's tokenizer): what a generation pays per call and per
 token on top of the model. Reported per library: setup ms per call (p50, max), mask ms per token
 (mean) and whether the logged answer was accepted whole. A library that is not installed is
-reported as such. Appended to bench/results/grammar.jsonl with the machine, date and command.
+reported as such, and so is each tool schema a library refuses. Appended to bench/results/grammar.jsonl with the machine, date and command.
 """
 
 from __future__ import annotations
@@ -118,10 +118,14 @@ def main() -> None:
             measured[name] = {"cannot be used": f"{type(err).__name__}: {err}"}
             print(name, measured[name], flush=True)
             continue
-        setups, per_token, accepted = [], [], 0
+        setups, per_token, accepted, refused = [], [], 0, []
         for schema, answer in work:
             started = time.perf_counter()
-            state = setup(schema)
+            try:
+                state = setup(schema)
+            except Exception as err:  # noqa: BLE001 - a tool schema the library cannot take is counted
+                refused.append(f"{type(err).__name__}: {str(err)[:120]}")
+                continue
             setups.append(time.perf_counter() - started)
             tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
             started = time.perf_counter()
@@ -131,7 +135,8 @@ def main() -> None:
         measured[name] = {"setup_ms_p50": round(1000 * float(np.median(setups)), 2),
                           "setup_ms_max": round(1000 * max(setups), 2),
                           "mask_ms_per_token": round(1000 * float(np.mean(per_token)), 3),
-                          "logged_answers_accepted": f"{accepted}/{len(work)}"}
+                          "logged_answers_accepted": f"{accepted}/{len(work)}",
+                          "schemas_refused": len(refused), "first_refusal": refused[0] if refused else None}
         print(name, measured[name], flush=True)
     results.record("grammar", {"calls": len(work), "tokenizer": bundled.name, "libraries": measured})
 

@@ -24,11 +24,14 @@ the tokens where the model had a choice (`generate_answers`).
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
 from pipeline.calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
 from pipeline.scoring import JSON_OBJECT, LABEL_SET, TOOL_CALL, answer_shape
+
+log = logging.getLogger(__name__)
 
 FREE, LABELS, JSON_KEYS, TOOL_CALLS = "free", "label_set", "json_object", "tool_calls"
 ANSWER_FORMAT_FILE = "answer_format.json"
@@ -161,7 +164,12 @@ class AnswerGrammars:
             return None
         key = json.dumps([found, tools_json if shape == TOOL_CALLS else None], sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = self._compile(found, tools_json)
+            try:
+                self._cache[key] = self._compile(found, tools_json)
+            except Exception as err:  # noqa: BLE001 - one call's odd tool schema must not stop a night's evaluation
+                log.warning("no grammar for a %s answer (%s: %s); it is decoded unconstrained", shape,
+                            type(err).__name__, err)
+                self._cache[key] = None
         return self._cache[key]
 
     def _compile(self, found: dict, tools_json: str | None):

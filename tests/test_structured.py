@@ -52,6 +52,19 @@ def test_a_format_is_recorded_beside_the_adapter_and_an_adapter_without_one_answ
     assert structured.read_answer_format(tmp_path) == written
 
 
+def test_a_format_xgrammar_cannot_compile_leaves_that_answer_unconstrained_instead_of_failing(base_model_dir, caplog):
+    from transformers import AutoTokenizer
+
+    grammars = structured.AnswerGrammars(AutoTokenizer.from_pretrained(base_model_dir), 49152)
+    odd = {"shape": structured.JSON_KEYS, "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}
+    assert grammars.for_call(odd, None) is None
+    assert "decoded unconstrained" in caplog.text
+    # a tool whose schema points nowhere still gets a grammar: any JSON list of named calls
+    tools = json.dumps([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}}}])
+    assert grammars.for_call({"shape": structured.TOOL_CALLS, "texts": []}, tools) is not None
+
+
 @pytest.fixture(scope="module")
 def base_model(base_model_dir):
     return evaluate.load_adapter_model(base_model_dir, None)
