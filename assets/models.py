@@ -133,6 +133,7 @@ class FinetuneConfig(dg.Config):
     # shadow evaluation tests on, where the cluster has more than these) after evenly spaced steps
     generative_curve_points: int = Field(2, ge=0)  # 0: none
     generative_curve_calls: int = Field(6, ge=1)
+    generative_curve_max_new_tokens: int = Field(160, ge=1)  # answer budget cap, shadow evaluation's default
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # latest share of each cluster's calls, kept for shadow eval
     min_holdout: int = Field(10, ge=1)
     max_holdout: int = Field(200, ge=1)
@@ -260,7 +261,8 @@ def _generative_curve(context: dg.AssetExecutionContext, config: FinetuneConfig,
         context.log.info(f"{key}: learning curve: {len(metrics['snapshots'])} snapshots answering {len(calls)} held-out calls")
         curve = evaluate.snapshot_learning_curve(
             base_dir, snapshots, metrics["snapshots"], calls, [baseline_answer(r) for r in train["response_message"]],
-            evaluate.GenerationSettings(batch_size=config.generative_curve_calls),
+            evaluate.GenerationSettings(batch_size=config.generative_curve_calls,
+                                        max_new_tokens_cap=config.generative_curve_max_new_tokens),
             structured.read_answer_format(adapter_dir), read_instructions(adapter_dir))
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)

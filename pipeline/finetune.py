@@ -400,7 +400,6 @@ class TrainingMeter:
         # (tokens, attended pairs) of each batch collated; the data loader collates one batch
         # ahead, so a step's count is the sum over the batches it consumed.
         self.batches: list[tuple[int, int]] = []
-        self.calls: list[int] = []  # calls (packed sequences) in each batch collated
         self.batches_per_step = 1
         self.first_step = 0  # where this run starts: a resumed run starts at its checkpoint
         self.marks: dict[int, tuple[float, int, int]] = {}
@@ -409,10 +408,6 @@ class TrainingMeter:
         """(tokens, attended pairs) this run trained on up to the end of `step`."""
         consumed = self.batches[: (step - self.first_step) * self.batches_per_step]
         return sum(t for t, _ in consumed), sum(p for _, p in consumed)
-
-    def calls_through(self, step: int) -> int:
-        """Calls (examples) this run trained on up to the end of `step`."""
-        return sum(self.calls[: (step - self.first_step) * self.batches_per_step])
 
     @property
     def tokens(self) -> int:
@@ -432,7 +427,6 @@ class TrainingMeter:
             else:
                 lengths = [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
             meter.batches.append((sum(lengths), sum(n * (n + 1) // 2 for n in lengths)))
-            meter.calls.append(len(lengths))
             return batch
 
         class Progress(TrainerCallback):
@@ -766,8 +760,10 @@ def train_adapter(
     # The meter reports progress; the default printer would dump every log dict to stdout.
     trainer.remove_callback(PrinterCallback)
     meter = TrainingMeter(settings.max_steps, progress, warmup_steps, on_checkpoint).attach(trainer)
+    rows_per_step = settings.batch_size * settings.gradient_accumulation_steps
     snapshots = snapshot_folder(output_dir)
-    shutil.rmtree(snapshots, ignore_errors=True)
+    if not resume:  # a resumed run keeps the snapshots its killed run saved
+        shutil.rmtree(snapshots, ignore_errors=True)
     if snapshot_steps:
         trainer.add_callback(_snapshot_callback(set(snapshot_steps), snapshots))
     if settings.compile and device == "cuda":
@@ -795,8 +791,10 @@ def train_adapter(
         "kernels": kernels,
         "compiled": bool(settings.compile and device == "cuda"),
         "calls_cut_by_max_length": cut,
-        "snapshots": [{"step": step, "examples_seen": meter.calls_through(step)} for step in sorted(snapshot_steps)
-                      if (snapshots / f"step-{step}").is_dir()],
+        # calls seen by each snapshot's step: whole calls are packed into rows, a step takes a fixed
+        # number of rows (the same count whether or not the run was resumed in between)
+        "snapshots": [{"step": step, "examples_seen": round(step * rows_per_step * len(tokenized) / len(trainer.train_dataset))}
+                      for step in sorted(snapshot_steps) if (snapshots / f"step-{step}").is_dir()],
         "prompt_tokens_per_call": {"with_instructions": round(_mean_prompt_tokens(whole), 1),
                                    "trained_on": round(_mean_prompt_tokens(tokenized), 1)},
         "calls_under_other_instructions": len(carried) - sum(carried),

@@ -27,7 +27,9 @@ SETTINGS = {
         "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8,
                                       "specialist_kinds": ["generative"]}},
         "finetuned_adapters": {"config": {"max_steps": 2, "save_steps": 1, "batch_size": 1, "max_length": 384,
-                                          "min_holdout": 8, "max_holdout": 8}},
+                                          "min_holdout": 8, "max_holdout": 8,
+                                          # a snapshot after each step: a resumed run keeps the killed run's first
+                                          "generative_curve_calls": 2, "generative_curve_max_new_tokens": 8}},
         "shadow_eval": {"config": {"max_calls_per_cluster": 6, "max_new_tokens_cap": 8, "quality_floor": 0.0,
                                    "arm_calls": 0, "latency_calls": 1}},
         "promotion_decisions": {"config": {"min_holdout": 3}},

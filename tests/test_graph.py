@@ -26,7 +26,8 @@ QUICK = {
     "ops": {
         "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8,
                                       "specialist_kinds": ["generative"]}},
-        "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 1, "max_length": 384, "min_holdout": 8, "max_holdout": 8}},
+        "finetuned_adapters": {"config": {"max_steps": 1, "batch_size": 1, "max_length": 384, "min_holdout": 8, "max_holdout": 8,
+                                          "generative_curve_calls": 2, "generative_curve_max_new_tokens": 8}},
         "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 8, "quality_floor": 0.0,
                                    "arm_calls": 1, "latency_calls": 1}},
         "promotion_decisions": {"config": {"min_holdout": 4}},
@@ -146,6 +147,10 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     # Same data and settings: a rerun promotes new versions of the routes but trains nothing again,
     # and probes and evaluates nothing again (no model is loaded: the kept results are the same).
     records = sorted((out / "adapters").glob("*/training.json"))
+    # each generative adapter's learning curve: its snapshot after the one step answered held-out calls
+    curves = [json.loads(p.read_text())["metrics"]["learning_curve"] for p in records]
+    assert curves and all(len(c) == 1 and c[0]["step"] == 1 and 0 <= c[0]["score"] <= 1 for c in curves)
+    assert not list((out / "adapters").glob("*/.adapter.snapshots"))  # removed once read
     stamps = [p.stat().st_mtime_ns for p in records]
     first_evaluation = json.loads((out / "eval" / "shadow_eval.json").read_text())
     monkeypatch.setattr(evaluate, "load_adapter_model", lambda *a, **k: pytest.fail("a model was loaded again"))
