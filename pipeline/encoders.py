@@ -34,6 +34,7 @@ import pandas as pd
 
 from pipeline.calls import baseline_answer, content_text
 from pipeline.scoring import LABEL_SET, answer_shape, score_answer
+from pipeline.store import replace_folder
 
 CLASSIFIER, SPAN_TAGGER, GENERATIVE = "classifier", "span_tagger", "generative"
 KINDS = (CLASSIFIER, SPAN_TAGGER, GENERATIVE)  # cheapest to serve first
@@ -380,8 +381,7 @@ def train_specialist(
                "first_loss": losses[0], "final_loss": losses[-1], "learning_curve": curve, "settings": asdict(settings),
                "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
     (staging / "README.md").write_text(model_card(spec, metrics))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    replace_folder(staging, folder)
     return metrics
 
 

@@ -652,10 +652,13 @@ def _figure(height: float, quality_floor: float, title: str, xlabel: str, ylabel
 
 
 def learning_curves_png(curves: dict[str, list[dict]], quality_floor: float) -> bytes:
-    """Each specialist's learning curve: mean score against the logged answers on its
-    calibration calls after each pass, by the training examples seen so far."""
-    with _figure(4, quality_floor, "Learning curves of the specialists", "training examples seen",
-                 "mean score vs baseline (calibration calls)", "lower right") as (axes, out):
+    """Each specialist's learning curve: mean score against the logged answers on held-out calls
+    it is not tested on (an encoder's calibration calls after each pass, a generative adapter's
+    earliest held-out calls at each snapshot), by the training examples seen so far. The axis is
+    logarithmic: a CPU-sized generative run sees tens of calls where an encoder sees thousands."""
+    with _figure(4, quality_floor, "Learning curves of the specialists", "training examples seen (log scale)",
+                 "mean score vs baseline (held-out calls)", "lower right") as (axes, out):
+        axes.set_xscale("log")
         for name, curve in curves.items():
             points = [p for p in curve if "score" in p]
             axes.plot([p["examples_seen"] for p in points], [p["score"] for p in points], "o-", markersize=3,

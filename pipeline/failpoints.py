@@ -4,7 +4,8 @@
 
 kills the run (SIGKILL: no cleanup, no `finally`, as a power cut or the OOM killer would) when
 it reaches that point. Unset, a point costs one environment lookup. The points: every atomic
-write just before its rename (`before-rename:<file name>`), collection after its ledger commit
+write just before its rename (`before-rename:<file name>`; a folder put in place whole, an adapter
+or a specialist, `before-rename:<folder name>`), collection after its ledger commit
 and before its parts are published (`raw_traces:committed`), fine-tuning after it saved a
 checkpoint (`finetune:checkpoint-saved`). tests/test_crash_recovery.py uses them.
 """

@@ -34,6 +34,7 @@ from pipeline.calls import (
     shared_instructions,
 )
 from pipeline.models import require_checkpoint
+from pipeline.store import replace_folder
 from pipeline.structured import write_answer_format
 
 PACKED_ATTENTION = "packed"
@@ -666,8 +667,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    replace_folder(staging, target)
     return target
 
 
@@ -816,9 +816,7 @@ def train_adapter(
     (staging / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
     if card is not None:
         write_model_card(staging, card, metrics)  # replaces PEFT's empty template
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
+    replace_folder(staging, output_dir)
     shutil.rmtree(checkpoints, ignore_errors=True)
     del trainer
     if device == "cuda":

@@ -147,6 +147,19 @@ def _atomic(path: Path) -> Iterator[tuple[int, str]]:
         raise
 
 
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put a finished folder (written whole at `staging`) in place of `target` by renames, so that
+    a reader finds the old folder or the new one, never part of either; a process killed between
+    the two renames leaves no `target` (its stage makes it again) and the old one hidden aside."""
+    failpoints.reached(f"before-rename:{target.name}")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_bytes(path: Path, payload: bytes) -> None:
     """Write bytes atomically to an owner-only (0600) file."""
     with _atomic(path) as (fd, _), os.fdopen(fd, "wb") as f:

@@ -143,6 +143,50 @@ def intent_specialist(curation, labels, tmp_path_factory):
     return folder, metrics, holdout
 
 
+TRAIN_IN_A_PROCESS_OF_ITS_OWN = """
+import sys
+from pathlib import Path
+import pandas as pd
+from pipeline import encoders
+calls = pd.read_parquet(sys.argv[1])
+encoders.train_specialist(encoders.CLASSIFIER, encoders.answer_contract(calls), encoders.encoder_path(), calls,
+                          Path(sys.argv[2]), encoders.EncoderSettings(epochs=1),
+                          instructions=[encoders.instructions_key(m, t) for m, t in zip(calls["messages"], calls["tools"])])
+"""
+
+
+@pytest.mark.slow
+def test_a_specialist_training_killed_before_its_folder_is_in_place_leaves_the_old_one_or_none(curation, labels,
+                                                                                               tmp_path):
+    """SIGKILL just before the new specialist's folder takes the old one's place: the old one is
+    still served whole; the training run again puts the new one in place and sweeps the staging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline import failpoints
+    from tests.conftest import REPO
+
+    calls = _step_calls(curation, labels, "classify_intent").iloc[:60]
+    data = tmp_path / "calls.parquet"
+    calls.to_parquet(data)
+    folder = tmp_path / "specialist"
+    train = [sys.executable, "-c", TRAIN_IN_A_PROCESS_OF_ITS_OWN, str(data), str(folder)]
+    assert subprocess.run(train, cwd=REPO, capture_output=True, timeout=600).returncode == 0
+    first = (folder / "model.safetensors").read_bytes()
+
+    killed = subprocess.run(train, cwd=REPO, capture_output=True, timeout=600,
+                            env={**os.environ, failpoints.ENV: "before-rename:specialist"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (folder / "model.safetensors").read_bytes() == first and not encoders.servability_problems(folder)
+    assert (tmp_path / ".specialist.partial").is_dir()  # the new one, hidden while unfinished
+
+    again = subprocess.run(train, cwd=REPO, capture_output=True, timeout=600)
+    assert again.returncode == 0 and not encoders.servability_problems(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calls.parquet", "specialist"]  # nothing left aside
+
+
 @pytest.mark.slow
 def test_a_classifier_learns_the_intents_and_is_scored_like_any_slm(intent_specialist):
     folder, metrics, holdout = intent_specialist
