@@ -143,5 +143,6 @@ def format_replay(summary: dict) -> str:
                  + (f"; {summary['failed']} requests failed" if summary["failed"] else ""))
     if summary["specialist_latency_ms_p50"] is not None:
         lines.append(f"  latency p50: {summary['specialist_latency_ms_p50']:.0f} ms a request a specialist answered "
-                     f"(routing included); routing {summary['routing_ms_p50']:.0f} ms over all requests")
+                     f"(routing included); routing {summary['routing_ms_p50']:.{1 if summary['routing_ms_p50'] < 10 else 0}f} ms "
+                     "over all requests")
     return "\n".join(lines)
