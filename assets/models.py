@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
-from pipeline import curate, encoders, evaluate, finetune, models, select, structured
+from pipeline import curate, encoders, evaluate, finetune, models, promote, select, structured
 from pipeline.calls import INSTRUCTIONS_FILE, baseline_answer, read_instructions
 from pipeline.cluster import cluster_key
 from pipeline.store import read_json, read_table, write_json
@@ -309,12 +309,8 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
                                                       "encoder specialist's folder a model the router can serve.")
 def adapters_are_complete(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     records = read_json(pipeline_store.store().stats("finetuned_adapters"))
-    incomplete = [
-        r["adapter_dir"] for r in records
-        if (encoders.servability_problems(Path(r["adapter_dir"])) if r.get("kind") in encoders.ENCODER_KINDS else
-            not (Path(r["adapter_dir"]) / "adapter_config.json").is_file()
-            or not (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file())
-    ]
+    incomplete = [r["adapter_dir"] for r in records
+                  if promote.missing_files(r.get("kind", encoders.GENERATIVE), Path(r["adapter_dir"]))]
     return dg.AssetCheckResult(passed=not incomplete, metadata={"adapters": len(records), "incomplete": incomplete})
 
 

@@ -403,7 +403,6 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
 def routes_point_at_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     registry = pipeline_store.store().registry
     router = promote.read_router_config(registry)
-    config_file = lambda route: (encoders.SPECIALIST_FILE if route.get("kind", encoders.GENERATIVE)  # noqa: E731
-                                 in encoders.ENCODER_KINDS else "adapter_config.json")
-    missing = [r["name"] for r in router["routes"] if not (registry / r["adapter"] / config_file(r)).is_file()]
+    missing = [r["name"] for r in router["routes"]
+               if promote.missing_files(r.get("kind", encoders.GENERATIVE), registry / r["adapter"])]
     return dg.AssetCheckResult(passed=not missing, metadata={"routes": len(router["routes"]), "missing": missing})

@@ -428,9 +428,3 @@ def servability_problems(folder: Path) -> list[str]:
     if len(config.get("id2label") or {}) < 1:
         problems.append("no labels in config.json")
     return problems
-
-
-def kind_of(folder: Path) -> str:
-    """The kind of specialist a folder holds: an encoder specialist's, or a LoRA adapter's."""
-    spec = Path(folder) / SPECIALIST_FILE
-    return json.loads(spec.read_text())["kind"] if spec.is_file() else GENERATIVE

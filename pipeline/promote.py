@@ -167,6 +167,16 @@ def servability_problems(adapter_dir: Path, base_model_path: str, max_rank: int 
     return problems
 
 
+def missing_files(kind: str, folder: Path) -> list[str]:
+    """The files a specialist's folder of this kind cannot be served without that it lacks: an
+    encoder specialist's model and its record, or a LoRA adapter's config and weights."""
+    from pipeline import encoders
+
+    needed = ((encoders.SPECIALIST_FILE, "model.safetensors") if kind in encoders.ENCODER_KINDS
+              else ("adapter_config.json", "adapter_model.safetensors"))
+    return [name for name in needed if not (Path(folder) / name).is_file()]
+
+
 def specialist_problems(kind: str, adapter_dir: Path, base_model_path: str, max_rank: int = SERVING_MAX_RANK,
                         allow_extra_modules: bool = False) -> list[str]:
     """`servability_problems` for a route of any kind: an encoder specialist is checked as one."""

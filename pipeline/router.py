@@ -198,8 +198,9 @@ def _route(registry: Path, entry: dict) -> Route:
         instructions = frozenset(json.loads((adapter_dir / encoders.SPECIALIST_FILE).read_text())["instructions"])
     elif kind != encoders.GENERATIVE:
         raise RouterConfigError(f"route {entry['name']}: unknown kind {kind!r} (one of {', '.join(encoders.KINDS)})")
-    elif not (adapter_dir / "adapter_config.json").is_file():
-        raise RouterConfigError(f"route {entry['name']} {entry['version']}: no adapter in {adapter_dir}")
+    elif missing := promote.missing_files(kind, adapter_dir):
+        raise RouterConfigError(f"route {entry['name']} {entry['version']}: no adapter in {adapter_dir} "
+                                f"({', '.join(missing)} missing)")
     else:
         shared = read_instructions(adapter_dir)
     signature = match.get("signature", promote.DEFAULT_MATCH_EMBEDDING["signature"])

@@ -199,7 +199,9 @@ def test_a_classifier_learns_the_intents_and_is_scored_like_any_slm(intent_speci
     (broken / encoders.SPECIALIST_FILE).write_text(json.dumps({**spec, "instructions": []}))
     assert encoders.servability_problems(broken) == [
         "no model.safetensors", "no instructions recorded: the router could not tell the calls it was trained for"]
-    assert encoders.kind_of(folder) == encoders.CLASSIFIER
+    assert promote.missing_files(encoders.CLASSIFIER, folder) == []
+    assert promote.missing_files(encoders.CLASSIFIER, broken) == ["model.safetensors"]
+    assert promote.missing_files(encoders.GENERATIVE, folder) == ["adapter_config.json", "adapter_model.safetensors"]
     curve = metrics["learning_curve"]
     assert [p["epoch"] for p in curve] == [1, 2, 3, 4, 5] and curve[-1]["score"] > curve[0]["score"]
     assert curve[-1]["loss"] < curve[0]["loss"]
