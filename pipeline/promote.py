@@ -125,6 +125,9 @@ def promotion_decision(
         return NOT_PROMOTED, f"shadow score {score:.3f}: no confidence threshold keeps the answered calls at the floor"
     answered = evaluation["answered_at_threshold"]
     score = evaluation["score_at_threshold"]
+    if not answered:  # the threshold chosen on the calibration calls keeps none of the test calls
+        return NOT_PROMOTED, (f"at its threshold {evaluation['confidence_threshold']:.3f} the SLM would answer none of "
+                              f"the {evaluation['test_calls']} test calls")
     bound = quality_lower_bound(score, answered, confidence)
     stated = f"score {score:.3f} on the {answered} calls it would answer, {confidence:.0%} lower bound {bound:.3f}"
     if bound < quality_floor:

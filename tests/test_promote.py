@@ -40,6 +40,10 @@ def test_a_model_worse_than_the_floor_is_never_promoted_however_many_calls():
     assert promote.promotion_decision(no_threshold, 0.8, 10)[0] == promote.NOT_PROMOTED
     assert promote.promotion_decision(_evaluation(1.0, 9, holdout=9), 0.8, 10)[0] == promote.NOT_PROMOTED
     assert promote.promotion_decision(None, 0.8, 10) == (promote.NOT_PROMOTED, "not fine-tuned")
+    # a threshold found on the calibration calls that keeps none of the test calls
+    none_kept = {**_evaluation(0.95, 200), "answered_at_threshold": 0, "score_at_threshold": None}
+    assert promote.promotion_decision(none_kept, 0.8, 10) == (
+        promote.NOT_PROMOTED, "at its threshold 0.500 the SLM would answer none of the 200 test calls")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +107,8 @@ def test_each_promotion_is_a_new_version_and_a_rollback_serves_the_one_before(tm
     assert entry["adapter"] == "cluster-2/v0001/adapter" and entry["match"] == {
         "centroid": [0.6, 0.8], "min_similarity": 0.5,
         # a route that does not say how its centroid was embedded was embedded with clustering's defaults
-        "embedding_model": "bundled:all-MiniLM-L6-v2", "signature": "weighted_parts"}
+        "embedding_model": "bundled:all-MiniLM-L6-v2", "signature": "weighted_parts",
+        "system_prompts": []}  # and it is found by embedding alone
     assert entry["max_new_tokens"] == promote.DEFAULT_MAX_NEW_TOKENS  # eval.json names no budget
     version_dir = registry / "cluster-2" / "v0001"
     assert json.loads((version_dir / "eval.json").read_text()) == {"score": 0.9}
