@@ -761,8 +761,10 @@ def train_adapter(
     trainer.remove_callback(PrinterCallback)
     meter = TrainingMeter(settings.max_steps, progress, warmup_steps, on_checkpoint).attach(trainer)
     rows_per_step = settings.batch_size * settings.gradient_accumulation_steps
-    snapshots = snapshot_folder(output_dir)
-    if not resume:  # a resumed run keeps the snapshots its killed run saved
+    # Saved among the checkpoints, so that they travel with them (object storage) and a resumed
+    # run, on this machine or another, has the snapshots its killed run saved.
+    snapshots = checkpoints / "snapshots"
+    if not resume:
         shutil.rmtree(snapshots, ignore_errors=True)
     if snapshot_steps:
         trainer.add_callback(_snapshot_callback(set(snapshot_steps), snapshots))
@@ -817,6 +819,9 @@ def train_adapter(
     if card is not None:
         write_model_card(staging, card, metrics)  # replaces PEFT's empty template
     replace_folder(staging, output_dir)
+    shutil.rmtree(snapshot_folder(output_dir), ignore_errors=True)
+    if snapshots.is_dir():
+        snapshots.rename(snapshot_folder(output_dir))
     shutil.rmtree(checkpoints, ignore_errors=True)
     del trainer
     if device == "cuda":
