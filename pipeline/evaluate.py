@@ -622,8 +622,9 @@ def evaluate_specialist(
     scored = score_holdout(holdout, generated)
     scored["split"] = split_for_calibration(scored, calibration_share)
     speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
+    unknown = sum(instructions_key(m, t) not in known for m, t in zip(holdout["messages"], holdout["tools"]))
     return scored, {**summarize_scores(scored, quality_floor, threshold_confidence), "kind": specialist.kind,
-                    "cost_and_speed": speed}
+                    "calls_under_other_instructions": unknown, "cost_and_speed": speed}
 
 
 @contextmanager

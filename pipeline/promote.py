@@ -435,6 +435,9 @@ def _evaluation_lines(evaluation: dict) -> list[str]:
         f"at confidence >= {threshold:.3f} the SLM answers {evaluation['coverage_at_threshold']:.0%} "
         f"with score {evaluation['score_at_threshold'] if evaluation['score_at_threshold'] is not None else 0:.3f}"
         if threshold is not None else "no threshold reached the floor on the calibration calls")]
+    if evaluation.get("calls_under_other_instructions"):
+        lines.append(f"{evaluation['calls_under_other_instructions']} held-out calls came under other instructions (system "
+                     "prompt or tools) than training: the router escalates such calls as 'instructions changed'")
     if "arms" in evaluation:
         arms = evaluation["arms"]
         lines.append(f"on {arms['calls']} test calls: base SLM zero-shot {arms['base_zero_shot']:.3f}, in-context "

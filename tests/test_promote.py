@@ -32,6 +32,13 @@ def test_a_small_lucky_holdout_is_not_promoted_and_the_same_score_on_many_calls_
     assert decision == promote.PROMOTED and "on the 200 calls it would answer" in reason
 
 
+def test_the_summary_counts_held_out_calls_under_instructions_the_route_was_not_trained_with():
+    evaluation = {**_evaluation(0.95, 20), "calibration_calls": 24, "coverage_at_threshold": 0.8}
+    assert not any("other instructions" in line for line in promote._evaluation_lines(evaluation))
+    lines = promote._evaluation_lines({**evaluation, "calls_under_other_instructions": 3})
+    assert any(line.startswith("3 held-out calls came under other instructions") for line in lines)
+
+
 def test_a_model_worse_than_the_floor_is_never_promoted_however_many_calls():
     for answered in (10, 100, 10_000):
         decision, _ = promote.promotion_decision(_evaluation(0.79, answered), quality_floor=0.8, min_holdout=10)
