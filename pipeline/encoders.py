@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.calls import baseline_answer, content_text
-from pipeline.scoring import LABEL_SET, answer_shape, score_answer
+from pipeline.scoring import LABEL_SET, answer_shape, labels_of, score_answer
 from pipeline.store import replace_folder
 
 CLASSIFIER, SPAN_TAGGER, GENERATIVE = "classifier", "span_tagger", "generative"
@@ -72,10 +72,6 @@ def instructions_key(messages_json: str, tools_json: str | None) -> str:
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
-def _labels(answer: str) -> list[str]:
-    return [label.strip() for label in answer.split(",") if label.strip()]
-
-
 def _spans(request: str, answer: str) -> list[tuple[int, int, str]] | None:
     """(start, end, key) of each value of a JSON-object answer in the request; None when the
     answer is not such an object or a value is not copied from the request."""
@@ -100,7 +96,7 @@ def answer_contract(calls: pd.DataFrame) -> dict:
     answers = [baseline_answer(r) for r in calls["response_message"]]
     if not answers:
         return {"kind": GENERATIVE}
-    label_sets = [_labels(a) for a in answers if answer_shape(a) == LABEL_SET]
+    label_sets = [labels_of(a) for a in answers if answer_shape(a) == LABEL_SET]
     labels = Counter(label for labels in label_sets for label in labels)
     if len(label_sets) >= CONTRACT_SHARE * len(answers) and 0 < len(labels) <= MAX_LABELS:
         return {"kind": CLASSIFIER, "labels": sorted(labels), "share": round(len(label_sets) / len(answers), 4)}
@@ -241,7 +237,7 @@ def _targets(kind: str, examples: list[Example], batch, labels: list[str], offse
         index = {label: i for i, label in enumerate(labels)}
         targets = torch.zeros((len(examples), len(labels)))
         for row, example in enumerate(examples):
-            for label in _labels(example.answer):
+            for label in labels_of(example.answer):
                 if label in index:
                     targets[row, index[label]] = 1.0
         return targets
@@ -314,7 +310,7 @@ def train_specialist(
     if not examples:
         raise NothingToLearn(f"no training call of this cluster has an answer a {kind} can learn")
     separator = _separator([e.answer for e in examples]) if kind == CLASSIFIER else ", "
-    min_labels = int(kind == CLASSIFIER and np.mean([bool(_labels(e.answer)) for e in examples]) >= 0.99)
+    min_labels = int(kind == CLASSIFIER and np.mean([bool(labels_of(e.answer)) for e in examples]) >= 0.99)
     labels = contract["labels"] if kind == CLASSIFIER else _tags(contract["keys"])
     id2label = dict(enumerate(labels))
     common = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}

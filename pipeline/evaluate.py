@@ -349,11 +349,10 @@ def solved_examples(calls: pd.DataFrame, native_tools: bool) -> list[tuple[Chat,
 
 
 def mean_score(model, tokenizer, prompts: list[Chat], calls: pd.DataFrame, budget: int, batch_size: int,
-               answer_format: dict | None = None) -> float:
+               grammars: list | None = None) -> float:
     """Mean score against the logged answers of `calls` of the model's answers to `prompts`,
-    decoded in `answer_format` (`pipeline.structured`) where given."""
-    answers = generate_answers(model, tokenizer, prompts, budget, batch_size,
-                               grammars=call_grammars(model, tokenizer, answer_format, calls))
+    each decoded within its grammar where given (`call_grammars`)."""
+    answers = generate_answers(model, tokenizer, prompts, budget, batch_size, grammars=grammars)
     baselines = [baseline_answer(r) for r in calls["response_message"]]
     return round(float(np.mean([score_answer(b, a, t)[1] for b, (a, _), t in zip(baselines, answers, calls["tools"])])), 4)
 
@@ -513,7 +512,7 @@ def retrieved_examples(train: pd.DataFrame, calls: pd.DataFrame, shots: int) -> 
 
 
 def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, budget: int,
-                    settings: GenerationSettings, answer_format: dict | None = None) -> dict:
+                    settings: GenerationSettings, grammars: list | None = None) -> dict:
     """Mean score against the baseline of the base SLM without its adapter, zero-shot and with
     retrieved training calls as examples (in-context), on `calls`, decoded in the same format as
     the adapter: what fine-tuning bought."""
@@ -523,7 +522,7 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
     with_examples = [few_shot_prompt(p, [solved[i] for i in picks])
                      for p, picks in zip(prompts, retrieved_examples(train, calls, settings.shots))]
     with model.disable_adapter():
-        return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size, answer_format)
+        return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size, grammars)
                 for arm, arm_prompts in (("base_zero_shot", prompts), ("base_in_context", with_examples))}
 
 
@@ -561,7 +560,8 @@ def evaluate_cluster(
     if len(test_rows) and len(train):
         if progress:
             progress(f"base model without adapter: answering {len(test_rows)} test calls zero-shot and in-context")
-        arms = base_model_arms(model, tokenizer, holdout.iloc[test_rows], train, budget, settings, answer_format)
+        arms = base_model_arms(model, tokenizer, holdout.iloc[test_rows], train, budget, settings,
+                               grammars and [grammars[row] for row in test_rows])
         summary["arms"] = {"calls": len(test_rows), **arms,
                            "fine_tuned": round(float(scored["score"].iloc[test_rows].mean()), 4)}
     return scored, summary
@@ -585,12 +585,13 @@ def snapshot_learning_curve(
         model.load_adapter(folder / f"step-{snapshot['step']}", adapter_name=f"step-{snapshot['step']}")
     factored, _ = factor_out(calls, instructions or SharedInstructions())
     prompts = prompts_of(factored, renders_tools(tokenizer))
+    grammars = call_grammars(model, tokenizer, answer_format, calls)
     budget = answer_token_budget(tokenizer, train_answers, settings.max_new_tokens_cap)
     curve = []
     for snapshot in snapshots:
         model.set_adapter(f"step-{snapshot['step']}")
         with lora_merged(model):
-            score = mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size, answer_format)
+            score = mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size, grammars)
         curve.append({**snapshot, "score": score})
     return curve
 
@@ -617,14 +618,13 @@ def evaluate_specialist(
         started = time.perf_counter()
         specialist.answer([request])
         single_seconds.append(time.perf_counter() - started)
-    generated = [(answer, confidence if instructions_key(m, t) in known else 0.0)
-                 for (answer, confidence), m, t in zip(generated, holdout["messages"], holdout["tools"])]
+    carried = [instructions_key(m, t) in known for m, t in zip(holdout["messages"], holdout["tools"])]
+    generated = [(answer, confidence if under_known else 0.0) for (answer, confidence), under_known in zip(generated, carried)]
     scored = score_holdout(holdout, generated)
     scored["split"] = split_for_calibration(scored, calibration_share)
     speed = cost_and_speed(holdout, batch_seconds, settings.batch_size, single_seconds, prices or Prices())
-    unknown = sum(instructions_key(m, t) not in known for m, t in zip(holdout["messages"], holdout["tools"]))
     return scored, {**summarize_scores(scored, quality_floor, threshold_confidence), "kind": specialist.kind,
-                    "calls_under_other_instructions": unknown, "cost_and_speed": speed}
+                    "calls_under_other_instructions": len(carried) - sum(carried), "cost_and_speed": speed}
 
 
 @contextmanager

@@ -74,6 +74,11 @@ def _key(value: Any) -> str:
     return json.dumps(_normalize(value), sort_keys=True)
 
 
+def labels_of(answer: str) -> list[str]:
+    """The labels of a label-set answer, in the order written."""
+    return [label.strip() for label in answer.split(",") if label.strip()]
+
+
 def score_label_set(baseline: str, predicted: str) -> float:
     gold = {x.strip().lower() for x in baseline.split(",") if x.strip()}
     pred = {x.strip().lower() for x in predicted.split(",") if x.strip()}

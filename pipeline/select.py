@@ -138,12 +138,13 @@ def probe(model, tokenizer, members: pd.DataFrame, settings: ProbeSettings) -> d
     earlier = members.sort_values(["called_at", "trace_id"], kind="stable").iloc[: max(len(members) // 2, 1)]
     found = answer_format([baseline_answer(r) for r in earlier[~earlier["trace_id"].isin(calls["trace_id"])]["response_message"]]
                           if settings.structured_decoding else [], native_tools)
+    grammars = evaluate.call_grammars(model, tokenizer, found, calls)
     return {
         "calls": len(calls),
         "answer_format": found["shape"],
-        "zero_shot": evaluate.mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size, found),
+        "zero_shot": evaluate.mean_score(model, tokenizer, prompts, calls, budget, settings.batch_size, grammars),
         "few_shot": evaluate.mean_score(model, tokenizer, [few_shot_prompt(p, examples) for p in prompts], calls,
-                                        budget, settings.batch_size, found),
+                                        budget, settings.batch_size, grammars),
     }
 
 

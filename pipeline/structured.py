@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
-from pipeline.scoring import JSON_OBJECT, LABEL_SET, TOOL_CALL, answer_shape
+from pipeline.scoring import JSON_OBJECT, LABEL_SET, TOOL_CALL, answer_shape, labels_of
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ RECURRING_TEXT_MIN = 3  # a text answer given this often (verbatim) is one of a 
 LABEL_SEPARATOR = ", "
 _JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object",
                type(None): "null"}
-
-
-def _labels(answer: str) -> list[str]:
-    return [label.strip() for label in answer.split(",") if label.strip()]
 
 
 def _json_schema(objects: list[dict]) -> dict:
@@ -74,10 +70,11 @@ def answer_format(answers: list[str], native_tools: bool = False) -> dict:
     which differs from model to model; only the project's own tool-call format is constrained."""
     if not answers:
         return {"shape": FREE}
-    shapes = Counter(answer_shape(a) for a in answers)
+    shape_of = [answer_shape(a) for a in answers]
+    shapes = Counter(shape_of)
     enough = FORMAT_SHARE * len(answers)
     if shapes[LABEL_SET] >= enough:
-        label_sets = [_labels(a) for a in answers if answer_shape(a) == LABEL_SET]
+        label_sets = [labels_of(a) for a, shape in zip(answers, shape_of) if shape == LABEL_SET]
         labels = sorted({label for found in label_sets for label in found})
         if 0 < len(labels) <= MAX_LABELS:
             # answers that list their labels sorted, each once, are decoded so: no label twice, no
@@ -85,10 +82,10 @@ def answer_format(answers: list[str], native_tools: bool = False) -> dict:
             ordered = sum(found == sorted(set(found)) for found in label_sets) >= enough
             return {"shape": LABELS, "labels": labels, "ordered": ordered}
     if shapes[JSON_OBJECT] >= enough:
-        objects = [json.loads(a) for a in answers if answer_shape(a) == JSON_OBJECT]
+        objects = [json.loads(a) for a, shape in zip(answers, shape_of) if shape == JSON_OBJECT]
         if len({k for o in objects for k in o}) <= MAX_KEYS:
             return {"shape": JSON_KEYS, "schema": _json_schema(objects)}
-    texts = Counter(a.strip() for a in answers if answer_shape(a) != TOOL_CALL)
+    texts = Counter(a.strip() for a, shape in zip(answers, shape_of) if shape != TOOL_CALL)
     recurring = sorted(t for t, n in texts.items() if n >= RECURRING_TEXT_MIN and t)
     if not native_tools and shapes[TOOL_CALL] and shapes[TOOL_CALL] + sum(texts[t] for t in recurring) >= enough:
         return {"shape": TOOL_CALLS, "texts": recurring}
@@ -259,7 +256,7 @@ def answers_held_to(found: dict, answer: str) -> bool:
     """Whether an answer has the shape `found` holds it to (for tests and reports)."""
     shape = found.get("shape", FREE)
     if shape == LABELS:
-        written = _labels(answer)
+        written = labels_of(answer)
         in_order = written == sorted(set(written)) or not found.get("ordered")
         return bool(written) and set(written) <= set(found["labels"]) and in_order
     if shape == JSON_KEYS:
