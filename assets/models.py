@@ -11,10 +11,10 @@ from pydantic import Field, field_validator, model_validator
 from assets.data import curated_traces, task_clusters
 from assets.metadata import markdown_table
 from assets.resources import REPO_ROOT, PipelineStore
-from pipeline import curate, encoders, evaluate, finetune, models, promote, select, structured
-from pipeline.calls import INSTRUCTIONS_FILE, baseline_answer, read_instructions
+from pipeline import curate, encoders, evaluate, finetune, incontext, models, promote, select, structured
+from pipeline.calls import INSTRUCTIONS_FILE, baseline_answer, read_instructions, renders_tools
 from pipeline.cluster import cluster_key
-from pipeline.store import read_json, read_table, write_json
+from pipeline.store import read_json, read_table, replace_folder, write_json
 
 GROUP = "models"
 
@@ -134,6 +134,8 @@ class FinetuneConfig(dg.Config):
     generative_curve_points: int = Field(2, ge=0)  # 0: none
     generative_curve_calls: int = Field(6, ge=1)
     generative_curve_max_new_tokens: int = Field(160, ge=1)  # answer budget cap, shadow evaluation's default
+    # the base SLM with retrieved examples (kind in_context): solved training calls shown per call
+    in_context_shots: int = Field(incontext.DEFAULT_SHOTS, ge=1)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # latest share of each cluster's calls, kept for shadow eval
     min_holdout: int = Field(10, ge=1)
     max_holdout: int = Field(200, ge=1)
@@ -179,53 +181,13 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
             except encoders.NothingToLearn as err:  # this cluster stays on the LLM; the others go on
                 context.log.warning(f"{key}: not trained, stays on the LLM: {err}")
             continue
-        base_dir = models.resolve_model_dir(candidates[choice["candidate"]], pipeline_store.model_cache())
-        settings = config.train_settings(candidates[choice["candidate"]])
-        fingerprint = finetune.training_fingerprint(choice["candidate"], list(train["trace_id"]), settings)
-        adapter_dir, merged_dir = store.adapters / key / "adapter", store.adapters / key / "merged"
-        record_path = store.adapters / key / "training.json"
-        kept = read_json(record_path) if record_path.exists() and adapter_dir.exists() else None
-        if kept and kept.get("fingerprint") == fingerprint:
-            context.log.info(f"{key}: data and settings unchanged, keeping its adapter")
-            record = kept
-        else:
-            context.log.info(f"{key}: training {choice['candidate']} on {len(train)} calls, {len(holdout)} held out")
-            card = finetune.ModelCard(
-                base_model=choice["candidate"], licence=candidates[choice["candidate"]].licence,
-                task=choice["label"], cluster_id=int(choice["cluster_id"]),
-            )
-            metrics = finetune.train_adapter(
-                base_dir, train, adapter_dir, settings, progress=lambda m, k=key: context.log.info(f"{k}: {m}"),
-                card=card, fingerprint=fingerprint,
-                # on object storage each checkpoint is uploaded as saved: a step that loses its
-                # machine (a preempted GPU node) resumes from it on the next one
-                on_checkpoint=lambda folder: pipeline_store.publish_folder(folder, context.log.info),
-                snapshot_steps=_curve_steps(settings.max_steps, config.generative_curve_points),
-            )
-            metrics["learning_curve"] = _generative_curve(context, config, key, base_dir, adapter_dir, metrics,
-                                                          train, holdout)
-            shutil.rmtree(merged_dir, ignore_errors=True)  # merged from the previous adapter
-            record = {
-                "cluster_id": choice["cluster_id"],
-                "label": choice["label"],
-                "kind": encoders.GENERATIVE,
-                "candidate": choice["candidate"],
-                "base_dir": str(base_dir),
-                "adapter_dir": str(adapter_dir),
-                "fingerprint": fingerprint,
-                "train_ids": list(train["trace_id"]),
-                "holdout_ids": list(holdout["trace_id"]),
-                "metrics": metrics,
-            }
-        if config.merged_weights and not (merged_dir / "config.json").is_file():
-            context.log.info(f"{key}: merging the adapter into {choice['candidate']}'s weights")
-            finetune.merge_adapter(base_dir, adapter_dir, merged_dir)
-        elif not config.merged_weights:
-            shutil.rmtree(merged_dir, ignore_errors=True)
-        record = {**record, "merged_dir": str(merged_dir) if config.merged_weights else None}
-        if record != kept:  # a kept adapter's record stays untouched
-            write_json(record_path, record)
-        trained.append(record)
+        candidate = candidates[choice["candidate"]]
+        base_dir = models.resolve_model_dir(candidate, pipeline_store.model_cache())
+        for kind in choice.get("kinds_measured") or [encoders.GENERATIVE]:
+            if kind == encoders.IN_CONTEXT:
+                trained.append(_example_bank(context, config, store, choice, base_dir, train, holdout))
+            else:
+                trained.append(_lora_adapter(context, config, pipeline_store, choice, candidate, base_dir, train, holdout))
 
     write_json(store.stats("finetuned_adapters"), [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in trained])
     pipeline_store.publish(context.log.info)
@@ -237,14 +199,70 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
                  "steps / epochs", "loss first → last", "tokens/s", "MFU", "peak GiB"],
                 [
                     [r["cluster_id"], r.get("kind", encoders.GENERATIVE), r["candidate"], r["metrics"]["train_calls"],
-                     _prompt_tokens(r["metrics"]), r["metrics"].get("steps") or f"{r['metrics'].get('epochs')} epochs",
-                     f"{r['metrics']['first_loss']} → {r['metrics']['final_loss']}", r["metrics"].get("tokens_per_second", "–"),
+                     _prompt_tokens(r["metrics"]), _passes(r["metrics"]),
+                     f"{r['metrics'].get('first_loss', '–')} → {r['metrics'].get('final_loss', '–')}",
+                     r["metrics"].get("tokens_per_second", "–"),
                      r["metrics"].get("mfu", "–"), r["metrics"].get("peak_memory_gib", "–")]
                     for r in trained
                 ],
             ),
         }
     )
+
+
+def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pipeline_store: PipelineStore,
+                  choice: dict, candidate: models.Candidate, base_dir: Path, train, holdout) -> dict:
+    """Train (or keep, when its data and settings are unchanged) one cluster's LoRA adapter, and
+    merge it into the base weights where asked; its training record."""
+    store = pipeline_store.store()
+    key = cluster_key(choice["cluster_id"])
+    settings = config.train_settings(candidate)
+    fingerprint = finetune.training_fingerprint(choice["candidate"], list(train["trace_id"]), settings)
+    adapter_dir, merged_dir = store.adapters / key / "adapter", store.adapters / key / "merged"
+    record_path = store.adapters / key / "training.json"
+    kept = read_json(record_path) if record_path.exists() and adapter_dir.exists() else None
+    if kept and kept.get("fingerprint") == fingerprint:
+        context.log.info(f"{key}: data and settings unchanged, keeping its adapter")
+        record = kept
+    else:
+        context.log.info(f"{key}: training {choice['candidate']} on {len(train)} calls, {len(holdout)} held out")
+        card = finetune.ModelCard(
+            base_model=choice["candidate"], licence=candidate.licence,
+            task=choice["label"], cluster_id=int(choice["cluster_id"]),
+        )
+        metrics = finetune.train_adapter(
+            base_dir, train, adapter_dir, settings, progress=lambda m, k=key: context.log.info(f"{k}: {m}"),
+            card=card, fingerprint=fingerprint,
+            # on object storage each checkpoint is uploaded as saved: a step that loses its
+            # machine (a preempted GPU node) resumes from it on the next one
+            on_checkpoint=lambda folder: pipeline_store.publish_folder(folder, context.log.info),
+            snapshot_steps=_curve_steps(settings.max_steps, config.generative_curve_points),
+        )
+        metrics["learning_curve"] = _generative_curve(context, config, key, base_dir, adapter_dir, metrics,
+                                                      train, holdout)
+        shutil.rmtree(merged_dir, ignore_errors=True)  # merged from the previous adapter
+        record = {
+            "cluster_id": choice["cluster_id"],
+            "label": choice["label"],
+            "kind": encoders.GENERATIVE,
+            "candidate": choice["candidate"],
+            "base_dir": str(base_dir),
+            "adapter_dir": str(adapter_dir),
+            "fingerprint": fingerprint,
+            "train_ids": list(train["trace_id"]),
+            "holdout_ids": list(holdout["trace_id"]),
+            "metrics": metrics,
+        }
+    if config.merged_weights and not (merged_dir / "config.json").is_file():
+        context.log.info(f"{key}: merging the adapter into {choice['candidate']}'s weights")
+        finetune.merge_adapter(base_dir, adapter_dir, merged_dir)
+    elif not config.merged_weights:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    record = {**record, "merged_dir": str(merged_dir) if config.merged_weights else None}
+    record = {**record, "record": str(record_path)}
+    if record != kept:  # a kept adapter's record stays untouched
+        write_json(record_path, record)
+    return record
 
 
 def _curve_steps(max_steps: int, points: int) -> tuple[int, ...]:
@@ -270,6 +288,42 @@ def _generative_curve(context: dg.AssetExecutionContext, config: FinetuneConfig,
     return curve
 
 
+def _passes(metrics: dict) -> str:
+    if "shots" in metrics:
+        return f"none ({metrics['shots']} retrieved examples a call)"
+    return str(metrics.get("steps") or f"{metrics.get('epochs')} epochs")
+
+
+def _example_bank(context: dg.AssetExecutionContext, config: FinetuneConfig, store, choice: dict, base_dir: Path,
+                  train, holdout) -> dict:
+    """Write (or keep, when its calls and settings are unchanged) one cluster's example bank: the
+    base SLM with retrieved examples, a candidate that needs no training; its record."""
+    key = cluster_key(choice["cluster_id"])
+    folder, record_path = store.adapters / key / "examples", store.adapters / key / "in_context.json"
+    fingerprint = incontext.bank_fingerprint(choice["candidate"], list(train["trace_id"]), config.in_context_shots)
+    kept = read_json(record_path) if record_path.exists() and folder.exists() else None
+    if kept and kept.get("fingerprint") == fingerprint:
+        context.log.info(f"{key}: calls unchanged, keeping its example bank")
+        return kept
+    from transformers import AutoTokenizer
+
+    staging = folder.with_name(f".{folder.name}.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    native_tools = renders_tools(AutoTokenizer.from_pretrained(base_dir))
+    found = incontext.write_bank(staging, train, [baseline_answer(r) for r in train["response_message"]], native_tools,
+                                 config.in_context_shots, choice["candidate"], choice["label"])
+    replace_folder(staging, folder)
+    context.log.info(f"{key}: example bank of {len(train)} solved calls for {choice['candidate']} with "
+                     f"{config.in_context_shots} retrieved examples a call")
+    record = {"cluster_id": choice["cluster_id"], "label": choice["label"], "kind": encoders.IN_CONTEXT,
+              "candidate": choice["candidate"], "base_dir": str(base_dir), "adapter_dir": str(folder),
+              "fingerprint": fingerprint, "train_ids": list(train["trace_id"]), "holdout_ids": list(holdout["trace_id"]),
+              "metrics": {"train_calls": len(train), "shots": config.in_context_shots, "answer_format": found["shape"]},
+              "merged_dir": None, "record": str(record_path)}
+    write_json(record_path, record)
+    return record
+
+
 def _prompt_tokens(metrics: dict) -> str:
     tokens = metrics.get("prompt_tokens_per_call")
     return f"{tokens['with_instructions']} → {tokens['trained_on']}" if tokens else "–"
@@ -290,7 +344,8 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
         return kept
     context.log.info(f"{key}: training a {choice['kind']} ({choice['candidate']}) on {len(train)} calls, "
                      f"{len(holdout)} held out")
-    shutil.rmtree(store.adapters / key / "adapter", ignore_errors=True)  # a generative adapter of an earlier run
+    for earlier in ("adapter", "examples"):  # a generator of an earlier run
+        shutil.rmtree(store.adapters / key / earlier, ignore_errors=True)
     metrics = encoders.train_specialist(
         choice["kind"], choice["contract"], encoders.encoder_path(), train, folder, settings,
         curve_calls=holdout.iloc[: len(holdout) // 2],
@@ -300,7 +355,8 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
     record = {"cluster_id": choice["cluster_id"], "label": choice["label"], "kind": choice["kind"],
               "candidate": choice["candidate"], "base_dir": encoders.encoder_path(), "adapter_dir": str(folder),
               "fingerprint": fingerprint, "train_ids": list(train["trace_id"]),
-              "holdout_ids": list(holdout["trace_id"]), "metrics": metrics, "merged_dir": None}
+              "holdout_ids": list(holdout["trace_id"]), "metrics": metrics, "merged_dir": None,
+              "record": str(record_path)}
     write_json(record_path, record)
     return record
 
@@ -323,7 +379,8 @@ def no_known_pii_in_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResu
     records = read_json(pipeline_store.store().stats("finetuned_adapters"))
     # the vocabulary files come unchanged from the base model and are left out
     written = ("README.md", "training_metrics.json", "adapter_config.json", "tokenizer_config.json",
-               "chat_template.jinja", "special_tokens_map.json", structured.ANSWER_FORMAT_FILE, INSTRUCTIONS_FILE)
+               "chat_template.jinja", "special_tokens_map.json", structured.ANSWER_FORMAT_FILE, INSTRUCTIONS_FILE,
+               incontext.EXAMPLES_FILE)
     files = [Path(r["adapter_dir"]) / name for r in records for name in written
              if (Path(r["adapter_dir"]) / name).is_file()]
     leaks = {str(f): found for f in files if sum((found := curate.find_leaks([f.read_text(errors="replace")])).values())}

@@ -20,7 +20,7 @@ from assets.data import curated_traces, task_clusters
 from assets.models import finetuned_adapters
 from assets.metadata import markdown_table
 from assets.resources import JudgeEndpoint, PipelineStore
-from pipeline import encoders, evaluate, promote, rawzone, structured
+from pipeline import encoders, evaluate, incontext, promote, rawzone, structured
 from pipeline.calls import exclusive_system_prompts, read_instructions
 from pipeline.cluster import UNCLUSTERED, cluster_key
 from pipeline.store import read_json, read_table, write_bytes, write_json, write_table
@@ -50,7 +50,24 @@ class ShadowEvalConfig(dg.Config):
 def _training_records(store) -> list[dict]:
     """The full training record (with train and held-out ids) of each adapter of the last run."""
     adapters = read_json(store.stats("finetuned_adapters"))
-    return [read_json(Path(a["adapter_dir"]).parent / "training.json") for a in adapters]
+    return [read_json(Path(a.get("record") or Path(a["adapter_dir"]).parent / "training.json")) for a in adapters]
+
+
+def _records_by_candidate(store) -> dict[tuple[int, str], dict]:
+    """Each training record of the last run by (cluster, kind of specialist)."""
+    return {(r["cluster_id"], r.get("kind", encoders.GENERATIVE)): r for r in _training_records(store)}
+
+
+def _evaluations_by_candidate(store) -> dict[tuple[int, str], dict]:
+    """Each shadow-evaluation summary of the last run by (cluster, kind of specialist)."""
+    return {(s["cluster_id"], s["kind"]): s for s in read_json(store.evaluation / "shadow_eval.json")["clusters"]}
+
+
+def _candidate_key(record: dict) -> str:
+    """How a cluster's candidate is named in kept evaluations and logs: the cluster's key, and
+    for a second candidate of the cluster (the base SLM with retrieved examples) its kind too."""
+    key = cluster_key(record["cluster_id"])
+    return f"{key}-{encoders.IN_CONTEXT}" if record.get("kind") == encoders.IN_CONTEXT else key
 
 
 def _adapter_hash(adapter_dir: Path) -> str:
@@ -109,7 +126,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
     threshold_confidence = config.threshold_confidence or None  # 0: calibrated by the kept answers' mean
     summaries, predictions, kept_names = [], [], set()
     for record in _training_records(store):
-        key = cluster_key(record["cluster_id"])
+        key = _candidate_key(record)
         kind = record.get("kind", encoders.GENERATIVE)
         every_call = kind in encoders.ENCODER_KINDS or not config.max_calls_per_cluster
         holdout_ids = record["holdout_ids"] if every_call else record["holdout_ids"][-config.max_calls_per_cluster:]
@@ -126,6 +143,15 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                 scored, summary = evaluate.evaluate_specialist(
                     encoders.Specialist(Path(record["adapter_dir"])), holdout, config.quality_floor, settings,
                     config.calibration_share, prices, threshold_confidence=threshold_confidence)
+            elif kind == encoders.IN_CONTEXT:
+                train = curated.loc[record["train_ids"]].reset_index(drop=True)  # for the answer budget
+                model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), None)
+                scored, summary = evaluate.evaluate_cluster(
+                    model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share,
+                    prices, progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
+                    threshold_confidence=threshold_confidence,
+                    answer_format=structured.read_answer_format(Path(record["adapter_dir"])),
+                    examples=incontext.ExampleBank.load(Path(record["adapter_dir"])))
             else:
                 train = curated.loc[record["train_ids"]].reset_index(drop=True)  # the in-context arm's examples
                 model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
@@ -141,7 +167,7 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
         kept_names |= {f"{key}.json", f"{key}.{fingerprint}.parquet"}
         summaries.append({"cluster_id": record["cluster_id"], "label": record["label"], "candidate": record["candidate"],
                           "adapter_hash": adapter_hash, **summary, "kind": kind})
-        predictions.append(scored.assign(cluster_id=record["cluster_id"]))
+        predictions.append(scored.assign(cluster_id=record["cluster_id"], kind=kind))
     for leftover in kept_folder.iterdir():  # clusters of earlier runs that this run does not have
         if leftover.name not in kept_names:
             leftover.unlink()
@@ -152,10 +178,10 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
     metadata = {
         "clusters_evaluated": len(summaries),
         "scores": markdown_table(
-            ["cluster", "label", "calibration / test calls", "score vs baseline", "exact", "threshold", "coverage",
+            ["cluster", "kind", "label", "calibration / test calls", "score vs baseline", "exact", "threshold", "coverage",
              "score at threshold", "feedback: baseline / SLM accuracy"],
             [
-                [s["cluster_id"], s["label"], f"{s['calibration_calls']} / {s['test_calls']}", f"{s['score_vs_baseline']:.3f}",
+                [s["cluster_id"], s["kind"], s["label"], f"{s['calibration_calls']} / {s['test_calls']}", f"{s['score_vs_baseline']:.3f}",
                  f"{s['exact_agreement']:.3f}", _rounded(s["confidence_threshold"]), f"{s['coverage_at_threshold']:.2f}",
                  _rounded(s["score_at_threshold"]),
                  f"{s['feedback']['baseline_accuracy']:.2f} / {s['feedback']['slm_accuracy_lower_bound']:.2f} "
@@ -169,15 +195,15 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
               s["arms"]["fine_tuned"]] for s in summaries if "arms" in s],
         ),
         "cost_and_speed": markdown_table(
-            ["cluster", "SLM p50/p95 ms (batch 1)", f"SLM p50/p95 ms (batch {config.batch_size})", "LLM logged p50/p95 ms",
+            ["cluster", "kind", "SLM p50/p95 ms (batch 1)", f"SLM p50/p95 ms (batch {config.batch_size})", "LLM logged p50/p95 ms",
              "SLM $/1k calls", "LLM $/1k calls", "LLM/SLM cost"],
-            [[s["cluster_id"], _p50_p95(c["slm_latency_ms_batch_1"]), _p50_p95(c[f"slm_latency_ms_batch_{config.batch_size}"]),
+            [[s["cluster_id"], s["kind"], _p50_p95(c["slm_latency_ms_batch_1"]), _p50_p95(c[f"slm_latency_ms_batch_{config.batch_size}"]),
               _p50_p95(c["llm_logged_latency_ms"]), c["slm_cost_per_1000_calls"], c["llm_cost_per_1000_calls"],
               c["cost_ratio_llm_to_slm"]] for s in summaries for c in [s["cost_and_speed"]]],
         ),
     }
     if len(scored_all):
-        png = evaluate.coverage_quality_png(scored_all, {s["cluster_id"]: s for s in summaries},
+        png = evaluate.coverage_quality_png(scored_all, {(s["cluster_id"], s["kind"]): s for s in summaries},
                                             {s["cluster_id"]: s["label"] for s in summaries}, config.quality_floor)
         write_bytes(store.evaluation / "coverage_quality.png", png)
         metadata["coverage_quality"] = dg.MetadataValue.md(f"![coverage and quality](data:image/png;base64,{base64.b64encode(png).decode()})")
@@ -223,17 +249,19 @@ def promotion_decisions(config: PromotionConfig, pipeline_store: PipelineStore) 
     asset gate the router config."""
     store = pipeline_store.store()
     report = read_json(store.evaluation / "shadow_eval.json")
-    evaluations = {s["cluster_id"]: s for s in report["clusters"]}
-    records = {r["cluster_id"]: r for r in _training_records(store)}
+    records = _records_by_candidate(store)
     decisions = []
     for cluster in read_json(store.stats("task_clusters")):
         cid = cluster["cluster_id"]
-        decision, reason = promote.promotion_decision(evaluations.get(cid), report["quality_floor"], config.min_holdout,
-                                                      config.confidence)
+        measured = [s for s in report["clusters"] if s["cluster_id"] == cid]  # its candidates, primary kind first
+        chosen, decision, reason, candidates = promote.choose_candidate(
+            measured, report["quality_floor"], config.min_holdout, config.confidence)
+        record = records.get((cid, chosen["kind"])) if chosen else None
         decisions.append({"cluster_id": cid, "decision": decision, "reason": reason,
-                          "kind": records[cid].get("kind", encoders.GENERATIVE) if cid in records else None,
-                          "adapter_dir": records[cid]["adapter_dir"] if cid in records else None,
-                          "base_dir": records[cid]["base_dir"] if cid in records else None})
+                          "kind": record.get("kind", encoders.GENERATIVE) if record else None,
+                          "adapter_dir": record["adapter_dir"] if record else None,
+                          "base_dir": record["base_dir"] if record else None,
+                          "candidates": candidates})
     write_json(store.stats("promotion_decisions"), {
         "evidence": {"min_holdout": config.min_holdout, "confidence": config.confidence},
         "serving": {"max_lora_rank": config.max_lora_rank, "allow_extra_modules": config.allow_extra_modules},
@@ -261,10 +289,10 @@ def promoted_clusters_clear_the_floor(pipeline_store: PipelineStore) -> dg.Asset
     store = pipeline_store.store()
     decisions, promoted = _promoted(store)
     report = read_json(store.evaluation / "shadow_eval.json")
-    evaluations = {s["cluster_id"]: s for s in report["clusters"]}
+    evaluations = _evaluations_by_candidate(store)
     evidence = decisions["evidence"]
     unproven = [cluster_key(d["cluster_id"]) for d in promoted
-                if promote.promotion_decision(evaluations.get(d["cluster_id"]), report["quality_floor"],
+                if promote.promotion_decision(evaluations.get((d["cluster_id"], d["kind"])), report["quality_floor"],
                                               evidence["min_holdout"], evidence["confidence"])[0] != promote.PROMOTED]
     return dg.AssetCheckResult(passed=not unproven, metadata={"promoted": len(promoted), "without_the_evidence": unproven})
 
@@ -288,9 +316,9 @@ def promoted_adapters_are_servable(pipeline_store: PipelineStore) -> dg.AssetChe
 def promoted_adapters_are_the_evaluated_ones(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     store = pipeline_store.store()
     _, promoted = _promoted(store)
-    evaluated = {s["cluster_id"]: s["adapter_hash"] for s in read_json(store.evaluation / "shadow_eval.json")["clusters"]}
+    evaluated = {key: s["adapter_hash"] for key, s in _evaluations_by_candidate(store).items()}
     changed = [cluster_key(d["cluster_id"]) for d in promoted
-               if evaluated.get(d["cluster_id"]) != _adapter_hash(Path(d["adapter_dir"]))]
+               if evaluated.get((d["cluster_id"], d["kind"])) != _adapter_hash(Path(d["adapter_dir"]))]
     return dg.AssetCheckResult(passed=not changed, metadata={"promoted": len(promoted), "changed_since_evaluation": changed})
 
 
@@ -300,8 +328,8 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     one rename (routes not promoted this run keep what they serve), and the run's summary."""
     store = pipeline_store.store()
     report = read_json(store.evaluation / "shadow_eval.json")
-    evaluations = {s["cluster_id"]: s for s in report["clusters"]}
-    records = {r["cluster_id"]: r for r in _training_records(store)}
+    evaluations = _evaluations_by_candidate(store)
+    records = _records_by_candidate(store)
     decisions_file = read_json(store.stats("promotion_decisions"))
     decisions = {d["cluster_id"]: d for d in decisions_file["decisions"]}
     clusters = read_json(store.stats("task_clusters"))
@@ -315,17 +343,19 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
     for cluster in clusters:
         cid = cluster["cluster_id"]
         decision = decisions[cid]
+        # the candidate promotion chose, or (none passing) the cluster's primary kind, reported as such
+        kind = decision.get("kind") or choices.get(cid, {}).get("kind")
+        record, evaluation = records.get((cid, kind)), evaluations.get((cid, kind))
         if decision["decision"] == promote.PROMOTED:
-            record = records[cid]
             route = {"name": cluster_key(cid), "label": cluster["label"], "kind": record.get("kind", encoders.GENERATIVE),
                      "base_model": record["candidate"],
                      "base_model_path": record["base_dir"], "adapter_dir": record["adapter_dir"],
-                     "threshold": evaluations[cid]["confidence_threshold"], "centroid": cluster["centroid"],
+                     "threshold": evaluation["confidence_threshold"], "centroid": cluster["centroid"],
                      "min_similarity": cluster["match_min_similarity"],
                      "match_embedding": cluster.get("match_embedding"), "system_prompts": system_prompts.get(cid, []),
                      "training": record.get("metrics", {}).get("settings"), "run": run}
-            promoted.append((route, evaluations[cid]))
-        training = records.get(cid, {}).get("metrics")
+            promoted.append((route, evaluation))
+        training = (record or {}).get("metrics")
         cluster_summaries.append(
             {
                 "cluster_id": cid,
@@ -334,10 +364,11 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
                 "size": cluster["size"],
                 "share": cluster["share"],
                 "member_ids": list(assignments.loc[assignments["cluster_id"] == cid, "trace_id"]),
-                "selection": {k: choices[cid].get(k) for k in ("decision", "kind", "candidate", "reason")},
+                "selection": {k: choices[cid].get(k) for k in ("decision", "kind", "kinds_measured", "candidate", "reason")},
                 "training": {k: v for k, v in training.items() if k != "loss_curve"} if training else None,
-                "shadow_eval": evaluations.get(cid),
-                "promotion": {"decision": decision["decision"], "reason": decision["reason"]},
+                "shadow_eval": evaluation,
+                "promotion": {"decision": decision["decision"], "reason": decision["reason"],
+                              "candidates": decision.get("candidates", [])},
             }
         )
     router = promote.promote_routes(store.registry, promoted, decisions_file["fallback"], run)
@@ -352,7 +383,7 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
             "raw_traces": read_json(store.stats("raw_traces")),
             "curated_traces": read_json(store.stats("curated_traces")),
             "task_clusters": {"clusters": len(clusters), "unclustered_calls": int(len(unclustered))},
-            "finetuned_adapters": len(records),
+            "finetuned_adapters": len(records),  # every candidate built, of every kind
             "promoted_routes": len(promoted),
             "served_routes": len(router["routes"]),
             "share_of_calls_to_slms": routed,

@@ -36,9 +36,12 @@ from pipeline.calls import baseline_answer, content_text
 from pipeline.scoring import LABEL_SET, answer_shape, labels_of, score_answer
 from pipeline.store import replace_folder
 
-CLASSIFIER, SPAN_TAGGER, GENERATIVE = "classifier", "span_tagger", "generative"
-KINDS = (CLASSIFIER, SPAN_TAGGER, GENERATIVE)  # cheapest to serve first
-ENCODER_KINDS = (CLASSIFIER, SPAN_TAGGER)
+CLASSIFIER, SPAN_TAGGER, GENERATIVE, IN_CONTEXT = "classifier", "span_tagger", "generative", "in_context"
+KINDS = (CLASSIFIER, SPAN_TAGGER, GENERATIVE, IN_CONTEXT)
+ENCODER_KINDS = (CLASSIFIER, SPAN_TAGGER)  # answer from the request alone, a forward pass
+# write their answers with a generative SLM: a LoRA adapter, or the base SLM shown retrieved solved
+# calls (`pipeline.incontext`); both are measured where enabled and the cheaper that passes serves
+GENERATOR_KINDS = (GENERATIVE, IN_CONTEXT)
 SPECIALIST_FILE = "specialist.json"
 ENCODER_NAME = "all-minilm-l6-v2"  # what selection and the report call the bundled encoder
 

@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.calls import (
-    Chat, SharedInstructions, answer_message, baseline_answer, chat_of_call, factor_out, few_shot_prompt, render_prompt,
+    Chat, SharedInstructions, answer_message, baseline_answer, chat_of_call, factor_out, render_prompt,
     renders_tools, signature_parts,
 )
+from pipeline.incontext import ExampleBank
 from pipeline.judge import Judge
 from pipeline.models import require_checkpoint
 from pipeline.scoring import FREE_TEXT, score_answer
@@ -303,6 +304,18 @@ def _generate_batch(
 
 
 @contextmanager
+def base_model_only(model):
+    """The model without any adapter while answering (a bare base model as it is)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+@contextmanager
 def lora_merged(model):
     """The LoRA adapter's weights folded into the base weights while answering: the same
     function with one matrix product per layer instead of three (on a CPU the small products of
@@ -500,17 +513,6 @@ def cost_and_speed(calls: pd.DataFrame, batch_seconds: list[float], batch_size: 
     }
 
 
-def retrieved_examples(train: pd.DataFrame, calls: pd.DataFrame, shots: int) -> list[list[int]]:
-    """For each call, the positions in `train` of the `shots` training calls whose request is
-    most like its own (TF-IDF cosine over the last request)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    request = lambda frame: [signature_parts(m, t)[2] for m, t in zip(frame["messages"], frame["tools"])]  # noqa: E731
-    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(request(train))
-    similarity = (vectorizer.transform(request(calls)) @ vectorizer.transform(request(train)).T).toarray()
-    return [list(np.argsort(-row, kind="stable")[:shots]) for row in similarity]
-
-
 def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, budget: int,
                     settings: GenerationSettings, grammars: list | None = None) -> dict:
     """Mean score against the baseline of the base SLM without its adapter, zero-shot and with
@@ -518,9 +520,8 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
     the adapter: what fine-tuning bought."""
     native_tools = renders_tools(tokenizer)
     prompts = prompts_of(calls, native_tools)
-    solved = solved_examples(train, native_tools)
-    with_examples = [few_shot_prompt(p, [solved[i] for i in picks])
-                     for p, picks in zip(prompts, retrieved_examples(train, calls, settings.shots))]
+    tools = [t if isinstance(t, str) else None for t in calls["tools"]]
+    with_examples = ExampleBank.of_calls(train, settings.shots).prompts(list(calls["messages"]), tools, native_tools)
     with model.disable_adapter():
         return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size, grammars)
                 for arm, arm_prompts in (("base_zero_shot", prompts), ("base_in_context", with_examples))}
@@ -531,19 +532,27 @@ def evaluate_cluster(
     settings: GenerationSettings, calibration_share: float = 0.5, prices: Prices | None = None,
     progress: Callable[[str], None] | None = None, judge: Judge | None = None, threshold_confidence: float | None = None,
     answer_format: dict | None = None, instructions: SharedInstructions | None = None,
+    examples: ExampleBank | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Scored held-out answers (time-ordered `holdout`) and the cluster's summary figures; the
     answers are decoded in `answer_format` (the one recorded beside the adapter) where given.
     An adapter trained without the cluster's shared `instructions` answers calls without them;
-    a call that does not carry them gets confidence 0, as the router would send it to the LLM."""
-    factored, carried = factor_out(holdout, instructions or SharedInstructions())
-    prompts = prompts_of(factored, renders_tools(tokenizer))
+    a call that does not carry them gets confidence 0, as the router would send it to the LLM.
+    With `examples` it is the base model that answers (any adapter off), each call shown the
+    solved calls of the bank most like it (`pipeline.incontext`), as the router would serve it."""
+    if examples is not None:
+        carried = [True] * len(holdout)
+        tools = [t if isinstance(t, str) else None for t in holdout["tools"]]
+        prompts = examples.prompts(list(holdout["messages"]), tools, renders_tools(tokenizer))
+    else:
+        factored, carried = factor_out(holdout, instructions or SharedInstructions())
+        prompts = prompts_of(factored, renders_tools(tokenizer))
     grammars = call_grammars(model, tokenizer, answer_format, holdout)
     budget = answer_token_budget(tokenizer, [baseline_answer(r) for r in train["response_message"]],
                                  settings.max_new_tokens_cap)
     batch_seconds: list[float] = []
     single_seconds: list[float] = []
-    with lora_merged(model):
+    with base_model_only(model) if examples is not None else lora_merged(model):
         generated = generate_answers(model, tokenizer, prompts, budget, settings.batch_size, progress, batch_seconds,
                                      grammars=grammars)
         for row in range(len(prompts))[-settings.latency_calls:] if settings.latency_calls else []:  # test calls
@@ -557,7 +566,7 @@ def evaluate_cluster(
                "calls_under_other_instructions": len(carried) - sum(carried),
                "answer_format": (answer_format or {}).get("shape", "free"), "cost_and_speed": speed}
     test_rows = np.flatnonzero(scored["split"] == TEST)[-settings.arm_calls:] if settings.arm_calls else []
-    if len(test_rows) and len(train):
+    if len(test_rows) and len(train) and examples is None:
         if progress:
             progress(f"base model without adapter: answering {len(test_rows)} test calls zero-shot and in-context")
         arms = base_model_arms(model, tokenizer, holdout.iloc[test_rows], train, budget, settings,
@@ -667,23 +676,24 @@ def learning_curves_png(curves: dict[str, list[dict]], quality_floor: float) -> 
     return out.getvalue()
 
 
-def coverage_quality_png(scored: pd.DataFrame, summaries: dict[int, dict], labels: dict[int, str],
+def coverage_quality_png(scored: pd.DataFrame, summaries: dict[tuple[int, str], dict], labels: dict[int, str],
                          quality_floor: float) -> bytes:
-    """The coverage/quality curve of each cluster on its test calls (dashed: calibration calls),
-    with the calibrated threshold marked and the quality floor drawn across."""
+    """The coverage/quality curve of each cluster's candidate (its `kind`) on its test calls
+    (dashed: calibration calls), with the calibrated threshold marked and the quality floor drawn
+    across; `summaries` by (cluster, kind)."""
     with _figure(4.5, quality_floor, "Coverage and quality by confidence threshold (dot: calibrated threshold)",
                  "coverage (share of test calls the SLM answers)", "mean score vs baseline of answered calls",
                  "lower left") as (axes, out):
-        for index, (cluster_id, frame) in enumerate(scored.groupby("cluster_id", sort=True)):
+        for index, ((cluster_id, kind), frame) in enumerate(scored.groupby(["cluster_id", "kind"], sort=True)):
             colour = f"C{index % 10}"
             for split, style in ((TEST, "-"), (CALIBRATION, ":")):
                 part = frame[frame["split"] == split]
                 if part.empty:
                     continue
                 curve = coverage_curve(part)
-                name = f"{cluster_id}: {labels.get(cluster_id, '')}"[:40] if split == TEST else None
+                name = f"{cluster_id} {kind}: {labels.get(cluster_id, '')}"[:44] if split == TEST else None
                 axes.plot(curve["coverage"], curve["score"], style, color=colour, drawstyle="steps-post", label=name)
-            summary = summaries.get(cluster_id, {})
+            summary = summaries.get((cluster_id, kind), {})
             if summary.get("confidence_threshold") is not None and summary.get("score_at_threshold") is not None:
                 axes.plot(summary["coverage_at_threshold"], summary["score_at_threshold"], "o", color=colour, markersize=8)
         axes.set_xlim(0, 1.02)

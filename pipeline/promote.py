@@ -52,8 +52,10 @@ routes:                           # one per promoted task cluster
   - name: cluster-2
     version: v0003                # registry/cluster-2/v0003/
     label: "classify intent"
-    kind: generative              # generative: an SLM with a LoRA adapter; classifier or span_tagger:
-                                  # an encoder specialist answering from the request, served in-process
+    kind: generative              # generative: an SLM with a LoRA adapter; in_context: the base SLM shown
+                                  # retrieved solved calls of the step (no training; served in-process);
+                                  # classifier or span_tagger: an encoder specialist answering from the
+                                  # request, served in-process
     match:                        # a call belongs to the route when the cosine similarity of
       centroid: [0.01, ...]       # its task-signature embedding to this centroid
       min_similarity: 0.41        # is at least this (nearest route wins)
@@ -64,7 +66,8 @@ routes:                           # one per promoted task cluster
                                   # in training data only by this cluster's calls) belongs to the route
     base_model: smollm2-135m-instruct
     base_model_path: /path/to/model-cache/smollm2-135m-instruct
-    adapter: cluster-2/v0003/adapter   # relative to the registry folder (an encoder specialist's model)
+    adapter: cluster-2/v0003/adapter   # relative to the registry folder (an encoder specialist's model,
+                                  # an in_context route's example bank)
     confidence_threshold: 0.62    # below it the call is escalated to the fallback
     max_new_tokens: 48            # the answer budget shadow evaluation used for this route
 """
@@ -135,6 +138,38 @@ def promotion_decision(
     return PROMOTED, f"{stated} meets the floor {quality_floor:.3f}"
 
 
+def serving_cost(evaluation: dict) -> float:
+    """What a candidate costs to serve per 1,000 calls, as shadow evaluation measured it (its
+    batched generation time on this hardware at its price); unknown costs last."""
+    cost = (evaluation.get("cost_and_speed") or {}).get("slm_cost_per_1000_calls")
+    return float("inf") if cost is None else float(cost)
+
+
+def choose_candidate(evaluations: list[dict], quality_floor: float, min_holdout: int,
+                     confidence: float = 0.95) -> tuple[dict | None, str, str, list[dict]]:
+    """(chosen evaluation, decision, reason, every candidate's decision) for one cluster whose
+    candidates (kinds of specialist) were each shadow-evaluated on the same held-out calls: the
+    cheapest to serve of those that pass the gate (`promotion_decision`, unchanged), else the
+    first candidate measured (the cluster's primary kind) with its own reason."""
+    if not evaluations:
+        decision, reason = promotion_decision(None, quality_floor, min_holdout, confidence)
+        return None, decision, reason, []
+    measured = []
+    for evaluation in evaluations:
+        decision, reason = promotion_decision(evaluation, quality_floor, min_holdout, confidence)
+        measured.append({"kind": evaluation.get("kind"), "decision": decision, "reason": reason,
+                         **{k: evaluation.get(k) for k in ("score_vs_baseline", "confidence_threshold",
+                                                           "coverage_at_threshold", "score_at_threshold")},
+                         "slm_cost_per_1000_calls": (evaluation.get("cost_and_speed") or {}).get("slm_cost_per_1000_calls")})
+    passing = [i for i, m in enumerate(measured) if m["decision"] == PROMOTED]
+    chosen = min(passing, key=lambda i: serving_cost(evaluations[i])) if passing else 0
+    measured[chosen]["chosen"] = True
+    reason = measured[chosen]["reason"]
+    if len(passing) > 1:
+        reason += f"; the cheapest to serve of the {len(passing)} kinds that pass"
+    return evaluations[chosen], measured[chosen]["decision"], reason, measured
+
+
 SERVING_MAX_RANK = 16  # vLLM's default --max-lora-rank
 
 
@@ -175,7 +210,10 @@ def missing_files(kind: str, folder: Path) -> list[str]:
     encoder specialist's model and its record, or a LoRA adapter's config and weights."""
     from pipeline import encoders
 
+    from pipeline import incontext
+
     needed = ((encoders.SPECIALIST_FILE, "model.safetensors") if kind in encoders.ENCODER_KINDS
+              else incontext.NEEDED_FILES if kind == encoders.IN_CONTEXT
               else ("adapter_config.json", "adapter_model.safetensors"))
     return [name for name in needed if not (Path(folder) / name).is_file()]
 
@@ -187,6 +225,10 @@ def specialist_problems(kind: str, adapter_dir: Path, base_model_path: str, max_
 
     if kind in encoders.ENCODER_KINDS:
         return encoders.servability_problems(adapter_dir)
+    if kind == encoders.IN_CONTEXT:
+        from pipeline import incontext
+
+        return incontext.servability_problems(adapter_dir, base_model_path)
     return servability_problems(adapter_dir, base_model_path, max_rank, allow_extra_modules)
 
 
@@ -413,11 +455,15 @@ def vllm_serving_commands(registry: Path, router: dict) -> str:
     if not router["routes"]:
         return "No promoted routes: nothing to serve; every call goes to the fallback model."
     by_base: dict[str, list[dict]] = {}
-    in_process = [r["name"] for r in router["routes"] if r.get("kind", "generative") != "generative"]
+    in_process = [r["name"] for r in router["routes"] if r.get("kind", "generative") not in ("generative", "in_context")]
+    in_context = [r["name"] for r in router["routes"] if r.get("kind") == "in_context"]
     for route in router["routes"]:
         if route.get("kind", "generative") == "generative":
             by_base.setdefault(route["base_model_path"], []).append(route)
     lines = [f"Encoder specialists ({', '.join(in_process)}) are served by slm-router itself, in-process."] if in_process else []
+    if in_context:
+        lines.append(f"Base SLMs with retrieved examples ({', '.join(in_context)}) are served by slm-router itself, "
+                     "in-process (the base model, no adapter).")
     if not by_base:
         return "\n".join(lines + ["No generative route: no vLLM server is needed."])
     for base, routes in by_base.items():
@@ -468,13 +514,20 @@ def report_rows(summary: dict) -> list[list[str]]:
         llm_p50 = (cost.get("llm_logged_latency_ms") or {}).get("p50")
         number = lambda value, form: "–" if value is None else format(value, form)  # noqa: E731
         rows.append([
-            c["name"], c["label"], f"{c['share']:.1%}", specialist_name(c["selection"]),
+            c["name"], c["label"], f"{c['share']:.1%}", specialist_name(c["selection"], _measured_kind(c)),
             number(evaluation.get("score_vs_baseline"), ".3f"), number(evaluation.get("confidence_threshold"), ".3f"),
             number(evaluation.get("coverage_at_threshold"), ".0%"), number(evaluation.get("score_at_threshold"), ".3f"),
             f"{llm_p50 / slm_p50:.1f}x" if slm_p50 and llm_p50 else "–",
             number(cost.get("cost_ratio_llm_to_slm"), ".1f") + ("x" if cost.get("cost_ratio_llm_to_slm") else ""),
             f"{c['promotion']['decision']}: {c['promotion']['reason']}",
         ])
+        for other in _other_candidates(c):  # measured on the same calls, not chosen
+            rows.append([
+                "", "also measured", "", specialist_name(c["selection"], other["kind"]),
+                number(other["score_vs_baseline"], ".3f"), number(other["confidence_threshold"], ".3f"),
+                number(other["coverage_at_threshold"], ".0%"), number(other["score_at_threshold"], ".3f"), "–", "–",
+                f"{other['decision']}: {other['reason']}",
+            ])
     return rows
 
 
@@ -523,12 +576,22 @@ def run_report_html(summary: dict, plot: str | None = "coverage_quality.png", cu
     )
 
 
-def specialist_name(selection: dict) -> str:
-    """What answers a cluster's calls: the LLM, or the chosen model and its kind of specialist."""
+def specialist_name(selection: dict, kind: str | None = None) -> str:
+    """What answers a cluster's calls: the LLM, or the chosen model and its kind of specialist
+    (`kind`: the one measured, where selection named several)."""
     if not selection.get("candidate"):
         return "LLM"
-    kind = selection.get("kind") or "generative"
+    kind = kind or selection.get("kind") or "generative"
     return selection["candidate"] if kind == "generative" else f"{selection['candidate']} {kind}"
+
+
+def _other_candidates(cluster: dict) -> list[dict]:
+    """The kinds of specialist measured for a cluster beside the one its row reports."""
+    return [m for m in cluster["promotion"].get("candidates") or [] if not m.get("chosen")]
+
+
+def _measured_kind(cluster: dict) -> str | None:
+    return (cluster["shadow_eval"] or {}).get("kind") or cluster["selection"].get("kind")
 
 
 def format_summary(summary: dict) -> str:
@@ -550,9 +613,13 @@ def format_summary(summary: dict) -> str:
         evaluation = c["shadow_eval"]
         score = f"{evaluation['score_vs_baseline']:.3f}" if evaluation else "-"
         lines.append(
-            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {specialist_name(c['selection']):<28} "
+            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {specialist_name(c['selection'], _measured_kind(c)):<28} "
             f"{score:>6} {summary['quality_floor']:>6.2f}  {c['promotion']['decision']}: {c['promotion']['reason']}"
         )
+        for other in _other_candidates(c):
+            lines.append(f"{'':<11} {'':>6}  {'also measured':<34} {specialist_name(c['selection'], other['kind']):<28} "
+                         f"{other['score_vs_baseline'] if other['score_vs_baseline'] is not None else '-':>6} "
+                         f"{'':>6}  {other['decision']}: {other['reason']}")
         if c["selection"]["decision"] != "fine-tune" or c["selection"].get("kind") not in (None, "generative"):
             lines.append(f"{'':<11} {'':>6}  selection: {c['selection']['reason']}")
         if evaluation:

@@ -5,7 +5,9 @@ For each chat-completion request:
     RouteTable.match      the call's task-signature embedding, computed as clustering computed it,
                           against each promoted route's centroid; the nearest route whose match
                           rule admits the call, or none
-    SlmEngine.answer      the route's base SLM with the route's LoRA adapter answers greedily;
+    SlmEngine.answer      the route's base SLM with the route's LoRA adapter answers greedily
+                          (an in_context route: the base SLM alone, shown the solved calls of
+                          its example bank most like the call, `pipeline.incontext`);
                           one base model in memory, adapters switched per request; the answer's
                           confidence is the geometric mean of its token probabilities, as in
                           shadow evaluation, so the route's calibrated threshold means the same.
@@ -21,6 +23,7 @@ otherwise, and for calls no route admits, the service forwards the request to th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, encoders, promote, rawzone, structured
+from pipeline import cluster, encoders, incontext, promote, rawzone, structured
 from pipeline.calls import (
     ROUTER_SLM_MODEL_PREFIX, TOOL_CALL_OPEN, SharedInstructions, chat_of_call, parse_tool_calls, read_instructions,
     render_prompt, renders_tools, signature_parts, system_prompt_key, without_instructions,
@@ -196,6 +199,9 @@ def _route(registry: Path, entry: dict) -> Route:
         if problems := encoders.servability_problems(adapter_dir):
             raise RouterConfigError(f"route {entry['name']} {entry['version']}: {'; '.join(problems)}")
         instructions = frozenset(json.loads((adapter_dir / encoders.SPECIALIST_FILE).read_text())["instructions"])
+    elif kind == encoders.IN_CONTEXT:
+        if problems := incontext.servability_problems(adapter_dir, entry["base_model_path"]):
+            raise RouterConfigError(f"route {entry['name']} {entry['version']}: {'; '.join(problems)}")
     elif kind != encoders.GENERATIVE:
         raise RouterConfigError(f"route {entry['name']}: unknown kind {kind!r} (one of {', '.join(encoders.KINDS)})")
     elif missing := promote.missing_files(kind, adapter_dir):
@@ -272,6 +278,7 @@ class SlmEngine:
         self.max_batch = max_batch
         self._models: dict[str, tuple[object, object]] = {}  # base model path -> (PeftModel, tokenizer)
         self._adapters: dict[str, str] = {}  # route key -> base model path
+        self._banks: dict[str, incontext.ExampleBank] = {}  # in-context route key -> its solved calls
         self._specialists: dict[str, encoders.Specialist] = {}  # route key -> encoder specialist
         self._formats: dict[str, dict] = {}  # route key -> the answer format its adapter was trained for
         self._grammars: dict[str, structured.AnswerGrammars] = {}  # base model path -> its compiled grammars
@@ -283,7 +290,7 @@ class SlmEngine:
 
     @property
     def loaded(self) -> set[str]:
-        return set(self._adapters) | set(self._specialists)
+        return set(self._adapters) | set(self._specialists) | set(self._banks)
 
     def prepare(self, routes: tuple[Route, ...]) -> None:
         """Load the adapters of `routes` not loaded yet (and their base models), and the encoder
@@ -299,12 +306,17 @@ class SlmEngine:
                     self._specialists[route.key] = specialist
                 continue
             with self._lock:
-                if route.base_model_path not in self._models:
+                if route.kind == encoders.IN_CONTEXT:  # the base model as it is, whatever adapters it carries
+                    if route.base_model_path not in self._models:
+                        self._models[route.base_model_path] = load_adapter_model(Path(route.base_model_path), None)
+                    self._banks[route.key] = incontext.ExampleBank.load(route.adapter_dir)
+                elif route.base_model_path not in self._models:
                     self._models[route.base_model_path] = load_adapter_model(
                         Path(route.base_model_path), route.adapter_dir, adapter_name=route.key)
                 else:
-                    self._models[route.base_model_path][0].load_adapter(route.adapter_dir, adapter_name=route.key)
-                self._adapters[route.key] = route.base_model_path
+                    self._models[route.base_model_path] = _with_adapter(self._models[route.base_model_path], route)
+                if route.kind != encoders.IN_CONTEXT:
+                    self._adapters[route.key] = route.base_model_path
                 self._formats[route.key] = structured.read_answer_format(route.adapter_dir)
                 if self._formats[route.key]["shape"] != structured.FREE and route.base_model_path not in self._grammars:
                     model, tokenizer = self._models[route.base_model_path]
@@ -317,6 +329,9 @@ class SlmEngine:
             for key in sorted(set(self._specialists) - keep):
                 del self._specialists[key]
         with self._lock:
+            for key in sorted(set(self._banks) - keep):
+                del self._banks[key]
+                self._formats.pop(key, None)
             for key in sorted(set(self._adapters) - keep):
                 model, _ = self._models[self._adapters[key]]
                 others = [k for k, base in self._adapters.items() if base == self._adapters[key] and k != key]
@@ -334,7 +349,7 @@ class SlmEngine:
         seconds (waiting for the model included)."""
         if route.kind in encoders.ENCODER_KINDS:
             return self._specialist_answer(route, messages_json)
-        if route.key not in self._adapters:
+        if route.key not in self._adapters and route.key not in self._banks:
             raise RuntimeError(f"adapter of {route.key} is not loaded")
         _, tokenizer = self._models[route.base_model_path]
         grammar_tools = tools_json  # a tool call may name the request's own tools, factored out or not
@@ -343,7 +358,10 @@ class SlmEngine:
             if factored is None:
                 raise ValueError(f"the call does not carry the instructions {route.key} was trained without")
             messages_json, tools_json = factored
-        chat = chat_of_call(messages_json, tools_json, renders_tools(tokenizer))
+        if route.kind == encoders.IN_CONTEXT:  # the call with the bank's solved calls most like it
+            chat = self._banks[route.key].prompts([messages_json], [tools_json], renders_tools(tokenizer))[0]
+        else:
+            chat = chat_of_call(messages_json, tools_json, renders_tools(tokenizer))
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
         found = self._formats.get(route.key, {"shape": structured.FREE})
         grammar = (self._grammars[route.base_model_path].for_call(found, grammar_tools)
@@ -387,7 +405,7 @@ class SlmEngine:
             self._answer_batch([p for p in batch if p.route.key == first])
 
     def _answer_batch(self, batch: list[_Pending]) -> None:
-        from pipeline.evaluate import generate_answers
+        from pipeline.evaluate import base_model_only, generate_answers
 
         batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
         if not batch:
@@ -397,10 +415,12 @@ class SlmEngine:
         try:
             with self._lock:
                 model, tokenizer = self._models[route.base_model_path]
-                model.set_adapter(route.key)
                 left = max(max(p.deadline for p in batch) - now, 0.001)  # a request past its own deadline has fallen back
-                answers = generate_answers(model, tokenizer, [p.chat for p in batch], max(p.budget for p in batch),
-                                           batch_size=len(batch), max_time=left, grammars=[p.grammar for p in batch])
+                if route.kind != encoders.IN_CONTEXT:
+                    model.set_adapter(route.key)
+                with base_model_only(model) if route.kind == encoders.IN_CONTEXT else contextlib.nullcontext():
+                    answers = generate_answers(model, tokenizer, [p.chat for p in batch], max(p.budget for p in batch),
+                                               batch_size=len(batch), max_time=left, grammars=[p.grammar for p in batch])
                 # counted here too: a fast tokenizer must not be used by two threads at once
                 prompt_tokens = [len(tokenizer(render_prompt(tokenizer, p.chat), add_special_tokens=False)["input_ids"])
                                  for p in batch]
@@ -418,6 +438,18 @@ class SlmEngine:
             if completion >= pending.budget:
                 finish_reason = "length"  # cut at the budget: not an answer to serve
             pending.future.set_result(SlmAnswer(message, text, confidence, finish_reason, prompt, completion, 0.0))
+
+
+def _with_adapter(loaded: tuple[object, object], route: Route) -> tuple[object, object]:
+    """A loaded base model (and tokenizer) with the route's adapter beside any others; a bare base
+    model (loaded for an in-context route) becomes a PEFT model."""
+    from peft import PeftModel
+
+    model, tokenizer = loaded
+    if isinstance(model, PeftModel):
+        model.load_adapter(route.adapter_dir, adapter_name=route.key)
+        return model, tokenizer
+    return PeftModel.from_pretrained(model, route.adapter_dir, adapter_name=route.key).eval(), tokenizer
 
 
 def answer_to_message(text: str) -> tuple[dict | None, str]:

@@ -14,7 +14,10 @@ Before any of that, the cluster's answers are read for a contract an encoder can
 (`pipeline.encoders.answer_contract`): label sets from a closed list get a classifier, JSON
 objects of spans copied from the request a span tagger. Such a specialist (22M parameters, a
 forward pass per call) is the cheapest to train and to serve, so it is chosen wherever the
-contract allows and `kinds` enables it; tool calls, reasoning and free text need a generator.
+contract allows and `kinds` enables it; tool calls, reasoning and free text need a generator,
+and for them two kinds are measured where `kinds` enables both (`kinds_measured`): a LoRA
+adapter on the chosen SLM, and the same SLM without training shown retrieved solved calls
+(`pipeline.incontext`); promotion keeps the cheaper one that passes the gate.
 """
 
 from __future__ import annotations
@@ -203,18 +206,23 @@ ENCODER_REASONS = {
 
 def choose_kind(features: dict, contract: dict, kinds: tuple[str, ...], min_calls: int,
                 generative_choice: dict) -> dict:
-    """The specialist kind for one cluster: an encoder specialist where the answers' contract
-    allows one and `kinds` enables it (cheapest to train and serve), else the generative choice
-    (`decide`), unless generative specialists are not enabled."""
+    """The specialist kind for one cluster, and the kinds to measure (`kinds_measured`): an
+    encoder specialist where the answers' contract allows one and `kinds` enables it (cheapest to
+    train and serve), else the generative choice (`decide`) as each enabled generator kind (a LoRA
+    adapter, the base SLM with retrieved examples), all measured by shadow evaluation and the
+    cheapest that passes promoted."""
     kind = contract["kind"]
     if kind in encoders.ENCODER_KINDS and kind in kinds and features["calls"] >= min_calls:
         size = len(contract.get("labels") or contract.get("keys") or [])
-        return {"decision": FINE_TUNE, "kind": kind, "candidate": encoders.ENCODER_NAME,
+        return {"decision": FINE_TUNE, "kind": kind, "kinds_measured": [kind], "candidate": encoders.ENCODER_NAME,
                 "reason": ENCODER_REASONS[kind].format(n=size) + f" ({contract['share']:.0%} of the logged answers)"}
-    if generative_choice["decision"] == FINE_TUNE and encoders.GENERATIVE not in kinds:
-        return {"decision": KEEP_ON_LLM, "candidate": None, "kind": None,
-                "reason": "a generative SLM would be needed, and specialist_kinds does not include generative"}
-    return {**generative_choice, "kind": encoders.GENERATIVE if generative_choice["decision"] == FINE_TUNE else None}
+    if generative_choice["decision"] != FINE_TUNE:
+        return {**generative_choice, "kind": None, "kinds_measured": []}
+    measured = [k for k in encoders.GENERATOR_KINDS if k in kinds]
+    if not measured:
+        return {"decision": KEEP_ON_LLM, "candidate": None, "kind": None, "kinds_measured": [],
+                "reason": "a generative SLM would be needed, and specialist_kinds includes neither generative nor in_context"}
+    return {**generative_choice, "kind": measured[0], "kinds_measured": measured}
 
 
 def select_models(
@@ -256,7 +264,7 @@ def select_models(
     # decision). Encoder specialists are measured by shadow evaluation, on every held-out call.
     plan = {}
     for choice in choices:
-        if choice["decision"] == FINE_TUNE and choice["kind"] != encoders.GENERATIVE:
+        if choice["decision"] == FINE_TUNE and choice["kind"] not in encoders.GENERATOR_KINDS:
             continue
         if choice["decision"] == FINE_TUNE:
             plan[choice["cluster_id"]] = rankings[choice["cluster_id"]]

@@ -165,8 +165,8 @@ def test_coverage_curve_answers_tied_confidences_together_and_is_plotted():
     assert curve["threshold"].tolist() == [0.9, 0.5, 0.1]
     assert curve["coverage"].tolist() == [0.25, 0.75, 1.0]
     assert curve["score"].round(4).tolist() == [1.0, 0.6667, 0.5]
-    scored = scored.assign(cluster_id=3, split=["calibration", "calibration", "test", "test"])
-    png = evaluate.coverage_quality_png(scored, {3: {"confidence_threshold": 0.5, "coverage_at_threshold": 0.5,
+    scored = scored.assign(cluster_id=3, kind="classifier", split=["calibration", "calibration", "test", "test"])
+    png = evaluate.coverage_quality_png(scored, {(3, "classifier"): {"confidence_threshold": 0.5, "coverage_at_threshold": 0.5,
                                                      "score_at_threshold": 1.0}}, {3: "classify intent"}, 0.8)
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
@@ -182,16 +182,6 @@ def test_cost_and_speed_from_measured_batches_logged_latency_and_token_prices():
     assert figures["llm_cost_per_1000_calls"] == 5.6  # (2,000 x $2 + 200 x $8) per million tokens, x 1,000
     assert figures["slm_cost_per_1000_calls"] == round(0.10 / 3600 * 1000, 4)
     assert figures["cost_ratio_llm_to_slm"] == 201.6
-
-
-def test_in_context_examples_are_the_training_calls_most_like_the_call():
-    def call(request: str) -> dict:
-        return {"messages": json_dumps([{"role": "system", "content": "Help."}, {"role": "user", "content": request}]),
-                "tools": None}
-
-    train = pd.DataFrame([call("book a room in Paris"), call("cancel my booking please"), call("what is the weather")])
-    calls = pd.DataFrame([call("please cancel the booking"), call("weather forecast for Rome")])
-    assert [picks[0] for picks in evaluate.retrieved_examples(train, calls, shots=2)] == [1, 2]
 
 
 def test_packed_attention_keeps_each_call_to_itself(base_model_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import stat
 import time
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from pipeline import curate, ingest, promote, rawzone
+from pipeline import curate, ingest, promote, rawzone, structured
 from pipeline.calls import SharedInstructions, exclusive_system_prompts
 from pipeline.router import RouteTable, RouterConfigError, SlmEngine, TraceWriter, answer_to_message
 from pipeline.router_service import Router, RouterSettings, StreamedAnswer, serving
@@ -196,6 +197,44 @@ def test_a_route_trained_without_its_steps_instructions_serves_only_calls_that_c
     assert changed.headers["x-slm-served-by"] == "fallback"
     assert changed.headers["x-slm-reason"].startswith("instructions changed")
     assert not carried.headers.get("x-slm-reason", "").startswith("instructions changed")
+
+
+def test_an_in_context_route_answers_with_the_bare_base_model_and_retrieved_examples_beside_an_adapter_route(
+        sample_calls, adapter_dir, base_model_dir, fallback, tmp_path, monkeypatch):
+    """A tool step promoted as the base SLM with retrieved examples (no adapter) and the intent
+    step as a LoRA adapter, on one base model: each answers its own calls, the in-context one as
+    a call of the request's own tools, with the solved calls of its bank in the prompt."""
+    from pipeline import incontext
+    from pipeline.calls import baseline_answer
+
+    monkeypatch.setenv("TEST_FALLBACK_KEY", "fallback-secret")
+    tools = sample_calls[sample_calls["step"] == "call_tool"]
+    bank, call = tmp_path / "bank", tools.iloc[-1]
+    incontext.write_bank(bank, tools.iloc[:-1], [baseline_answer(r) for r in tools.iloc[:-1]["response_message"]],
+                         native_tools=False, shots=2, base_model="smollm2-135m-instruct", task="call a tool")
+    tool_route = {**step_route(tools, "cluster-0", base_model_dir, bank, 0.0), "kind": "in_context"}
+    registry = make_registry(tmp_path, [tool_route, intent_route(sample_calls, adapter_dir, base_model_dir, "cluster-2", 0.0)],
+                             fallback)
+    assert "served by slm-router itself" in promote.vllm_serving_commands(registry, promote.read_router_config(registry))
+    # a fresh engine: the in-context route (first by name) loads the bare base model, the adapter joins it
+    settings = RouterSettings(registry=registry, landing_dir=tmp_path / "landing", tokens=(TOKEN,),
+                              pseudonym_key="test-pseudonym-key", reload_interval=0.1, slm_timeout=120)
+    router = Router(settings, SlmEngine())
+    with TestClient(router.app()) as client:
+        tool_answer = client.post("/v1/chat/completions", json=request_of(call), headers=AUTH)
+        intent_answer = client.post("/v1/chat/completions", json=request_of(intent_call(sample_calls)), headers=AUTH)
+    assert tool_answer.headers["x-slm-route"] == "cluster-0@v0001", tool_answer.headers
+    assert intent_answer.headers["x-slm-route"] == "cluster-2@v0001"
+    table = router.table
+    answer = router.engine.answer(table.routes[0], call["messages"], call["tools"], 96, timeout=120)
+    # decoded in the bank's format: a call of one of the request's own tools, or the step's recurring text
+    texts = structured.read_answer_format(bank)["texts"]
+    named = re.match(r'<tool_call>\[\{"name": "([^"]+)"', answer.text)
+    assert answer.text in texts or named and named[1] in {t["function"]["name"] for t in json.loads(call["tools"])}, answer
+    plain = dataclasses.replace(table.routes[1], shared=SharedInstructions())  # the adapter route, the call whole
+    alone = router.engine.answer(dataclasses.replace(plain, max_new_tokens=1), call["messages"], call["tools"], 1,
+                                 timeout=120)
+    assert answer.prompt_tokens > 2 * alone.prompt_tokens  # two solved calls of the step shown before it
 
 
 def test_auth_is_enforced_and_bad_requests_get_clear_4xx_errors(router, sample_calls):
