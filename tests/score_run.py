@@ -117,6 +117,10 @@ def evaluation_against_truth(store: Store, labels: dict) -> dict | None:
         calls = test[test["cluster_id"] == c["cluster_id"]]
         if calls.empty:
             continue
+        # a cluster may have had several kinds of specialist measured: the one reported, and the others apart
+        by_kind = dict(tuple(calls.groupby("kind"))) if "kind" in calls.columns else {}
+        if by_kind:
+            calls = by_kind.pop(c["shadow_eval"]["kind"])
         records = [labels["records"][i] for i in calls["trace_id"]]
         slm_right = [accuracy_vs_gold(r["gold"], a) for r, a in zip(records, calls["slm_answer"])]
         evaluation = c["shadow_eval"]
@@ -129,6 +133,12 @@ def evaluation_against_truth(store: Store, labels: dict) -> dict | None:
             "coverage_at_threshold": evaluation["coverage_at_threshold"],
             "decision": c["promotion"]["decision"],
         }
+        for kind, other in by_kind.items():
+            gold = [labels["records"][i]["gold"] for i in other["trace_id"]]
+            clusters[c["name"]].setdefault("also_measured", {})[kind] = {
+                "slm_agreement_with_logged_answer": round(float(other["score"].mean()), 4),
+                "slm_accuracy_vs_gold": round(sum(accuracy_vs_gold(g, a) for g, a in zip(gold, other["slm_answer"]))
+                                              / len(gold), 4)}
         # on the test calls the route would answer (confidence at or above its threshold), both
         # graded by the same scorer against gold: what the agent gets from the route, against what
         # it got from the LLM on the same calls
