@@ -373,15 +373,18 @@ def adapters_are_complete(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
 @dg.asset_check(
     asset=finetuned_adapters,
     blocking=True,
-    description="No e-mail, card number, US phone number, API key, token, private key or password pattern in the text that ships with an adapter (model card, metrics, configs, chat template).",
+    description="No e-mail, card number, US phone number, API key, token, private key or password pattern in the text that ships with an adapter (model card, metrics, configs, chat template), nor in the calls and answers of an example bank.",
 )
 def no_known_pii_in_adapters(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     records = read_json(pipeline_store.store().stats("finetuned_adapters"))
     # the vocabulary files come unchanged from the base model and are left out
     written = ("README.md", "training_metrics.json", "adapter_config.json", "tokenizer_config.json",
-               "chat_template.jinja", "special_tokens_map.json", structured.ANSWER_FORMAT_FILE, INSTRUCTIONS_FILE,
-               incontext.EXAMPLES_FILE)
+               "chat_template.jinja", "special_tokens_map.json", structured.ANSWER_FORMAT_FILE, INSTRUCTIONS_FILE)
     files = [Path(r["adapter_dir"]) / name for r in records for name in written
              if (Path(r["adapter_dir"]) / name).is_file()]
     leaks = {str(f): found for f in files if sum((found := curate.find_leaks([f.read_text(errors="replace")])).values())}
-    return dg.AssetCheckResult(passed=not leaks, metadata={"files_scanned": len(files), "files_with_leaks": dg.MetadataValue.json(leaks)})
+    # an example bank holds curated calls: the texts curation scrubbed, checked as the curated calls are
+    banks = [Path(r["adapter_dir"]) for r in records if r.get("kind") == encoders.IN_CONTEXT]
+    leaks |= {str(b / incontext.EXAMPLES_FILE): found for b in banks
+              if sum((found := curate.find_leaks(incontext.scrubbed_texts(b))).values())}
+    return dg.AssetCheckResult(passed=not leaks, metadata={"files_scanned": len(files) + len(banks), "files_with_leaks": dg.MetadataValue.json(leaks)})

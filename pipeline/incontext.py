@@ -91,6 +91,19 @@ class ExampleBank:
         return prompts
 
 
+def scrubbed_texts(folder: Path) -> list[str]:
+    """The texts of a bank that curation scrubbed of personal data (each example's messages and
+    answer), for the same leak check as the curated calls. Tool definitions are the agent's own
+    code, not a person's data, and are not scrubbed (a schema's `"default": "user@example.com"`
+    is not a leak)."""
+    texts = []
+    for line in (Path(folder) / EXAMPLES_FILE).read_text().splitlines():
+        if line.strip():
+            example = json.loads(line)
+            texts += [example["messages"], example["response_message"]]
+    return texts
+
+
 def bank_fingerprint(base_model: str, train_ids: list[str], shots: int) -> str:
     """Changes whenever the bank's calls or settings change (the bank is written again then)."""
     payload = json.dumps(["in_context", base_model, sorted(train_ids), shots])

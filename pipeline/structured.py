@@ -10,7 +10,9 @@ The shape is read from a cluster's logged training answers (`answer_format`):
     tool_calls   answers call the request's tools (a few recurring texts     -> only calls of that
                  beside them, such as "no tool fits")                           request's own tools, with
                                                                                  arguments valid under their
-                                                                                 schemas, or those texts
+                                                                                 schemas, no more calls than
+                                                                                 an answer ever made, or
+                                                                                 those texts
     free         anything else (reasoning, prose)                            -> unconstrained
 
 It is written beside the adapter (`answer_format.json`) when the adapter is trained, so that the
@@ -88,7 +90,10 @@ def answer_format(answers: list[str], native_tools: bool = False) -> dict:
     texts = Counter(a.strip() for a, shape in zip(answers, shape_of) if shape != TOOL_CALL)
     recurring = sorted(t for t, n in texts.items() if n >= RECURRING_TEXT_MIN and t)
     if not native_tools and shapes[TOOL_CALL] and shapes[TOOL_CALL] + sum(texts[t] for t in recurring) >= enough:
-        return {"shape": TOOL_CALLS, "texts": recurring}
+        # no more calls in one answer than the logged answers ever made (a small model's greedy
+        # decoding otherwise repeats its call until the answer budget runs out)
+        max_calls = max(len(parse_tool_calls(a) or []) for a, shape in zip(answers, shape_of) if shape == TOOL_CALL)
+        return {"shape": TOOL_CALLS, "texts": recurring, "max_calls": max_calls}
     return {"shape": FREE}
 
 
@@ -105,9 +110,9 @@ def read_answer_format(folder: Path | None) -> dict:
     return json.loads(path.read_text()) if path is not None and path.is_file() else {"shape": FREE}
 
 
-def _tool_schema(tools: list[dict]) -> dict | None:
-    """A JSON list of one or more calls, each naming one of `tools` with arguments valid under
-    that tool's parameter schema (any object where it has none)."""
+def _tool_schema(tools: list[dict], max_calls: int | None = None) -> dict | None:
+    """A JSON list of one or more calls (at most `max_calls`), each naming one of `tools` with
+    arguments valid under that tool's parameter schema (any object where it has none)."""
     calls = []
     for tool in tools:
         function = tool.get("function", tool) if isinstance(tool, dict) else {}
@@ -120,7 +125,8 @@ def _tool_schema(tools: list[dict]) -> dict | None:
         }, "required": ["name", "arguments"], "additionalProperties": False})
     if not calls:
         return None
-    return {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    return {**schema, "maxItems": max_calls} if max_calls else schema
 
 
 def _literal(text: str) -> str:
@@ -178,14 +184,14 @@ class AnswerGrammars:
         if shape == JSON_KEYS:
             return self._compiler.compile_json_schema(json.dumps(found["schema"]), any_whitespace=False)
         tools = json.loads(tools_json) if isinstance(tools_json, str) else None
-        schema = _tool_schema(tools) if isinstance(tools, list) else None
+        schema = _tool_schema(tools, found.get("max_calls")) if isinstance(tools, list) else None
         texts = [xgr.Grammar.from_ebnf(f"root ::= {_literal(text)}") for text in found.get("texts", [])]
         if schema is None:  # a request without tools can only get one of the texts
             return self._compiler.compile_grammar(xgr.Grammar.union(*texts)) if texts else None
         try:
             calls = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
         except Exception:  # noqa: BLE001 - a schema xgrammar cannot take: any JSON list of calls
-            calls = xgr.Grammar.from_json_schema(json.dumps({"type": "array", "minItems": 1, "items": {
+            calls = xgr.Grammar.from_json_schema(json.dumps({**_tool_schema([{"name": "any"}], found.get("max_calls")), "items": {
                 "type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "object"}},
                 "required": ["name", "arguments"]}}), any_whitespace=False)
         block = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {_literal(TOOL_CALL_OPEN)}"), calls,
@@ -262,5 +268,8 @@ def answers_held_to(found: dict, answer: str) -> bool:
     if shape == JSON_KEYS:
         return answer_shape(answer) == JSON_OBJECT and set(json.loads(answer)) <= set(found["schema"]["properties"])
     if shape == TOOL_CALLS:
-        return parse_tool_calls(answer) is not None or answer.strip() in found.get("texts", [])
+        calls = parse_tool_calls(answer)
+        if calls is None:
+            return answer.strip() in found.get("texts", [])
+        return len(calls) <= (found.get("max_calls") or len(calls))
     return True

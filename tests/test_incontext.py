@@ -44,6 +44,10 @@ def test_a_bank_written_and_read_back_prompts_alike_and_is_checked_before_servin
     arguments = list(calls["messages"]), list(calls["tools"])
     assert loaded.prompts(*arguments, native_tools=False) == in_memory.prompts(*arguments, native_tools=False)
     assert "with retrieved examples" in (tmp_path / "bank" / incontext.CARD_FILE).read_text()
+    # the leak check reads what curation scrubbed (messages, answers), not the agent's tool schemas,
+    # whose defaults may be addresses like "default@example.com" (one in the sample's tool step)
+    texts = incontext.scrubbed_texts(tmp_path / "bank")
+    assert len(texts) == 2 * len(train) and set(texts) == set(train["messages"]) | set(train["response_message"])
 
     assert promote.specialist_problems(encoders.IN_CONTEXT, tmp_path / "bank", str(base_model_dir)) == []
     assert promote.missing_files(encoders.IN_CONTEXT, tmp_path / "bank") == []
@@ -152,3 +156,23 @@ def test_a_team_that_wants_no_fine_tuning_gets_in_context_routes_through_the_gra
     calls = calls[calls["cluster_id"].isin([c["cluster_id"] for c in built])].tail(4)
     outcome = replay.replay(store.registry, calls)
     assert outcome["failed"] == 0 and outcome["calls"] == len(calls) and outcome["answered_by_specialists"] > 0
+
+
+def test_the_leak_check_passes_a_bank_whose_tool_schemas_hold_an_example_address_and_fails_one_with_a_leak(tmp_path):
+    """A false positive must not halt the night: the sample's tool step has a schema whose
+    default is "default@example.com"; an address in a call's own text is a leak."""
+    from assets.models import no_known_pii_in_adapters
+    from assets.resources import PipelineStore
+    from pipeline.store import write_json
+
+    tools = json_dumps([{"type": "function", "function": {"name": "notify", "parameters": {"type": "object", "properties": {
+        "to": {"type": "string", "default": "default@example.com"}}}}}])
+    store = PipelineStore(landing_dir=str(tmp_path / "landing"), output_dir=str(tmp_path / "out"),
+                          model_cache_dir=str(tmp_path))
+    for request, passed in (("notify the team", True), ("notify jane.doe@corp.example.org", False)):
+        calls = pd.DataFrame([{**_call(request, "done"), "tools": tools}])
+        incontext.write_bank(tmp_path / "bank", calls, ["done"], False, 2, "smollm2-135m-instruct", "notify")
+        write_json(store.store().stats("finetuned_adapters"), [
+            {"cluster_id": 0, "kind": encoders.IN_CONTEXT, "adapter_dir": str(tmp_path / "bank")}])
+        result = no_known_pii_in_adapters(pipeline_store=store)
+        assert result.passed is passed, result.metadata

@@ -36,9 +36,15 @@ def test_each_step_of_the_sample_is_held_to_the_shape_of_its_answers(curation, l
     assert {"date_from", "time_from", "person_name"} <= set(properties)
     assert {p["type"] for p in properties.values()} == {"string"}
     assert fields["schema"]["required"] == []  # some answers are {}: no key is in every one
-    tools = structured.answer_format(_answers(_step_calls(curation, labels, "call_tool")))
-    # a tenth of the logged answers say that no tool fits, always in the same words
-    assert tools == {"shape": structured.TOOL_CALLS, "texts": [NO_TOOL]}
+    tool_answers = _answers(_step_calls(curation, labels, "call_tool"))
+    tools = structured.answer_format(tool_answers)
+    # a tenth of the logged answers say that no tool fits, always in the same words; an answer makes
+    # as many calls as the most the logged answers made, no more
+    most = max(len(parse_tool_calls(a) or []) for a in tool_answers)
+    assert tools == {"shape": structured.TOOL_CALLS, "texts": [NO_TOOL], "max_calls": most} and most > 1
+    assert structured.answers_held_to(tools, "<tool_call>" + json.dumps([{"name": "f", "arguments": {}}] * most) + "</tool_call>")
+    assert not structured.answers_held_to(tools, "<tool_call>" + json.dumps([{"name": "f", "arguments": {}}] * (most + 1))
+                                          + "</tool_call>")
     assert structured.answer_format(_answers(_step_calls(curation, labels, "solve_math"))) == {"shape": structured.FREE}
     # a model whose template writes tool calls its own way is not held to the project's format
     native = structured.answer_format(_answers(_step_calls(curation, labels, "call_tool")), native_tools=True)
@@ -95,11 +101,15 @@ def test_tool_calls_name_only_the_requests_own_tools_with_the_arguments_their_sc
             continue  # cut at the budget mid-call: never served (finish_reason "length")
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in json.loads(tools)}
         written = parse_tool_calls(answer)
-        assert written, answer
+        assert written and len(written) <= found["max_calls"], answer
         for call in written:
             assert call["name"] in schemas, answer
             assert set(schemas[call["name"]].get("required", [])) <= set(call["arguments"]), answer
             assert set(call["arguments"]) <= set(schemas[call["name"]]["properties"]), answer
+    # the number of calls is bounded by the grammar (xgrammar's maxItems), not by the answer budget
+    single = _decode(base_model, calls, {**found, "max_calls": 1}, budget=160)
+    finished = [parse_tool_calls(a) for a, _ in single if a.endswith("</tool_call>")]
+    assert finished and all(len(written) == 1 for written in finished), single
 
 
 def test_labels_and_json_fields_come_only_from_the_sets_seen_in_training(base_model, curation, labels):
