@@ -7,6 +7,7 @@ promotion_decisions), router_config does not run and the router keeps what it se
 
 
 import base64
+import dataclasses
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -41,7 +42,9 @@ class ShadowEvalConfig(dg.Config):
     threshold_confidence: float = Field(0.95, ge=0, lt=1)
     latency_calls: int = Field(2, ge=0)  # test calls answered one at a time as well, for the batch-1 latency
     arm_calls: int = Field(4, ge=0)  # latest test calls the base model answers too (zero-shot, in-context); 0: none
-    shots: int = Field(2, ge=0)  # retrieved training calls in the in-context arm's prompt
+    # retrieved training calls in the in-context arm's prompt (where the base SLM with retrieved examples
+    # is not measured as a kind of its own, in_context in specialist_kinds); 0: no such arm
+    shots: int = Field(2, ge=0)
     llm_input_price_per_million_tokens: float = Field(2.0, ge=0)  # USD; the baseline's list price (gpt-4.1)
     llm_output_price_per_million_tokens: float = Field(8.0, ge=0)
     slm_hardware_price_per_hour: float = Field(0.10, ge=0)  # USD per hour of the machine that serves the SLM
@@ -78,7 +81,7 @@ def _adapter_hash(adapter_dir: Path) -> str:
 # Each cluster's evaluation is kept as soon as it is finished (eval/clusters/), under a
 # fingerprint of everything its figures depend on: a run killed halfway (a preempted GPU node)
 # or a nightly rerun with the same adapters and calls answers only what changed.
-EVALUATION_VERSION = 2  # raise it when what an evaluation computes changes: kept ones are redone
+EVALUATION_VERSION = 3  # raise it when what an evaluation computes changes: kept ones are redone
 
 
 def _evaluation_fingerprint(record: dict, adapter_hash: str, holdout_ids: list[str], config: "ShadowEvalConfig",
@@ -125,7 +128,10 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
     kept_folder.mkdir(parents=True, exist_ok=True)
     threshold_confidence = config.threshold_confidence or None  # 0: calibrated by the kept answers' mean
     summaries, predictions, kept_names = [], [], set()
-    for record in _training_records(store):
+    records = _training_records(store)
+    # a cluster whose base SLM with retrieved examples is a kind of its own needs no such arm beside its adapter
+    in_context = {r["cluster_id"] for r in records if r.get("kind") == encoders.IN_CONTEXT}
+    for record in records:
         key = _candidate_key(record)
         kind = record.get("kind", encoders.GENERATIVE)
         every_call = kind in encoders.ENCODER_KINDS or not config.max_calls_per_cluster
@@ -155,8 +161,9 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
             else:
                 train = curated.loc[record["train_ids"]].reset_index(drop=True)  # the in-context arm's examples
                 model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
+                arms = dataclasses.replace(settings, shots=0) if record["cluster_id"] in in_context else settings
                 scored, summary = evaluate.evaluate_cluster(
-                    model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share, prices,
+                    model, tokenizer, holdout, train, config.quality_floor, arms, config.calibration_share, prices,
                     progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
                     threshold_confidence=threshold_confidence,
                     answer_format=structured.read_answer_format(Path(record["adapter_dir"])),
@@ -191,8 +198,9 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
         ),
         "arms": markdown_table(
             ["cluster", "test calls", "base SLM zero-shot", "base SLM in-context", "fine-tuned"],
-            [[s["cluster_id"], s["arms"]["calls"], s["arms"]["base_zero_shot"], s["arms"]["base_in_context"],
-              s["arms"]["fine_tuned"]] for s in summaries if "arms" in s],
+            [[s["cluster_id"], s["arms"]["calls"], s["arms"]["base_zero_shot"],
+              s["arms"].get("base_in_context", "measured as a kind of its own"), s["arms"]["fine_tuned"]]
+             for s in summaries if "arms" in s],
         ),
         "cost_and_speed": markdown_table(
             ["cluster", "kind", "SLM p50/p95 ms (batch 1)", f"SLM p50/p95 ms (batch {config.batch_size})", "LLM logged p50/p95 ms",

@@ -43,7 +43,7 @@ class GenerationSettings:
     max_new_tokens_cap: int = 384
     latency_calls: int = 2  # test calls answered one at a time too, for the batch-1 latency
     arm_calls: int = 4  # latest test calls the base model answers too, zero-shot and with examples
-    shots: int = 2  # retrieved training calls shown in the in-context arm
+    shots: int = 2  # retrieved training calls shown in the in-context arm; 0: no such arm
 
 
 @dataclass
@@ -519,12 +519,14 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
     retrieved training calls as examples (in-context), on `calls`, decoded in the same format as
     the adapter: what fine-tuning bought."""
     native_tools = renders_tools(tokenizer)
-    prompts = prompts_of(calls, native_tools)
-    tools = [t if isinstance(t, str) else None for t in calls["tools"]]
-    with_examples = ExampleBank.of_calls(train, settings.shots).prompts(list(calls["messages"]), tools, native_tools)
+    arms = {"base_zero_shot": prompts_of(calls, native_tools)}
+    if settings.shots:  # 0: the base SLM with retrieved examples is measured as a kind of its own
+        tools = [t if isinstance(t, str) else None for t in calls["tools"]]
+        arms["base_in_context"] = ExampleBank.of_calls(train, settings.shots).prompts(
+            list(calls["messages"]), tools, native_tools)
     with model.disable_adapter():
         return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size, grammars)
-                for arm, arm_prompts in (("base_zero_shot", prompts), ("base_in_context", with_examples))}
+                for arm, arm_prompts in arms.items()}
 
 
 def evaluate_cluster(

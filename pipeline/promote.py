@@ -486,8 +486,9 @@ def _evaluation_lines(evaluation: dict) -> list[str]:
                      "prompt or tools) than training: the router escalates such calls as 'instructions changed'")
     if "arms" in evaluation:
         arms = evaluation["arms"]
-        lines.append(f"on {arms['calls']} test calls: base SLM zero-shot {arms['base_zero_shot']:.3f}, in-context "
-                     f"{arms['base_in_context']:.3f}, fine-tuned {arms['fine_tuned']:.3f}")
+        in_context = f"in-context {arms['base_in_context']:.3f}, " if "base_in_context" in arms else ""
+        lines.append(f"on {arms['calls']} test calls: base SLM zero-shot {arms['base_zero_shot']:.3f}, {in_context}"
+                     f"fine-tuned {arms['fine_tuned']:.3f}")
     if evaluation.get("feedback"):
         feedback = evaluation["feedback"]
         lines.append(f"outcome feedback on {feedback['calls_with_feedback']} calls: baseline accuracy "
@@ -590,6 +591,10 @@ def _other_candidates(cluster: dict) -> list[dict]:
     return [m for m in cluster["promotion"].get("candidates") or [] if not m.get("chosen")]
 
 
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _measured_kind(cluster: dict) -> str | None:
     return (cluster["shadow_eval"] or {}).get("kind") or cluster["selection"].get("kind")
 
@@ -618,7 +623,7 @@ def format_summary(summary: dict) -> str:
         )
         for other in _other_candidates(c):
             lines.append(f"{'':<11} {'':>6}  {'also measured':<34} {specialist_name(c['selection'], other['kind']):<28} "
-                         f"{other['score_vs_baseline'] if other['score_vs_baseline'] is not None else '-':>6} "
+                         f"{_score(other['score_vs_baseline']):>6} "
                          f"{'':>6}  {other['decision']}: {other['reason']}")
         if c["selection"]["decision"] != "fine-tune" or c["selection"].get("kind") not in (None, "generative"):
             lines.append(f"{'':<11} {'':>6}  selection: {c['selection']['reason']}")

@@ -140,7 +140,7 @@ def test_a_team_that_wants_no_fine_tuning_gets_in_context_routes_through_the_gra
     summary = json.loads((out / "registry" / "runs" / "0001" / "summary.json").read_text())
     built = [c for c in summary["clusters"] if c["selection"]["decision"] == "fine-tune"]
     assert built and all(c["selection"]["kinds_measured"] == [encoders.IN_CONTEXT] for c in built)
-    assert all(c["training"]["shots"] == 2 and c["training"]["train_calls"] > 0 for c in built)
+    assert all(c["training"]["shots"] == incontext.DEFAULT_SHOTS and c["training"]["train_calls"] > 0 for c in built)
     router = yaml.safe_load((out / "registry" / "router.yaml").read_text())
     assert {r["kind"] for r in router["routes"]} == {encoders.IN_CONTEXT}
     assert len(router["routes"]) == len(built)
