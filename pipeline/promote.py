@@ -612,17 +612,17 @@ def format_summary(summary: dict) -> str:
         f"Task clusters: {counts['task_clusters']['clusters']} "
         f"({counts['task_clusters']['unclustered_calls']} calls unclustered, kept on the LLM)",
         "",
-        f"{'cluster':<11} {'calls':>6}  {'label':<34} {'specialist':<28} {'score':>6} {'floor':>6}  decision",
+        f"{'cluster':<11} {'calls':>6}  {'label':<34} {'specialist':<32} {'score':>6} {'floor':>6}  decision",
     ]
     for c in summary["clusters"]:
         evaluation = c["shadow_eval"]
         score = f"{evaluation['score_vs_baseline']:.3f}" if evaluation else "-"
         lines.append(
-            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {specialist_name(c['selection'], _measured_kind(c)):<28} "
+            f"{c['name']:<11} {c['size']:>6}  {c['label'][:34]:<34} {specialist_name(c['selection'], _measured_kind(c)):<32} "
             f"{score:>6} {summary['quality_floor']:>6.2f}  {c['promotion']['decision']}: {c['promotion']['reason']}"
         )
         for other in _other_candidates(c):
-            lines.append(f"{'':<11} {'':>6}  {'also measured':<34} {specialist_name(c['selection'], other['kind']):<28} "
+            lines.append(f"{'':<11} {'':>6}  {'also measured':<34} {specialist_name(c['selection'], other['kind']):<32} "
                          f"{_score(other['score_vs_baseline']):>6} "
                          f"{'':>6}  {other['decision']}: {other['reason']}")
         if c["selection"]["decision"] != "fine-tune" or c["selection"].get("kind") not in (None, "generative"):
