@@ -32,6 +32,9 @@ class SelectionConfig(dg.Config):
     # the kinds of specialist a cluster may get, cheapest first where its answers allow: "classifier"
     # (closed label sets), "span_tagger" (JSON of spans of the request), "generative" (LoRA on an SLM)
     specialist_kinds: list[str] = Field(default_factory=lambda: list(encoders.KINDS), min_length=1)
+    # a step an encoder specialist can answer is measured with the enabled generator kinds too, and
+    # the cheapest that passes serves (off: the encoder alone, the cheapest kind, is measured)
+    measure_every_kind: bool = False
 
     @field_validator("specialist_kinds")
     @classmethod
@@ -66,6 +69,7 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
         progress=context.log.info,
         known_probes=known_probes,
         kinds=tuple(config.specialist_kinds),
+        measure_every_kind=config.measure_every_kind,
     )
     write_json(known_path, known_probes)
     write_json(
@@ -92,7 +96,7 @@ def slm_candidates(context: dg.AssetExecutionContext, config: SelectionConfig, p
 @dg.asset_check(asset=slm_candidates, description="Every chosen candidate is available on this machine.")
 def chosen_candidates_available(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     selection = read_json(pipeline_store.store().stats("slm_candidates"))
-    chosen = {c["candidate"] for c in selection["choices"] if c["candidate"]}
+    chosen = {name for c in selection["choices"] for name in (c["candidate"], c.get("generator")) if name}
     missing = sorted(chosen & set(selection["unavailable"]))
     return dg.AssetCheckResult(passed=not missing, metadata={"chosen": sorted(chosen), "missing": missing})
 
@@ -177,19 +181,21 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
         key = cluster_key(choice["cluster_id"])
         members = calls[calls["cluster_id"] == choice["cluster_id"]]
         train, holdout = finetune.split_by_time(members, config.split_settings())
-        if choice.get("kind", encoders.GENERATIVE) in encoders.ENCODER_KINDS:
-            try:
-                trained.append(_encoder_specialist(context, config, store, choice, train, holdout))
-            except encoders.NothingToLearn as err:  # this cluster stays on the LLM; the others go on
-                context.log.warning(f"{key}: not trained, stays on the LLM: {err}")
-            continue
-        candidate = candidates[choice["candidate"]]
-        base_dir = models.resolve_model_dir(candidate, pipeline_store.model_cache())
-        for kind in choice.get("kinds_measured") or [encoders.GENERATIVE]:
+        kinds = choice.get("kinds_measured") or [choice.get("kind") or encoders.GENERATIVE]
+        for kind in kinds:
+            if kind in encoders.ENCODER_KINDS:
+                try:
+                    trained.append(_encoder_specialist(context, config, store, choice, train, holdout))
+                except encoders.NothingToLearn as err:  # this kind is not measured; the others go on
+                    context.log.warning(f"{key}: no {kind} trained: {err}")
+                continue
+            candidate = candidates[choice.get("generator") or choice["candidate"]]
+            base_dir = models.resolve_model_dir(candidate, pipeline_store.model_cache())
             if kind == encoders.IN_CONTEXT:
-                trained.append(_example_bank(context, config, store, choice, base_dir, train, holdout))
+                trained.append(_example_bank(context, config, store, choice, candidate.name, base_dir, train, holdout))
             else:
                 trained.append(_lora_adapter(context, config, pipeline_store, choice, candidate, base_dir, train, holdout))
+        _remove_other_kinds(store.adapters / key, kinds)
 
     write_json(store.stats("finetuned_adapters"), [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in trained])
     pipeline_store.publish(context.log.info)
@@ -219,7 +225,7 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
     store = pipeline_store.store()
     key = cluster_key(choice["cluster_id"])
     settings = config.train_settings(candidate)
-    fingerprint = finetune.training_fingerprint(choice["candidate"], list(train["trace_id"]), settings)
+    fingerprint = finetune.training_fingerprint(candidate.name, list(train["trace_id"]), settings)
     adapter_dir, merged_dir = store.adapters / key / "adapter", store.adapters / key / "merged"
     record_path = store.adapters / key / "training.json"
     kept = read_json(record_path) if record_path.exists() and adapter_dir.exists() else None
@@ -227,9 +233,9 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
         context.log.info(f"{key}: data and settings unchanged, keeping its adapter")
         record = kept
     else:
-        context.log.info(f"{key}: training {choice['candidate']} on {len(train)} calls, {len(holdout)} held out")
+        context.log.info(f"{key}: training {candidate.name} on {len(train)} calls, {len(holdout)} held out")
         card = finetune.ModelCard(
-            base_model=choice["candidate"], licence=candidate.licence,
+            base_model=candidate.name, licence=candidate.licence,
             task=choice["label"], cluster_id=int(choice["cluster_id"]),
         )
         metrics = finetune.train_adapter(
@@ -247,7 +253,7 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
             "cluster_id": choice["cluster_id"],
             "label": choice["label"],
             "kind": encoders.GENERATIVE,
-            "candidate": choice["candidate"],
+            "candidate": candidate.name,
             "base_dir": str(base_dir),
             "adapter_dir": str(adapter_dir),
             "fingerprint": fingerprint,
@@ -256,7 +262,7 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
             "metrics": metrics,
         }
     if config.merged_weights and not (merged_dir / "config.json").is_file():
-        context.log.info(f"{key}: merging the adapter into {choice['candidate']}'s weights")
+        context.log.info(f"{key}: merging the adapter into {candidate.name}'s weights")
         finetune.merge_adapter(base_dir, adapter_dir, merged_dir)
     elif not config.merged_weights:
         shutil.rmtree(merged_dir, ignore_errors=True)
@@ -290,19 +296,35 @@ def _generative_curve(context: dg.AssetExecutionContext, config: FinetuneConfig,
     return curve
 
 
+# what each kind of specialist keeps in its cluster's folder under adapters/: its model and its record
+KIND_FILES = {encoders.CLASSIFIER: ("specialist", "encoder.json"), encoders.SPAN_TAGGER: ("specialist", "encoder.json"),
+              encoders.GENERATIVE: ("adapter", "merged", "training.json"), encoders.IN_CONTEXT: ("examples", "in_context.json")}
+
+
+def _remove_other_kinds(folder: Path, kinds: list[str]) -> None:
+    """Remove what kinds of specialist an earlier run built for this cluster and this one did not."""
+    kept = {name for kind in kinds for name in KIND_FILES[kind]}
+    for name in {name for names in KIND_FILES.values() for name in names} - kept:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            path.unlink()
+
+
 def _passes(metrics: dict) -> str:
     if "shots" in metrics:
         return f"none ({metrics['shots']} retrieved examples a call)"
     return str(metrics.get("steps") or f"{metrics.get('epochs')} epochs")
 
 
-def _example_bank(context: dg.AssetExecutionContext, config: FinetuneConfig, store, choice: dict, base_dir: Path,
-                  train, holdout) -> dict:
+def _example_bank(context: dg.AssetExecutionContext, config: FinetuneConfig, store, choice: dict, base_model: str,
+                  base_dir: Path, train, holdout) -> dict:
     """Write (or keep, when its calls and settings are unchanged) one cluster's example bank: the
     base SLM with retrieved examples, a candidate that needs no training; its record."""
     key = cluster_key(choice["cluster_id"])
     folder, record_path = store.adapters / key / "examples", store.adapters / key / "in_context.json"
-    fingerprint = incontext.bank_fingerprint(choice["candidate"], list(train["trace_id"]), config.in_context_shots)
+    fingerprint = incontext.bank_fingerprint(base_model, list(train["trace_id"]), config.in_context_shots)
     kept = read_json(record_path) if record_path.exists() and folder.exists() else None
     if kept and kept.get("fingerprint") == fingerprint:
         context.log.info(f"{key}: calls unchanged, keeping its example bank")
@@ -313,12 +335,12 @@ def _example_bank(context: dg.AssetExecutionContext, config: FinetuneConfig, sto
     shutil.rmtree(staging, ignore_errors=True)
     native_tools = renders_tools(AutoTokenizer.from_pretrained(base_dir))
     found = incontext.write_bank(staging, train, [baseline_answer(r) for r in train["response_message"]], native_tools,
-                                 config.in_context_shots, choice["candidate"], choice["label"])
+                                 config.in_context_shots, base_model, choice["label"])
     replace_folder(staging, folder)
-    context.log.info(f"{key}: example bank of {len(train)} solved calls for {choice['candidate']} with "
+    context.log.info(f"{key}: example bank of {len(train)} solved calls for {base_model} with "
                      f"{config.in_context_shots} retrieved examples a call")
     record = {"cluster_id": choice["cluster_id"], "label": choice["label"], "kind": encoders.IN_CONTEXT,
-              "candidate": choice["candidate"], "base_dir": str(base_dir), "adapter_dir": str(folder),
+              "candidate": base_model, "base_dir": str(base_dir), "adapter_dir": str(folder),
               "fingerprint": fingerprint, "train_ids": list(train["trace_id"]), "holdout_ids": list(holdout["trace_id"]),
               "metrics": {"train_calls": len(train), "shots": config.in_context_shots, "answer_format": found["shape"]},
               "merged_dir": None, "record": str(record_path)}
@@ -337,7 +359,7 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
     its training record. The learning curve is read on the earlier half of the held-out calls,
     where shadow evaluation calibrates (by default); the later, test half is never looked at."""
     key = cluster_key(choice["cluster_id"])
-    folder, record_path = store.adapters / key / "specialist", store.adapters / key / "training.json"
+    folder, record_path = store.adapters / key / "specialist", store.adapters / key / "encoder.json"
     settings = config.encoder_settings(choice["kind"])
     fingerprint = encoders.training_fingerprint(choice["kind"], choice["contract"], list(train["trace_id"]), settings)
     kept = read_json(record_path) if record_path.exists() and folder.exists() else None
@@ -346,8 +368,6 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
         return kept
     context.log.info(f"{key}: training a {choice['kind']} ({choice['candidate']}) on {len(train)} calls, "
                      f"{len(holdout)} held out")
-    for earlier in ("adapter", "examples"):  # a generator of an earlier run
-        shutil.rmtree(store.adapters / key / earlier, ignore_errors=True)
     metrics = encoders.train_specialist(
         choice["kind"], choice["contract"], encoders.encoder_path(), train, folder, settings,
         curve_calls=holdout.iloc[: len(holdout) // 2],

@@ -67,10 +67,8 @@ def _evaluations_by_candidate(store) -> dict[tuple[int, str], dict]:
 
 
 def _candidate_key(record: dict) -> str:
-    """How a cluster's candidate is named in kept evaluations and logs: the cluster's key, and
-    for a second candidate of the cluster (the base SLM with retrieved examples) its kind too."""
-    key = cluster_key(record["cluster_id"])
-    return f"{key}-{encoders.IN_CONTEXT}" if record.get("kind") == encoders.IN_CONTEXT else key
+    """How one kind of specialist measured for a cluster is named in kept evaluations and logs."""
+    return f"{cluster_key(record['cluster_id'])}-{record.get('kind', encoders.GENERATIVE)}"
 
 
 def _adapter_hash(adapter_dir: Path) -> str:
@@ -372,7 +370,8 @@ def router_config(context: dg.AssetExecutionContext, pipeline_store: PipelineSto
                 "size": cluster["size"],
                 "share": cluster["share"],
                 "member_ids": list(assignments.loc[assignments["cluster_id"] == cid, "trace_id"]),
-                "selection": {k: choices[cid].get(k) for k in ("decision", "kind", "kinds_measured", "candidate", "reason")},
+                "selection": {k: choices[cid].get(k) for k in ("decision", "kind", "kinds_measured", "candidate", "generator",
+                                                                 "reason")},
                 "training": {k: v for k, v in training.items() if k != "loss_curve"} if training else None,
                 "shadow_eval": evaluation,
                 "promotion": {"decision": decision["decision"], "reason": decision["reason"],

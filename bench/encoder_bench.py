@@ -53,7 +53,7 @@ def main() -> None:
 
     store = Store(Path(args.output))
     curated = read_table(store.table("curated_traces")).set_index("trace_id", drop=False)
-    records = [read_json(p) for p in sorted(store.adapters.glob("*/training.json"))]
+    records = [read_json(p) for p in sorted(store.adapters.glob("*/encoder.json"))]
     records = [r for r in records if r.get("kind") in args.kinds.split(",")]
     if not records:
         raise SystemExit(f"no encoder specialist in {args.output}: run `slm-convert run` first")

@@ -583,7 +583,8 @@ def specialist_name(selection: dict, kind: str | None = None) -> str:
     if not selection.get("candidate"):
         return "LLM"
     kind = kind or selection.get("kind") or "generative"
-    return selection["candidate"] if kind == "generative" else f"{selection['candidate']} {kind}"
+    model = (selection.get("generator") or selection["candidate"]) if kind in ("generative", "in_context") else selection["candidate"]
+    return model if kind == "generative" else f"{model} {kind}"
 
 
 def _other_candidates(cluster: dict) -> list[dict]:

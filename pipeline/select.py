@@ -17,7 +17,8 @@ forward pass per call) is the cheapest to train and to serve, so it is chosen wh
 contract allows and `kinds` enables it; tool calls, reasoning and free text need a generator,
 and for them two kinds are measured where `kinds` enables both (`kinds_measured`): a LoRA
 adapter on the chosen SLM, and the same SLM without training shown retrieved solved calls
-(`pipeline.incontext`); promotion keeps the cheaper one that passes the gate.
+(`pipeline.incontext`); promotion keeps the cheaper one that passes the gate. `measure_every_kind`
+measures the generator kinds beside an encoder specialist too.
 """
 
 from __future__ import annotations
@@ -205,24 +206,32 @@ ENCODER_REASONS = {
 
 
 def choose_kind(features: dict, contract: dict, kinds: tuple[str, ...], min_calls: int,
-                generative_choice: dict) -> dict:
-    """The specialist kind for one cluster, and the kinds to measure (`kinds_measured`): an
-    encoder specialist where the answers' contract allows one and `kinds` enables it (cheapest to
-    train and serve), else the generative choice (`decide`) as each enabled generator kind (a LoRA
-    adapter, the base SLM with retrieved examples), all measured by shadow evaluation and the
-    cheapest that passes promoted."""
+                generative_choice: dict, measure_every_kind: bool = False) -> dict:
+    """The specialist kind for one cluster, and the kinds to measure (`kinds_measured`, the
+    primary first): an encoder specialist where the answers' contract allows one and `kinds`
+    enables it (cheapest to train and serve), else the generative choice (`decide`) as each
+    enabled generator kind (a LoRA adapter, the base SLM with retrieved examples); all measured
+    by shadow evaluation and the cheapest that passes promoted. With `measure_every_kind` a step
+    an encoder can answer is measured with the generator kinds too, in case its encoder fails the
+    gate. `generator`: the SLM the generator kinds use (the probe may change it)."""
+    generators = ([k for k in encoders.GENERATOR_KINDS if k in kinds]
+                  if generative_choice["decision"] == FINE_TUNE else [])
     kind = contract["kind"]
     if kind in encoders.ENCODER_KINDS and kind in kinds and features["calls"] >= min_calls:
         size = len(contract.get("labels") or contract.get("keys") or [])
-        return {"decision": FINE_TUNE, "kind": kind, "kinds_measured": [kind], "candidate": encoders.ENCODER_NAME,
-                "reason": ENCODER_REASONS[kind].format(n=size) + f" ({contract['share']:.0%} of the logged answers)"}
+        also = generators if measure_every_kind else []
+        return {"decision": FINE_TUNE, "kind": kind, "kinds_measured": [kind, *also],
+                "candidate": encoders.ENCODER_NAME, "generator": generative_choice.get("candidate") if also else None,
+                "ranking": generative_choice.get("ranking", []) if also else [],
+                "reason": ENCODER_REASONS[kind].format(n=size) + f" ({contract['share']:.0%} of the logged answers)"
+                          + (f"; measured beside it: {', '.join(also)}" if also else "")}
     if generative_choice["decision"] != FINE_TUNE:
-        return {**generative_choice, "kind": None, "kinds_measured": []}
-    measured = [k for k in encoders.GENERATOR_KINDS if k in kinds]
-    if not measured:
-        return {"decision": KEEP_ON_LLM, "candidate": None, "kind": None, "kinds_measured": [],
+        return {**generative_choice, "kind": None, "kinds_measured": [], "generator": None}
+    if not generators:
+        return {"decision": KEEP_ON_LLM, "candidate": None, "kind": None, "kinds_measured": [], "generator": None,
                 "reason": "a generative SLM would be needed, and specialist_kinds includes neither generative nor in_context"}
-    return {**generative_choice, "kind": measured[0], "kinds_measured": measured}
+    return {**generative_choice, "kind": generators[0], "kinds_measured": generators,
+            "generator": generative_choice["candidate"]}
 
 
 def select_models(
@@ -237,10 +246,12 @@ def select_models(
     progress: Callable[[str], None] | None = None,
     known_probes: dict[str, dict] | None = None,
     kinds: tuple[str, ...] = encoders.KINDS,
+    measure_every_kind: bool = False,
 ) -> tuple[list[dict], dict[str, str]]:
     """One choice per cluster, and the unavailable candidates with the reason for each.
 
-    `kinds`: the specialist kinds a cluster may get (encoders.KINDS). `probe_settings=None`
+    `kinds`: the specialist kinds a cluster may get (encoders.KINDS); `measure_every_kind`: see
+    `choose_kind`. `probe_settings=None`
     decides on the features alone (no model is loaded); `known_probes` holds earlier runs' probe
     results (see `run_probes`) and receives this run's."""
     unavailable = {c.name: reason for c in candidates if (reason := availability(c, model_cache))}
@@ -252,7 +263,8 @@ def select_models(
         features = cluster_features(members)
         contract = encoders.answer_contract(members)
         choice = choose_kind(features, contract, tuple(kinds), min_calls,
-                             decide(features, candidates, unavailable, min_calls, max_mean_completion_tokens))
+                             decide(features, candidates, unavailable, min_calls, max_mean_completion_tokens),
+                             measure_every_kind)
         choices.append({"cluster_id": cluster["cluster_id"], "label": cluster["label"], **choice,
                         "contract": contract, "features": features})
     rankings = {choice["cluster_id"]: choice.pop("ranking", []) for choice in choices}
@@ -264,7 +276,7 @@ def select_models(
     # decision). Encoder specialists are measured by shadow evaluation, on every held-out call.
     plan = {}
     for choice in choices:
-        if choice["decision"] == FINE_TUNE and choice["kind"] not in encoders.GENERATOR_KINDS:
+        if choice["decision"] == FINE_TUNE and not choice["generator"]:  # encoder specialists alone
             continue
         if choice["decision"] == FINE_TUNE:
             plan[choice["cluster_id"]] = rankings[choice["cluster_id"]]
@@ -280,7 +292,8 @@ def select_models(
         )
         if choice["decision"] == FINE_TUNE:
             ranking = [c for c in available if c.name in choice["probe"]]
-            chosen = choose_by_probe(ranking, choice["probe"], probe_settings.margin)
-            choice["candidate"] = chosen.name
+            choice["generator"] = choose_by_probe(ranking, choice["probe"], probe_settings.margin).name
+            if choice["kind"] in encoders.GENERATOR_KINDS:
+                choice["candidate"] = choice["generator"]
         choice["reason"] += f"; probe: {evidence}"
     return choices, unavailable

@@ -38,8 +38,18 @@ def test_selection_picks_the_encoder_kind_only_where_enabled(curation, labels):
     chosen = select.choose_kind(features, contract, encoders.KINDS, 40, generative)
     assert (chosen["kind"], chosen["candidate"]) == (encoders.CLASSIFIER, encoders.ENCODER_NAME)
     assert "closed list of 2" in chosen["reason"]
+    assert chosen["kinds_measured"] == [encoders.CLASSIFIER] and chosen["generator"] is None
+    # measuring every kind: the generator kinds beside the classifier, on the SLM the features chose
+    every = select.choose_kind(features, contract, encoders.KINDS, 40, generative, measure_every_kind=True)
+    assert every["kinds_measured"] == [encoders.CLASSIFIER, encoders.GENERATIVE, encoders.IN_CONTEXT]
+    assert (every["kind"], every["candidate"], every["generator"]) == (
+        encoders.CLASSIFIER, encoders.ENCODER_NAME, "smollm2-135m-instruct")
+    assert "measured beside it: generative, in_context" in every["reason"]
     only_generative = select.choose_kind(features, contract, (encoders.GENERATIVE,), 40, generative)
     assert (only_generative["kind"], only_generative["candidate"]) == (encoders.GENERATIVE, "smollm2-135m-instruct")
+    assert only_generative["kinds_measured"] == [encoders.GENERATIVE]
+    untrained = select.choose_kind(features, {"kind": encoders.GENERATIVE}, (encoders.IN_CONTEXT,), 40, generative)
+    assert (untrained["kind"], untrained["generator"]) == (encoders.IN_CONTEXT, "smollm2-135m-instruct")
     none = select.choose_kind(features, {"kind": encoders.GENERATIVE}, (encoders.CLASSIFIER,), 40, generative)
     assert none["decision"] == select.KEEP_ON_LLM and "specialist_kinds" in none["reason"]
     too_few = select.choose_kind({"calls": 10}, contract, encoders.KINDS, 40, {"decision": select.KEEP_ON_LLM,

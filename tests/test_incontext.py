@@ -103,11 +103,11 @@ def test_the_run_summary_shows_each_kind_measured_beside_the_one_chosen():
     assert rows[1][1] == "also measured" and rows[1][-1].startswith("stays on LLM: shadow score 0.500")
 
 
-IN_CONTEXT_ONLY = {
+NO_FINE_TUNED_GENERATOR = {
     "ops": {
         "slm_candidates": {"config": {"probe_calls": 1, "probe_shots": 1, "probe_max_new_tokens": 8,
-                                      "specialist_kinds": ["in_context"]}},
-        "finetuned_adapters": {"config": {"min_holdout": 8, "max_holdout": 8}},
+                                      "specialist_kinds": ["classifier", "in_context"], "measure_every_kind": True}},
+        "finetuned_adapters": {"config": {"min_holdout": 8, "max_holdout": 8, "classifier_epochs": 1}},
         # a floor of 0: every evaluated cluster is promoted, so the serving path runs (a day of calls
         # cannot promote by the real gate; the gate's own tests are in test_promote.py)
         "shadow_eval": {"config": {"max_calls_per_cluster": 8, "max_new_tokens_cap": 96, "quality_floor": 0.0,
@@ -118,11 +118,13 @@ IN_CONTEXT_ONLY = {
 
 
 @pytest.mark.slow
-def test_a_team_that_wants_no_fine_tuning_gets_in_context_routes_through_the_graph_and_the_router(
+def test_without_fine_tuned_generators_every_kind_is_measured_and_the_cheapest_passing_one_is_served(
         one_day_landing, tmp_path, base_model_dir):
-    """specialist_kinds [in_context]: a day of the sample through the whole Dagster graph trains
-    nothing; each generator step gets an example bank, is evaluated and promoted as in_context,
-    and slm-router answers its held-out calls with the bare base model."""
+    """specialist_kinds [classifier, in_context] with every kind measured: a day of the sample
+    through the whole Dagster graph trains no LoRA adapter; the intent step gets a classifier and an
+    example bank, both evaluated on the same calls, and (a floor of 0: both pass) the classifier,
+    cheaper to serve, is promoted with the other reported; the steps a classifier cannot answer get
+    in_context routes, which slm-router answers with the bare base model."""
     import dagster as dg
     import yaml
 
@@ -132,28 +134,38 @@ def test_a_team_that_wants_no_fine_tuning_gets_in_context_routes_through_the_gra
     from tests.test_graph import _resources
 
     resources = _resources(one_day_landing, tmp_path, base_model_dir)
-    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=IN_CONTEXT_ONLY,
+    result = dg.materialize([*all_assets, *all_checks], resources=resources, run_config=NO_FINE_TUNED_GENERATOR,
                             partition_key="2026-10-01", instance=dg.DagsterInstance.ephemeral())
     assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
     out = tmp_path / "out"
-    assert not list((out / "adapters").glob("*/adapter"))  # nothing was trained
+    assert not list((out / "adapters").glob("*/adapter"))  # no LoRA adapter was trained
     summary = json.loads((out / "registry" / "runs" / "0001" / "summary.json").read_text())
-    built = [c for c in summary["clusters"] if c["selection"]["decision"] == "fine-tune"]
-    assert built and all(c["selection"]["kinds_measured"] == [encoders.IN_CONTEXT] for c in built)
-    assert all(c["training"]["shots"] == incontext.DEFAULT_SHOTS and c["training"]["train_calls"] > 0 for c in built)
+    built = {c["name"]: c for c in summary["clusters"] if c["selection"]["decision"] == "fine-tune"}
+    intents = next(c for c in built.values() if c["selection"]["kind"] == encoders.CLASSIFIER)
+    assert intents["selection"]["kinds_measured"] == [encoders.CLASSIFIER, encoders.IN_CONTEXT]
+    measured = intents["promotion"]["candidates"]
+    assert [(m["kind"], m["decision"], m.get("chosen", False)) for m in measured] == [
+        (encoders.CLASSIFIER, promote.PROMOTED, True), (encoders.IN_CONTEXT, promote.PROMOTED, False)]
+    assert measured[0]["slm_cost_per_1000_calls"] < measured[1]["slm_cost_per_1000_calls"]
+    assert "cheapest to serve of the 2 kinds that pass" in intents["promotion"]["reason"]
+    others = [c for c in built.values() if c is not intents]
+    assert others and all(c["selection"]["kinds_measured"] == [encoders.IN_CONTEXT] for c in others)
+    assert all(c["training"]["shots"] == incontext.DEFAULT_SHOTS and c["training"]["train_calls"] > 0 for c in others)
     router = yaml.safe_load((out / "registry" / "router.yaml").read_text())
-    assert {r["kind"] for r in router["routes"]} == {encoders.IN_CONTEXT}
-    assert len(router["routes"]) == len(built)
+    kinds = {r["name"]: r["kind"] for r in router["routes"]}
+    assert kinds == {name: encoders.CLASSIFIER if c is intents else encoders.IN_CONTEXT for name, c in built.items()}
     for route in router["routes"]:
-        assert (out / "registry" / route["adapter"] / incontext.EXAMPLES_FILE).is_file()
+        if route["kind"] == encoders.IN_CONTEXT:
+            assert (out / "registry" / route["adapter"] / incontext.EXAMPLES_FILE).is_file()
     assert "Base SLMs with retrieved examples" in summary["serving"] and "vllm serve" not in summary["serving"]
     report = (out / "registry" / "runs" / "0001" / "report.md").read_text()
-    assert "smollm2-135m-instruct in_context" in report
+    assert "| also measured |  | smollm2-135m-instruct in_context |" in report
 
     store = resources["pipeline_store"].store()
     calls = replay.held_out_calls(read_table(store.table("curated_traces")), read_table(store.table("task_clusters")),
                                   read_table(store.evaluation / "predictions.parquet"))
-    calls = calls[calls["cluster_id"].isin([c["cluster_id"] for c in built])].tail(4)
+    in_context = [c["cluster_id"] for c in others]
+    calls = calls[calls["cluster_id"].isin(in_context)].tail(4)
     outcome = replay.replay(store.registry, calls)
     assert outcome["failed"] == 0 and outcome["calls"] == len(calls) and outcome["answered_by_specialists"] > 0
 
