@@ -267,7 +267,7 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
     elif not config.merged_weights:
         shutil.rmtree(merged_dir, ignore_errors=True)
     record = {**record, "merged_dir": str(merged_dir) if config.merged_weights else None}
-    record = {**record, "record": str(record_path)}
+    record = {**record, "record_file": record_path.name}
     if record != kept:  # a kept adapter's record stays untouched
         write_json(record_path, record)
     return record
@@ -343,7 +343,7 @@ def _example_bank(context: dg.AssetExecutionContext, config: FinetuneConfig, sto
               "candidate": base_model, "base_dir": str(base_dir), "adapter_dir": str(folder),
               "fingerprint": fingerprint, "train_ids": list(train["trace_id"]), "holdout_ids": list(holdout["trace_id"]),
               "metrics": {"train_calls": len(train), "shots": config.in_context_shots, "answer_format": found["shape"]},
-              "merged_dir": None, "record": str(record_path)}
+              "merged_dir": None, "record_file": record_path.name}
     write_json(record_path, record)
     return record
 
@@ -378,7 +378,7 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
               "candidate": choice["candidate"], "base_dir": encoders.encoder_path(), "adapter_dir": str(folder),
               "fingerprint": fingerprint, "train_ids": list(train["trace_id"]),
               "holdout_ids": list(holdout["trace_id"]), "metrics": metrics, "merged_dir": None,
-              "record": str(record_path)}
+              "record_file": record_path.name}
     write_json(record_path, record)
     return record
 

@@ -53,7 +53,8 @@ class ShadowEvalConfig(dg.Config):
 def _training_records(store) -> list[dict]:
     """The full training record (with train and held-out ids) of each adapter of the last run."""
     adapters = read_json(store.stats("finetuned_adapters"))
-    return [read_json(Path(a.get("record") or Path(a["adapter_dir"]).parent / "training.json")) for a in adapters]
+    # each kind's record beside its folder, in the cluster's folder under adapters/
+    return [read_json(Path(a["adapter_dir"]).parent / a.get("record_file", "training.json")) for a in adapters]
 
 
 def _records_by_candidate(store) -> dict[tuple[int, str], dict]:

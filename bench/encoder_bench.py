@@ -1,6 +1,7 @@
 """Encoder specialists' learning curves and gate outcome, to choose their training defaults.
 
     python -m bench.encoder_bench --output output --epochs 24 --learning-rates 5e-5,1e-4 [--kinds span_tagger]
+        [--positive-weights 1,4]
 
 Reads a finished run's output folder (`slm-convert run`): for each cluster that got an encoder
 specialist, the same training and held-out calls the run used. For each learning rate, a
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--learning-rates", default="5e-5")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--positive-weights", default="1", help="classifier: weights of positive labels in the loss")
     parser.add_argument("--floor", type=float, default=0.8)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--kinds", default=",".join(encoders.ENCODER_KINDS), help="which specialists to train again")
@@ -61,9 +63,11 @@ def main() -> None:
     for record in records:
         train = curated.loc[record["train_ids"]].reset_index(drop=True)
         holdout = curated.loc[record["holdout_ids"]].reset_index(drop=True)
-        for rate in [float(r) for r in args.learning_rates.split(",")]:
+        weights = [float(w) for w in args.positive_weights.split(",")] if record["kind"] == encoders.CLASSIFIER else [1.0]
+        for rate, weight in [(float(r), w) for r in args.learning_rates.split(",") for w in weights]:
             curve = []
-            settings = encoders.EncoderSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=rate)
+            settings = encoders.EncoderSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=rate,
+                                                positive_weight=weight)
             started = time.perf_counter()
             requests = [encoders.request_text(m) for m in holdout["messages"]]
 

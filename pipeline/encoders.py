@@ -124,6 +124,9 @@ class EncoderSettings:
     head_learning_rate: float = 1e-3  # the new task head, which starts from random
     max_length: int = 128  # request tokens read (longer requests are cut)
     seed: int = 0
+    # a classifier's loss on each label's positive examples, against its negatives: most calls carry
+    # one or two of a step's dozens of labels, so unweighted the model learns to say no first
+    positive_weight: float = 1.0
 
 
 @dataclass
@@ -330,6 +333,8 @@ def train_specialist(
         {"params": [p for p in model.parameters() if id(p) in encoder], "lr": settings.learning_rate},
         {"params": [p for p in model.parameters() if id(p) not in encoder], "lr": settings.head_learning_rate},
     ])
+    positive_weighted = torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.full((len(labels),), settings.positive_weight, device=device))
     curve_examples = examples_of(curve_calls) if curve_calls is not None and len(curve_calls) else []
     curve, losses = [], []
     started = time.perf_counter()
@@ -346,7 +351,11 @@ def train_specialist(
                               return_offsets_mapping=kind == SPAN_TAGGER)
             offsets = batch.pop("offset_mapping", None)
             targets = _targets(kind, batch_examples, batch, labels, offsets)
-            loss = model(**batch.to(device), labels=targets.to(device)).loss
+            if kind == CLASSIFIER and settings.positive_weight != 1.0:
+                logits = model(**batch.to(device)).logits
+                loss = positive_weighted(logits, targets.to(device))
+            else:
+                loss = model(**batch.to(device), labels=targets.to(device)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

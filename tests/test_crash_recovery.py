@@ -42,7 +42,7 @@ STAGES = {
     "slm_candidates": ("before-rename:slm_candidates.json", ["store/slm_candidates.json", "store/probe_results.json"]),
     "finetuned_adapters": ("finetune:checkpoint-saved", ["adapters", "store/finetuned_adapters.json"]),
     # between clusters: the first one's evaluation is kept, the second one's record not yet written
-    "shadow_eval": ("before-rename:cluster-2.json", ["eval"]),
+    "shadow_eval": ("before-rename:cluster-2-generative.json", ["eval"]),
     "promotion_decisions": ("before-rename:promotion_decisions.json", ["store/promotion_decisions.json"]),
     "router_config": ("before-rename:router.yaml", ["registry"]),
 }
