@@ -71,7 +71,7 @@ def test_a_run_killed_in_the_middle_of_a_stage_ends_as_an_uninterrupted_one(stag
                             env={**os.environ, **KEYS, failpoints.ENV: failpoint}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
     _assert_every_visible_file_is_whole(out)
-    finished = {p: p.stat().st_mtime_ns for p in (out / "eval" / "clusters").glob("cluster-1.*")} if stage == "shadow_eval" else {}
+    finished = {p: p.stat().st_mtime_ns for p in (out / "eval" / "clusters").glob("cluster-1-generative.*")} if stage == "shadow_eval" else {}
 
     rerun = crash_run.materialize(out, uninterrupted["landing"], uninterrupted["cache"], [stage], KEYS)
     assert rerun.success
