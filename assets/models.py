@@ -218,6 +218,18 @@ def finetuned_adapters(context: dg.AssetExecutionContext, config: FinetuneConfig
     )
 
 
+# what each kind of specialist keeps in its cluster's folder under adapters/: its model's folder,
+# its record, and anything else it writes there
+KIND_FILES = {encoders.CLASSIFIER: ("specialist", "encoder.json"), encoders.SPAN_TAGGER: ("specialist", "encoder.json"),
+              encoders.GENERATIVE: ("adapter", "training.json", "merged"), encoders.IN_CONTEXT: ("examples", "in_context.json")}
+
+
+def _kind_paths(store, key: str, kind: str) -> tuple[Path, Path]:
+    """(model folder, training record) of one kind of specialist of the cluster `key`."""
+    folder, record, *_ = KIND_FILES[kind]
+    return store.adapters / key / folder, store.adapters / key / record
+
+
 def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pipeline_store: PipelineStore,
                   choice: dict, candidate: models.Candidate, base_dir: Path, train, holdout) -> dict:
     """Train (or keep, when its data and settings are unchanged) one cluster's LoRA adapter, and
@@ -226,8 +238,8 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
     key = cluster_key(choice["cluster_id"])
     settings = config.train_settings(candidate)
     fingerprint = finetune.training_fingerprint(candidate.name, list(train["trace_id"]), settings)
-    adapter_dir, merged_dir = store.adapters / key / "adapter", store.adapters / key / "merged"
-    record_path = store.adapters / key / "training.json"
+    adapter_dir, record_path = _kind_paths(store, key, encoders.GENERATIVE)
+    merged_dir = store.adapters / key / "merged"
     kept = read_json(record_path) if record_path.exists() and adapter_dir.exists() else None
     if kept and kept.get("fingerprint") == fingerprint:
         context.log.info(f"{key}: data and settings unchanged, keeping its adapter")
@@ -266,8 +278,7 @@ def _lora_adapter(context: dg.AssetExecutionContext, config: FinetuneConfig, pip
         finetune.merge_adapter(base_dir, adapter_dir, merged_dir)
     elif not config.merged_weights:
         shutil.rmtree(merged_dir, ignore_errors=True)
-    record = {**record, "merged_dir": str(merged_dir) if config.merged_weights else None}
-    record = {**record, "record_file": record_path.name}
+    record = {**record, "merged_dir": str(merged_dir) if config.merged_weights else None, "record_file": record_path.name}
     if record != kept:  # a kept adapter's record stays untouched
         write_json(record_path, record)
     return record
@@ -296,11 +307,6 @@ def _generative_curve(context: dg.AssetExecutionContext, config: FinetuneConfig,
     return curve
 
 
-# what each kind of specialist keeps in its cluster's folder under adapters/: its model and its record
-KIND_FILES = {encoders.CLASSIFIER: ("specialist", "encoder.json"), encoders.SPAN_TAGGER: ("specialist", "encoder.json"),
-              encoders.GENERATIVE: ("adapter", "merged", "training.json"), encoders.IN_CONTEXT: ("examples", "in_context.json")}
-
-
 def _remove_other_kinds(folder: Path, kinds: list[str]) -> None:
     """Remove what kinds of specialist an earlier run built for this cluster and this one did not."""
     kept = {name for kind in kinds for name in KIND_FILES[kind]}
@@ -323,7 +329,7 @@ def _example_bank(context: dg.AssetExecutionContext, config: FinetuneConfig, sto
     """Write (or keep, when its calls and settings are unchanged) one cluster's example bank: the
     base SLM with retrieved examples, a candidate that needs no training; its record."""
     key = cluster_key(choice["cluster_id"])
-    folder, record_path = store.adapters / key / "examples", store.adapters / key / "in_context.json"
+    folder, record_path = _kind_paths(store, key, encoders.IN_CONTEXT)
     fingerprint = incontext.bank_fingerprint(base_model, list(train["trace_id"]), config.in_context_shots)
     kept = read_json(record_path) if record_path.exists() and folder.exists() else None
     if kept and kept.get("fingerprint") == fingerprint:
@@ -359,7 +365,7 @@ def _encoder_specialist(context: dg.AssetExecutionContext, config: FinetuneConfi
     its training record. The learning curve is read on the earlier half of the held-out calls,
     where shadow evaluation calibrates (by default); the later, test half is never looked at."""
     key = cluster_key(choice["cluster_id"])
-    folder, record_path = store.adapters / key / "specialist", store.adapters / key / "encoder.json"
+    folder, record_path = _kind_paths(store, key, choice["kind"])
     settings = config.encoder_settings(choice["kind"])
     fingerprint = encoders.training_fingerprint(choice["kind"], choice["contract"], list(train["trace_id"]), settings)
     kept = read_json(record_path) if record_path.exists() and folder.exists() else None

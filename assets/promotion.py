@@ -148,25 +148,18 @@ def shadow_eval(context: dg.AssetExecutionContext, config: ShadowEvalConfig, pip
                 scored, summary = evaluate.evaluate_specialist(
                     encoders.Specialist(Path(record["adapter_dir"])), holdout, config.quality_floor, settings,
                     config.calibration_share, prices, threshold_confidence=threshold_confidence)
-            elif kind == encoders.IN_CONTEXT:
-                train = curated.loc[record["train_ids"]].reset_index(drop=True)  # for the answer budget
-                model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), None)
-                scored, summary = evaluate.evaluate_cluster(
-                    model, tokenizer, holdout, train, config.quality_floor, settings, config.calibration_share,
-                    prices, progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
-                    threshold_confidence=threshold_confidence,
-                    answer_format=structured.read_answer_format(Path(record["adapter_dir"])),
-                    examples=incontext.ExampleBank.load(Path(record["adapter_dir"])))
-            else:
-                train = curated.loc[record["train_ids"]].reset_index(drop=True)  # the in-context arm's examples
-                model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), Path(record["adapter_dir"]))
+            else:  # a generator: the base SLM with its LoRA adapter, or bare with its example bank
+                folder = Path(record["adapter_dir"])
+                # the answer budget, and the in-context arm's examples
+                train = curated.loc[record["train_ids"]].reset_index(drop=True)
+                bank = incontext.ExampleBank.load(folder) if kind == encoders.IN_CONTEXT else None
+                model, tokenizer = evaluate.load_adapter_model(Path(record["base_dir"]), None if bank else folder)
                 arms = dataclasses.replace(settings, shots=0) if record["cluster_id"] in in_context else settings
                 scored, summary = evaluate.evaluate_cluster(
                     model, tokenizer, holdout, train, config.quality_floor, arms, config.calibration_share, prices,
                     progress=lambda m, k=key: context.log.info(f"{k}: {m}"), judge=judge_endpoint.judge(),
-                    threshold_confidence=threshold_confidence,
-                    answer_format=structured.read_answer_format(Path(record["adapter_dir"])),
-                    instructions=read_instructions(Path(record["adapter_dir"])),
+                    threshold_confidence=threshold_confidence, answer_format=structured.read_answer_format(folder),
+                    instructions=read_instructions(folder), examples=bank,
                 )
             scored, summary = _keep_evaluation(kept_folder, key, fingerprint, scored, summary)
             pipeline_store.publish_folder(kept_folder, context.log.info)  # a pod lost later keeps it

@@ -48,11 +48,10 @@ def main() -> None:
     grammars = evaluate.call_grammars(model, tokenizer, found, calls)
     train_answers = [baseline_answer(r) for r in curated.loc[record["train_ids"]]["response_message"]]
     budget = evaluate.answer_token_budget(tokenizer, train_answers, 160)
-    tools = [t if isinstance(t, str) else None for t in calls["tools"]]
     for shots in [int(s) for s in args.shots.split(",")]:
         bank = incontext.ExampleBank.load(folder)
         bank.shots = shots
-        prompts = bank.prompts(list(calls["messages"]), tools, renders_tools(tokenizer))
+        prompts = bank.prompts(list(calls["messages"]), list(calls["tools"]), renders_tools(tokenizer))
         tokens = [len(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts]
         started = time.perf_counter()
         answers = evaluate.generate_answers(model, tokenizer, prompts, budget, len(prompts), grammars=grammars)

@@ -158,6 +158,11 @@ def chat_of_call(messages_json: str, tools_json: str | None, native_tools: bool 
     return Chat(messages, tools or None)
 
 
+def solved_call(messages_json: str, tools_json: str | None, response_json: str, native_tools: bool) -> tuple[Chat, dict]:
+    """A call's prompt with the answer the LLM gave: an example for an in-context prompt."""
+    return chat_of_call(messages_json, tools_json, native_tools), answer_message(json.loads(response_json), native_tools)
+
+
 def few_shot_prompt(prompt: Chat, examples: list[tuple[Chat, dict]]) -> Chat:
     """The prompt with solved calls as earlier turns: their messages, then the answer given."""
     system = [m for m in prompt.messages[:1] if m["role"] == "system"]

@@ -14,7 +14,6 @@ are not flattered by the choice.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -26,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.calls import (
-    Chat, SharedInstructions, answer_message, baseline_answer, chat_of_call, factor_out, render_prompt,
-    renders_tools, signature_parts,
+    Chat, SharedInstructions, baseline_answer, chat_of_call, factor_out, render_prompt,
+    renders_tools, signature_parts, solved_call,
 )
 from pipeline.incontext import ExampleBank
 from pipeline.judge import Judge
@@ -357,8 +356,7 @@ def prompts_of(calls: pd.DataFrame, native_tools: bool) -> list[Chat]:
 
 def solved_examples(calls: pd.DataFrame, native_tools: bool) -> list[tuple[Chat, dict]]:
     """Each call's prompt with the answer the LLM gave: examples for an in-context prompt."""
-    return [(chat_of_call(m, t, native_tools), answer_message(json.loads(r), native_tools))
-            for m, t, r in zip(calls["messages"], calls["tools"], calls["response_message"])]
+    return [solved_call(m, t, r, native_tools) for m, t, r in zip(calls["messages"], calls["tools"], calls["response_message"])]
 
 
 def mean_score(model, tokenizer, prompts: list[Chat], calls: pd.DataFrame, budget: int, batch_size: int,
@@ -521,9 +519,8 @@ def base_model_arms(model, tokenizer, calls: pd.DataFrame, train: pd.DataFrame, 
     native_tools = renders_tools(tokenizer)
     arms = {"base_zero_shot": prompts_of(calls, native_tools)}
     if settings.shots:  # 0: the base SLM with retrieved examples is measured as a kind of its own
-        tools = [t if isinstance(t, str) else None for t in calls["tools"]]
         arms["base_in_context"] = ExampleBank.of_calls(train, settings.shots).prompts(
-            list(calls["messages"]), tools, native_tools)
+            list(calls["messages"]), list(calls["tools"]), native_tools)
     with model.disable_adapter():
         return {arm: mean_score(model, tokenizer, arm_prompts, calls, budget, settings.batch_size, grammars)
                 for arm, arm_prompts in arms.items()}
@@ -544,8 +541,7 @@ def evaluate_cluster(
     solved calls of the bank most like it (`pipeline.incontext`), as the router would serve it."""
     if examples is not None:
         carried = [True] * len(holdout)
-        tools = [t if isinstance(t, str) else None for t in holdout["tools"]]
-        prompts = examples.prompts(list(holdout["messages"]), tools, renders_tools(tokenizer))
+        prompts = examples.prompts(list(holdout["messages"]), list(holdout["tools"]), renders_tools(tokenizer))
     else:
         factored, carried = factor_out(holdout, instructions or SharedInstructions())
         prompts = prompts_of(factored, renders_tools(tokenizer))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.calls import Chat, answer_message, chat_of_call, few_shot_prompt, signature_parts
+from pipeline.calls import Chat, chat_of_call, few_shot_prompt, signature_parts, solved_call
 from pipeline.structured import ANSWER_FORMAT_FILE, write_answer_format
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -66,7 +66,7 @@ class ExampleBank:
 
     @classmethod
     def load(cls, folder: Path) -> ExampleBank:
-        lines = [json.loads(line) for line in (Path(folder) / EXAMPLES_FILE).read_text().splitlines() if line.strip()]
+        lines = _examples(folder)
         spec = json.loads((Path(folder) / BANK_FILE).read_text()) if (Path(folder) / BANK_FILE).is_file() else {}
         return cls([e["messages"] for e in lines], [e.get("tools") for e in lines],
                    [e["response_message"] for e in lines], int(spec.get("shots", DEFAULT_SHOTS)))
@@ -81,14 +81,19 @@ class ExampleBank:
         similarity = (self._vectorizer.transform(requests) @ self._vectors.T).toarray()
         return [list(np.argsort(-row, kind="stable")[: self.shots]) for row in similarity]
 
-    def prompts(self, messages_json: list[str], tools_json: list[str | None], native_tools: bool) -> list[Chat]:
-        """Each call's prompt with its retrieved examples as earlier solved turns."""
+    def prompts(self, messages_json: list[str], tools_json: list, native_tools: bool) -> list[Chat]:
+        """Each call's prompt with its retrieved examples as earlier solved turns (a call's tools:
+        JSON, or anything else for none, as in a calls table)."""
         prompts = []
         for messages, tools, picks in zip(messages_json, tools_json, self.nearest(messages_json, tools_json)):
-            examples = [(chat_of_call(self.messages[i], self.tools[i], native_tools),
-                         answer_message(json.loads(self.responses[i]), native_tools)) for i in picks]
+            examples = [solved_call(self.messages[i], self.tools[i], self.responses[i], native_tools) for i in picks]
             prompts.append(few_shot_prompt(chat_of_call(messages, tools, native_tools), examples))
         return prompts
+
+
+def _examples(folder: Path) -> list[dict]:
+    """The solved calls of a bank folder, as written (`write_bank`)."""
+    return [json.loads(line) for line in (Path(folder) / EXAMPLES_FILE).read_text().splitlines() if line.strip()]
 
 
 def scrubbed_texts(folder: Path) -> list[str]:
@@ -96,12 +101,7 @@ def scrubbed_texts(folder: Path) -> list[str]:
     answer), for the same leak check as the curated calls. Tool definitions are the agent's own
     code, not a person's data, and are not scrubbed (a schema's `"default": "user@example.com"`
     is not a leak)."""
-    texts = []
-    for line in (Path(folder) / EXAMPLES_FILE).read_text().splitlines():
-        if line.strip():
-            example = json.loads(line)
-            texts += [example["messages"], example["response_message"]]
-    return texts
+    return [text for example in _examples(folder) for text in (example["messages"], example["response_message"])]
 
 
 def bank_fingerprint(base_model: str, train_ids: list[str], shots: int) -> str:
