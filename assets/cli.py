@@ -128,7 +128,13 @@ def replay_after_run(store: Store, limit: int) -> str:
 
 
 def _failure_reason(result) -> str:
-    """The error of the first failed step, without its traceback (that is in the logs above)."""
+    """Why the run stopped: the failed blocking checks, each with what it found, where and what
+    next (`assets.metadata.check_result`), or else the error of the first failed step, without its
+    traceback (that is in the logs above)."""
+    checks = [c for c in result.get_asset_check_evaluations() if not c.passed and c.blocking]
+    if checks:
+        return "\n".join(f"blocking check {c.check_name} on {c.asset_key.to_user_string()} failed: "
+                         f"{c.description or 'see its metadata in the Dagster UI'}" for c in checks)
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data.error is not None:
             error = event.step_failure_data.error

@@ -19,7 +19,7 @@ import pandas as pd
 
 from assets.data import curated_traces, task_clusters
 from assets.models import finetuned_adapters
-from assets.metadata import markdown_table
+from assets.metadata import check_result, markdown_table
 from assets.resources import JudgeEndpoint, PipelineStore
 from pipeline import encoders, evaluate, incontext, promote, rawzone, structured
 from pipeline.calls import exclusive_system_prompts, read_instructions
@@ -230,7 +230,13 @@ def holdout_never_trained_on(pipeline_store: PipelineStore) -> dg.AssetCheckResu
     trained = {i for r in _training_records(store) for i in r["train_ids"]}
     evaluated = set(predictions["trace_id"]) if len(predictions) else set()
     overlap = sorted(evaluated & trained)
-    return dg.AssetCheckResult(passed=not overlap, metadata={"evaluated": len(evaluated), "also_trained": len(overlap)})
+    return check_result(
+        overlap,
+        what="held-out calls that a specialist was also trained on",
+        next_step="the held-out split and the training records disagree (one of them is stale): materialize "
+                  "finetuned_adapters and shadow_eval again (`slm-convert run` does); if it fails again, report these call ids.",
+        evaluated=len(evaluated),
+    )
 
 
 class PromotionConfig(dg.Config):
@@ -294,7 +300,13 @@ def promoted_clusters_clear_the_floor(pipeline_store: PipelineStore) -> dg.Asset
     unproven = [cluster_key(d["cluster_id"]) for d in promoted
                 if promote.promotion_decision(evaluations.get((d["cluster_id"], d["kind"])), report["quality_floor"],
                                               evidence["min_holdout"], evidence["confidence"])[0] != promote.PROMOTED]
-    return dg.AssetCheckResult(passed=not unproven, metadata={"promoted": len(promoted), "without_the_evidence": unproven})
+    return check_result(
+        unproven,
+        what="clusters to be promoted that the current shadow evaluation does not clear at the floor",
+        next_step="the decisions are older than the shadow evaluation, or it was edited: materialize shadow_eval and "
+                  "promotion_decisions again (`slm-convert run` does).",
+        promoted=len(promoted),
+    )
 
 
 @dg.asset_check(asset=promotion_decisions, blocking=True,
@@ -308,7 +320,14 @@ def promoted_adapters_are_servable(pipeline_store: PipelineStore) -> dg.AssetChe
                 if (found := promote.specialist_problems(d.get("kind", encoders.GENERATIVE), Path(d["adapter_dir"]),
                                                          d["base_dir"], limits["max_lora_rank"],
                                                          limits["allow_extra_modules"]))}
-    return dg.AssetCheckResult(passed=not problems, metadata={"promoted": len(promoted), "problems": dg.MetadataValue.json(problems)})
+    return check_result(
+        problems,
+        what="specialists to be promoted that cannot be served",
+        next_step="fix what each problem names: retrain with a LoRA rank within `promotion_decisions.max_lora_rank` "
+                  "(or raise that limit to what your server allows), set `allow_extra_modules` if full weights are "
+                  "meant, or materialize finetuned_adapters again where files are missing.",
+        promoted=len(promoted),
+    )
 
 
 @dg.asset_check(asset=promotion_decisions, blocking=True,
@@ -319,7 +338,13 @@ def promoted_adapters_are_the_evaluated_ones(pipeline_store: PipelineStore) -> d
     evaluated = {key: s["adapter_hash"] for key, s in _evaluations_by_candidate(store).items()}
     changed = [cluster_key(d["cluster_id"]) for d in promoted
                if evaluated.get((d["cluster_id"], d["kind"])) != _adapter_hash(Path(d["adapter_dir"]))]
-    return dg.AssetCheckResult(passed=not changed, metadata={"promoted": len(promoted), "changed_since_evaluation": changed})
+    return check_result(
+        changed,
+        what="specialists to be promoted whose files changed after shadow evaluation",
+        next_step="something wrote to these specialists' folders after they were evaluated: materialize shadow_eval and "
+                  "promotion_decisions again (`slm-convert run` does) so that what is promoted is what was measured.",
+        promoted=len(promoted),
+    )
 
 
 @dg.asset(group_name=GROUP, deps=[promotion_decisions, curated_traces, task_clusters], kinds={"yaml"})

@@ -5,7 +5,9 @@ pattern recognizers for what agent logs leak beyond Presidio's defaults (API key
 numbers written as `(205) 638-4234`). Findings are replaced by typed placeholders such as
 `<EMAIL_ADDRESS>` with Presidio's anonymizer, in every message text and in every string value of
 tool-call arguments (which stay valid JSON). Each distinct text is analyzed once per run, spread
-over worker processes, and with a `FindingsCache` once across runs.
+over worker processes, and with a `FindingsCache` once across runs. A leak sweep then reads every
+scrubbed call for what still looks like personal data or a secret and sets such a call aside with
+its reason and the fields concerned, so that one false positive costs a call, not the night.
 """
 
 from __future__ import annotations
@@ -707,10 +709,15 @@ def unusable_reason(response_json: str, finish_reason: str | None, model: str | 
     return None
 
 
+# A removed call: why, the call kept in its place (duplicates), and where in it the sweep found
+# what looks like personal data (fields and kinds, never the text)
+REMOVED_COLUMNS = ["trace_id", "reason", "duplicate_of", "similarity", "where"]
+
+
 @dataclass
 class CurationResult:
     curated: pd.DataFrame  # scrubbed calls; `trainable` is False where feedback said the answer was wrong
-    removed: pd.DataFrame  # trace_id, reason, duplicate_of, similarity
+    removed: pd.DataFrame  # REMOVED_COLUMNS
     findings: dict[str, int]
     reused_texts: int = 0  # texts whose findings came from earlier runs (FindingsCache)
 
@@ -721,7 +728,8 @@ class CurationResult:
             "curated": len(self.curated),
             "exact_duplicates": int(reasons.get("exact duplicate", 0)),
             "near_duplicates": int(reasons.get("near duplicate", 0)),
-            "unusable": int(reasons.drop(list(duplicates), errors="ignore").sum()),
+            "unusable": int(reasons.drop([*duplicates, POSSIBLE_PERSONAL_DATA], errors="ignore").sum()),
+            "possible_personal_data": int(reasons.get(POSSIBLE_PERSONAL_DATA, 0)),
             "kept_out_of_training": int((~self.curated["trainable"]).sum()),
         }
 
@@ -738,9 +746,10 @@ def curate(
     cache: FindingsCache | None = None,
 ) -> CurationResult:
     """Filter unusable calls, drop exact and near duplicates (keeping the earliest), scrub what is
-    left. Calls whose answer the agent's feedback marked incorrect stay for evaluation but are
-    marked not trainable: a model must not learn a wrong answer. With a `cache`, texts analyzed
-    in earlier runs are not analyzed again."""
+    left, and set aside the scrubbed calls in which the leak sweep still finds something that
+    looks like personal data or a secret. Calls whose answer the agent's feedback marked incorrect
+    stay for evaluation but are marked not trainable: a model must not learn a wrong answer. With
+    a `cache`, texts analyzed in earlier runs are not analyzed again."""
     reasons = pd.Series(
         [unusable_reason(r, f, m) for r, f, m in zip(traces["response_message"], traces["finish_reason"], traces["model"])],
         index=traces.index,
@@ -751,18 +760,42 @@ def curate(
     scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold, cache=cache)
     curated = scrub_calls(duplicates.kept, scrubber, progress=progress)
     curated = curated.assign(trainable=curated["feedback"].fillna("") != "incorrect")
+    # what scrubbing left that still looks like personal data: the call is set aside, not the run
+    leaks = where_leaks_are(sweep_leaks(curated))
+    set_aside = curated[curated["trace_id"].isin(leaks)]
+    if progress and leaks:
+        progress(f"{len(leaks)} calls set aside: {POSSIBLE_PERSONAL_DATA} (their fields are in curation_removed)")
+    curated = curated[~curated["trace_id"].isin(leaks)].reset_index(drop=True)
 
     removed = pd.concat(
-        [unusable[["trace_id", "reason"]].assign(duplicate_of=None, similarity=None), duplicates.removed],
+        [
+            unusable[["trace_id", "reason"]].assign(duplicate_of=None, similarity=None),
+            duplicates.removed,
+            set_aside[["trace_id"]].assign(reason=POSSIBLE_PERSONAL_DATA, where=["; ".join(leaks[t]) for t in set_aside["trace_id"]]),
+        ],
         ignore_index=True,
-    )[["trace_id", "reason", "duplicate_of", "similarity"]]
+    ).reindex(columns=REMOVED_COLUMNS)
     return CurationResult(curated=curated, removed=removed, findings=dict(scrubber.findings), reused_texts=scrubber.reused)
 
 
-# Patterns a scrubbed table must never contain; the asset check scans for them on every run.
+# ---------------------------------------------------------------------------------------------
+# The leak sweep: what is left after scrubbing that still looks like personal data or a secret.
+#
+# Curation runs it on every scrubbed call and sets a flagged call aside (reason below, its place
+# given as call id and field, never the text); the blocking checks run it again as the invariant
+# that nothing it flags reaches a later stage. A run therefore never stops on a digit run that
+# merely looks like a card, and never goes on with one that is.
+
+POSSIBLE_PERSONAL_DATA = "possible personal data left after scrubbing"
+CARD_NUMBER = "card number"
+# Patterns a scrubbed text must not match. Card numbers are found by Presidio's own card
+# recognizer, not a looser digit pattern: issuer prefixes and lengths as the card networks define
+# them, separators, Luhn, and its rule that a 13-digit run starting with 1 is not a card (that is
+# an epoch timestamp in milliseconds). A run it validates scores 1.0, above anything its context
+# words could add, and one it does not validate is never a finding, so context cannot change
+# which card-like runs are reported.
 LEAK_PATTERNS = {
     "email address": regex.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
-    "card number": regex.compile(r"\b(?:\d[ -]?){13,16}\b"),
     "US phone number": regex.compile(US_PHONE_PATTERN),
     **{
         name: regex.compile(pattern, PATTERN_FLAGS)
@@ -770,25 +803,75 @@ LEAK_PATTERNS = {
         for name, pattern in patterns.items()
     },
 }
+LEAK_KINDS = (*LEAK_PATTERNS, CARD_NUMBER)
+_CARD_LENGTH_RUN = regex.compile(r"\d(?:[- ]?\d){12}")  # the fewest digits a card has: only these texts go to Presidio
+
+
+@functools.lru_cache(maxsize=1)
+def _card_recognizers() -> tuple:
+    """Presidio's card recognizer as the scrubber runs it: its own patterns and the Mastercard
+    2-series one, both validated by its checksum."""
+    from presidio_analyzer import Pattern
+    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
+
+    return (CreditCardRecognizer(), CreditCardRecognizer(
+        patterns=[Pattern("Mastercard 2-series", MASTERCARD_2_SERIES_PATTERN, 0.3)], name="Mastercard2SeriesRecognizer"))
+
+
+def leaks_in(text: str) -> list[str]:
+    """The kinds of personal data or secret (LEAK_KINDS) that a text still matches."""
+    found = [name for name, pattern in LEAK_PATTERNS.items() if pattern.search(text)]
+    if _CARD_LENGTH_RUN.search(text) and any(r.analyze(text, ["CREDIT_CARD"]) for r in _card_recognizers()):
+        found.append(CARD_NUMBER)
+    return found
 
 
 def find_leaks(texts: Iterable[str]) -> dict[str, int]:
-    """How many texts still match each known personal-data pattern.
-
-    Digit runs count as card numbers only when they pass the Luhn checksum (Presidio's own
-    validation), so arithmetic such as `11600-4000-4800` is not reported.
-    """
-    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
-
-    is_card = CreditCardRecognizer().validate_result
-    counts = {name: 0 for name in LEAK_PATTERNS}
+    """How many texts still match each kind of personal data or secret."""
+    counts = {name: 0 for name in LEAK_KINDS}
     for text in texts:
-        if not isinstance(text, str):
-            continue
-        for name, pattern in LEAK_PATTERNS.items():
-            matches = pattern.finditer(text)
-            if name == "card number":
-                matches = (m for m in matches if is_card(m.group(0)))
-            if any(True for _ in matches):
+        if isinstance(text, str):
+            for name in leaks_in(text):
                 counts[name] += 1
     return counts
+
+
+def _text_fields(value: Any, where: str) -> Iterable[tuple[str, str]]:
+    """(field, text) of every string and number in a call's JSON, named like
+    `messages[2].tool_calls[0].function.arguments.email`. Tool-call arguments are JSON inside a
+    string and are read as JSON: a number there is never scrubbed, and may still be a card."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _text_fields(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _text_fields(item, f"{where}[{i}]")
+    elif isinstance(value, str):
+        parsed = None
+        if where.endswith(".arguments"):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                pass
+        if isinstance(parsed, (dict, list)):
+            yield from _text_fields(parsed, where)
+        else:
+            yield where, value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield where, str(value)
+
+
+def sweep_leaks(calls: pd.DataFrame) -> pd.DataFrame:
+    """Where scrubbed calls still match a known personal-data or secret pattern: one row per call,
+    field and kind (trace_id, field, kind), never the text itself."""
+    rows = []
+    for trace_id, messages, response in zip(calls["trace_id"], calls["messages"], calls["response_message"]):
+        for column, value in (("messages", messages), ("response", response)):
+            for where, text in _text_fields(json.loads(value), column):
+                rows.extend((trace_id, where, kind) for kind in leaks_in(text))
+    return pd.DataFrame(rows, columns=["trace_id", "field", "kind"])
+
+
+def where_leaks_are(leaks: pd.DataFrame) -> dict[str, list[str]]:
+    """Each flagged call's fields and kinds, `field: kind`, by call id."""
+    return {str(trace_id): [f"{f}: {k}" for f, k in zip(rows["field"], rows["kind"])] for trace_id, rows in leaks.groupby("trace_id", sort=True)}

@@ -609,7 +609,8 @@ def format_summary(summary: dict) -> str:
         f"{raw['repeated_records']} already collected, {raw['files_unchanged']} files unchanged since the last run)",
         f"Curated: {curated['curated']} calls ({curated['exact_duplicates']} exact and {curated['near_duplicates']} near "
         f"duplicates and {curated['unusable']} unusable removed; {curated['kept_out_of_training']} kept out of training "
-        f"for negative feedback; {sum(curated['pii_findings'].values())} personal-data spans replaced)",
+        f"for negative feedback; {sum(curated['pii_findings'].values())} personal-data spans replaced; "
+        f"{curated.get('possible_personal_data', 0)} set aside as possibly holding personal data after scrubbing)",
         f"Task clusters: {counts['task_clusters']['clusters']} "
         f"({counts['task_clusters']['unclustered_calls']} calls unclustered, kept on the LLM)",
         "",

@@ -304,3 +304,50 @@ def test_findings_no_run_used_for_a_while_are_deleted(tmp_path):
     cache._db.commit()
     reopened = curate.FindingsCache(path, "key", settings, max_idle_days=30)
     assert reopened.lookup(["old text", "recent text"]) == {"recent text": [("PERSON", 0, 3, 0.85)]}
+
+
+# Digit runs that are not personal data, from real tool arguments and prose: epoch timestamps in
+# milliseconds (13 digits, many of which pass Luhn), arithmetic, order and tracking numbers.
+NOT_CARDS = ['{"_from": 1617176400000, "_to": 1617262800000}', "14000-3920-1000=9080", "order 1234567812345678",
+             "tracking 9400111899223344556677", "ref 2019-03-04 12:00:00", "call +1 (555) 01"]
+CARDS = ["card 4111 1111 1111 1111", "pay with 5555-5555-5555-4444", "amex 378282246310005", "mc 2223003122003222"]
+
+
+def test_the_leak_sweep_reports_cards_as_presidio_validates_them_and_not_timestamps_or_arithmetic():
+    assert [text for text in NOT_CARDS if curate.leaks_in(text)] == []
+    assert all(curate.leaks_in(text) == [curate.CARD_NUMBER] for text in CARDS)
+
+
+def _pair(trace_id: str, question: str, arguments: dict) -> str:
+    return json.dumps({
+        "id": trace_id, "created_at": "2026-11-02T10:00:00Z",
+        "request": {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]},
+        "response": {"choices": [{"finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "charge", "arguments": json.dumps(arguments)}}]}}]},
+    })
+
+
+def test_a_call_with_what_looks_like_personal_data_after_scrubbing_is_set_aside_with_its_field_and_the_rest_go_on(tmp_path):
+    from pipeline import ingest
+
+    landing = tmp_path / "calls.jsonl"
+    landing.write_text("\n".join([
+        # a card number logged as a JSON number: scrubbing reads strings, the sweep reads numbers too
+        _pair("card-as-number", "charge the order", {"card": 4111111111111111, "amount": 12}),
+        _pair("timestamps", "list the events of April", {"_from": 1617176400000, "_to": 1617262800000}),
+        _pair("arithmetic", "what is 14000-3920-1000?", {"expression": "14000-3920-1000=9080"}),
+    ]) + "\n")
+    traces = ingest.read_calls([landing]).traces
+    result = curate.curate(traces)
+    assert sorted(result.curated["trace_id"]) == ["arithmetic", "timestamps"]  # numbers intact
+    assert "1617176400000" in result.curated["response_message"].iloc[list(result.curated["trace_id"]).index("timestamps")]
+    set_aside = result.removed[result.removed["reason"] == curate.POSSIBLE_PERSONAL_DATA]
+    assert list(set_aside["trace_id"]) == ["card-as-number"]
+    # where, never what
+    assert list(set_aside["where"]) == ["response.tool_calls[0].function.arguments.card: card number"]
+    assert "4111" not in set_aside.to_json()
+    assert result.counts()["possible_personal_data"] == 1 and result.counts()["unusable"] == 0
+    assert result.counts()["curated"] + len(result.removed) == len(traces)
+    # the invariant the blocking check guards
+    assert curate.sweep_leaks(result.curated).empty
