@@ -15,6 +15,32 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # The `model` the router logs for a call one of its SLMs answered (`slm-router/cluster-2@v0003`):
 # curation keeps such calls out, so that no SLM is ever trained or judged on an SLM's answer.
 ROUTER_SLM_MODEL_PREFIX = "slm-router/"
+# The headers the router puts on every response (pipeline.router_service); `slm` means one of its
+# SLMs wrote the answer, whatever model the agent asked for.
+SERVED_BY_HEADER, ROUTE_HEADER, SERVED_BY_SLM = "x-slm-served-by", "x-slm-route", "slm"
+
+
+def _header(headers: dict, name: str) -> str | None:
+    """A header's value, its name matched without regard to case; OpenTelemetry records header
+    values as lists (`http.response.header.<name>`)."""
+    value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
+    value = value[0] if isinstance(value, list) and value else value
+    return value if isinstance(value, str) else None
+
+
+def answering_model(response_model: Any, response_headers: Any = None) -> str | None:
+    """Which model wrote a logged answer: the response's own `model`, or the router's route
+    (`slm-router/<route>`) where the logged response headers say an SLM served it."""
+    headers = response_headers if isinstance(response_headers, dict) else {}
+    if (_header(headers, SERVED_BY_HEADER) or "").lower() == SERVED_BY_SLM:
+        return ROUTER_SLM_MODEL_PREFIX + (_header(headers, ROUTE_HEADER) or "unknown route")
+    return response_model if isinstance(response_model, str) and response_model else None
+
+
+def answered_by_router(*models: Any) -> bool:
+    """Whether any of a call's model fields (the model asked for, the model that answered) is one
+    of the router's SLMs."""
+    return any(isinstance(m, str) and m.startswith(ROUTER_SLM_MODEL_PREFIX) for m in models)
 _TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 # Small models' chat templates rarely know about tools, so tools are described in the system

@@ -46,7 +46,8 @@ TRACE_SCHEMA = pa.schema(
         ("step_tag", pa.string()),  # the agent's own name for the step, where its logs carry one
         ("session_id", pa.string()),
         ("origin", pa.string()),  # JSON: the configured origin fields, pseudonymized
-        ("model", pa.string()),
+        ("model", pa.string()),  # the model the agent asked for
+        ("answered_by", pa.string()),  # the model that wrote the answer, where the log says (response model, router headers)
         ("messages", pa.string()),
         ("tools", pa.string()),
         ("response_message", pa.string()),

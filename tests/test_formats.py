@@ -151,3 +151,46 @@ def test_a_format_can_be_named_in_config_and_a_wrong_name_is_refused(tmp_path):
     assert planned[0].format == "canonical"
     with pytest.raises(ValueError, match="'langsmith' .* is not one of: canonical, openai_batch"):
         ingest.plan([renamed], ingest.IngestOptions(formats={"*.log": "langsmith"}))
+
+
+def _router_served_copies(tmp_path) -> dict[str, str]:
+    """The fixtures' calls, rewritten as an agent's logs record a call the router's SLM answered
+    (response model `slm-router/...`, or its `X-SLM-Served-By: slm` header); file name -> how."""
+    written = {}
+    chat = [json.loads(line) for line in (FORMATS / "openai_chat_multiturn.jsonl").read_text().splitlines()]
+    by_model, by_header, by_fallback = (json.loads(json.dumps(chat[0])) for _ in range(3))
+    by_model["response"]["model"] = "slm-router/intent@v0001"
+    by_header["response_headers"] = {"X-SLM-Served-By": "slm", "X-SLM-Route": "intent@v0002"}
+    by_fallback["response_headers"] = {"X-SLM-Served-By": "fallback"}  # the LLM answered: kept
+    for name, record in {"chat_model": by_model, "chat_header": by_header, "chat_fallback": by_fallback}.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({**record, "id": name}) + "\n")
+        written[name] = name
+    otel = json.loads((FORMATS / "otel_genai_spans.jsonl").read_text().splitlines()[0])
+    spans = otel["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    chat_span = next(s for s in spans if any(a["key"] == "gen_ai.operation.name" and a["value"]["stringValue"] == "chat"
+                                             for a in s["attributes"]))
+    chat_span["attributes"].append({"key": "http.response.header.x-slm-served-by",
+                                    "value": {"arrayValue": {"values": [{"stringValue": "slm"}]}}})
+    (tmp_path / "otel.jsonl").write_text(json.dumps(otel) + "\n")
+    written["otel"] = f"otel-{chat_span['traceId']}-{chat_span['spanId']}"
+    canonical = json.loads((FORMATS / "canonical.jsonl").read_text().splitlines()[0])
+    (tmp_path / "canonical.jsonl").write_text(json.dumps({**canonical, "trace_id": "canonical",
+                                                          "answered_by": "slm-router/booking@v0003"}) + "\n")
+    written["canonical"] = "canonical"
+    return written
+
+
+def test_calls_the_routers_slm_answered_are_recognized_in_the_agents_own_logs_and_kept_out(tmp_path):
+    from pipeline import curate
+
+    ids = _router_served_copies(tmp_path)
+    traces = ingest.read_calls(sorted(tmp_path.iterdir())).traces.set_index("trace_id")
+    assert traces.loc[ids["chat_model"], "answered_by"] == "slm-router/intent@v0001"
+    assert traces.loc[ids["chat_model"], "model"] == "gpt-4.1"  # what the agent asked for
+    assert traces.loc[ids["chat_header"], "answered_by"] == "slm-router/intent@v0002"
+    assert traces.loc[ids["otel"], "answered_by"] == "slm-router/unknown route"
+    reasons = {name: curate.unusable_reason(row["response_message"], row["finish_reason"], row["model"], row["answered_by"])
+               for name, row in ((name, traces.loc[i]) for name, i in ids.items())}
+    removed = "answered by the router's SLM, not the LLM"
+    assert reasons == {"chat_model": removed, "chat_header": removed, "chat_fallback": None, "otel": removed,
+                       "canonical": removed}

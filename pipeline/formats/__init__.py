@@ -22,6 +22,8 @@ from typing import Any, Iterator
 
 import orjson
 
+from pipeline.calls import answering_model
+
 
 class MalformedCall(ValueError):
     """A piece of a record that is not a usable LLM call; the message is the quarantine reason."""
@@ -84,6 +86,8 @@ def call_row(
     response_message: Any,
     tools: Any = None,
     model: Any = None,
+    answered_by: Any = None,
+    response_headers: Any = None,
     finish_reason: Any = None,
     prompt_tokens: Any = None,
     completion_tokens: Any = None,
@@ -96,7 +100,10 @@ def call_row(
     """One canonical call, checked the same way whatever format it came from.
 
     `messages` are OpenAI chat messages (roles system/user/assistant/tool, assistant
-    `tool_calls`), `response_message` is the assistant message answered. `context` holds the
+    `tool_calls`), `response_message` is the assistant message answered. `model` is the model the
+    agent asked for; `answered_by` the model the response names and `response_headers` the
+    response's HTTP headers, where the log has them: together they say whether the router's SLM
+    wrote the answer (`calls.answering_model`), which curation must keep out. `context` holds the
     record's scalar metadata; the collection step keeps only the configured origin fields of it,
     pseudonymized.
     """
@@ -117,6 +124,7 @@ def call_row(
         "called_at": called_at,
         "agent": agent if isinstance(agent, str) else None,
         "model": model if isinstance(model, str) else None,
+        "answered_by": answering_model(answered_by, response_headers),
         "messages": json_text(messages),
         "tools": json_text(tools) if tools else None,
         "response_message": json_text(response_message),

@@ -13,7 +13,7 @@ from pipeline.formats import Outcome, call_row, one_call, parse_time, require, s
 NAME = "canonical"
 ITEM_PATHS = ("item",)
 OPTIONAL = (
-    "tools", "model", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens",
+    "tools", "model", "answered_by", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens",
     "latency_ms", "agent", "feedback",
 )
 

@@ -77,6 +77,7 @@ def parse_generation(observation: dict, trace: dict) -> dict:
         tools=tools,
         response_message=_answer(observation.get("output")),
         model=observation.get("model"),
+        response_headers=metadata.get("response_headers"),
         prompt_tokens=usage.get("input", observation.get("promptTokens")),
         completion_tokens=usage.get("output", observation.get("completionTokens")),
         total_tokens=usage.get("total", observation.get("totalTokens")),

@@ -109,6 +109,7 @@ def parse(result: Any, request: dict | MalformedCall | None) -> dict:
         tools=request.get("tools"),
         response_message=choices[0].get("message"),
         model=request.get("model") or body.get("model"),
+        answered_by=body.get("model"),
         finish_reason=choices[0].get("finish_reason"),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),

@@ -2,7 +2,7 @@
 
     {"id", "created_at", "request": {"model", "messages", "tools"?, "user"?},
      "response": {"id", "created", "model", "choices": [{"message", "finish_reason"}], "usage"},
-     "latency_ms", "metadata": {"agent", "session_id", "feedback", ...}}
+     "latency_ms", "metadata": {"agent", "session_id", "feedback", ...}, "response_headers"?}
 
 Messages may be multi-turn histories with `tool` role messages and earlier assistant
 `tool_calls`; they are kept as logged. `created_at` may be missing when the response's `created`
@@ -50,6 +50,9 @@ def parse(record: Any) -> dict:
         tools=request.get("tools"),
         response_message=choice["message"],
         model=request.get("model"),
+        answered_by=response.get("model"),
+        # where the logging proxy kept the response's HTTP headers (the router says who served it)
+        response_headers=record.get("response_headers") or response.get("headers") or metadata.get("response_headers"),
         finish_reason=choice.get("finish_reason"),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),

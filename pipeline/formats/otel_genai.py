@@ -36,6 +36,7 @@ MESSAGE_EVENTS = {
 }
 # OTel spells the tool finish reason in the singular; the canonical table uses OpenAI's spelling
 FINISH_REASONS = {"tool_call": "tool_calls"}
+HEADER_ATTRIBUTE = "http.response.header."  # + the header's name in lower case (HTTP semantic conventions)
 
 
 def looks_like(record: Any) -> bool:
@@ -198,6 +199,9 @@ def parse_span(span: dict, resource: dict) -> dict:
         tools=openai_tools(_json(attrs.get("gen_ai.tool.definitions"), "gen_ai.tool.definitions")),
         response_message=answer,
         model=attrs.get("gen_ai.request.model") or attrs.get("gen_ai.response.model"),
+        answered_by=attrs.get("gen_ai.response.model"),
+        # HTTP headers as the semantic conventions record them, where header capture is on
+        response_headers={k.removeprefix(HEADER_ATTRIBUTE): v for k, v in attrs.items() if k.startswith(HEADER_ATTRIBUTE)},
         finish_reason=FINISH_REASONS.get(finish_reason, finish_reason),
         prompt_tokens=attrs.get("gen_ai.usage.input_tokens"),
         completion_tokens=attrs.get("gen_ai.usage.output_tokens"),
