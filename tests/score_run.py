@@ -1,9 +1,9 @@
 """Score a finished run's outputs against the sample's truth labels (never read by the pipeline).
 
-    .venv/bin/python -m tests.score_run [OUTPUT_DIR]     (default: output/)
+    .venv/bin/python -m tests.score_run [OUTPUT_DIR [DAGSTER_HOME]]     (default: output/ .dagster_home/)
 
 Prints what the README and the issue notes quote: malformed lines quarantined, canaries left in
-anything written after scrubbing, exact and near duplicates caught, distinct calls merged, the
+anything written after scrubbing and in the Dagster instance's storage, exact and near duplicates caught, distinct calls merged, the
 share of gold answers scrubbing left intact, clustering quality (adjusted Rand index and
 purity against the true step of each call), and per evaluated cluster the SLM's agreement with
 the logged answers and its accuracy against the datasets' gold answers next to the logged
@@ -169,7 +169,18 @@ def clustering_quality(assignments: pd.DataFrame, labels: dict) -> dict:
     }
 
 
-def score(output_dir: Path) -> dict:
+def instance_text(dagster_home: Path) -> str:
+    """Every event the Dagster instance keeps (logs, materialization and check metadata: examples,
+    removal records, check results) of every run, serialized, whatever its storage (SQLite files
+    or PostgreSQL)."""
+    import dagster as dg
+    from dagster_shared.serdes import serialize_value
+
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    return "\n".join(serialize_value(entry) for run in instance.get_runs() for entry in instance.all_logs(run.run_id))
+
+
+def score(output_dir: Path, dagster_home: Path | None = None) -> dict:
     labels = json.loads((FIXTURES / "labels.json").read_text())
     store = Store(output_dir)
     raw_stats = read_json(store.stats("raw_traces"))
@@ -192,6 +203,8 @@ def score(output_dir: Path) -> dict:
     ]
     text = "\n".join(written)
     canaries_left = [c for c in labels["canaries"] if c in text]
+    instance = instance_text(dagster_home) if dagster_home else ""
+    canaries_in_instance = [c for c in labels["canaries"] if c in instance]
 
     dropped = set(removed.loc[removed["reason"].isin(["exact duplicate", "near duplicate"]), "trace_id"])
     copies = {kind: {copy for _, copy in labels["dups"][kind]} for kind in ("exact", "near")}
@@ -202,6 +215,7 @@ def score(output_dir: Path) -> dict:
         "labelled_malformed_lines": labels["malformed_lines"],
         "canaries": len(labels["canaries"]),
         "canaries_left_after_scrubbing": len(canaries_left),
+        **({"canaries_left_in_dagster_instance": len(canaries_in_instance)} if dagster_home else {}),
         "exact_duplicates_caught": f"{len(copies['exact'] & dropped)}/{len(copies['exact'])}",
         "near_duplicates_caught": f"{len(copies['near'] & dropped)}/{len(copies['near'])}",
         "distinct_calls_merged": f"{len(dropped & distinct)}/{len(distinct)}",
@@ -213,4 +227,5 @@ def score(output_dir: Path) -> dict:
 
 if __name__ == "__main__":
     output = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "output"
-    print(json.dumps(score(output), indent=2))
+    home = Path(sys.argv[2]) if len(sys.argv) > 2 else REPO / ".dagster_home"
+    print(json.dumps(score(output, home if home.is_dir() else None), indent=2))

@@ -142,7 +142,9 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
     assert len(members) == len(set(members)) == summary["counts"]["curated_traces"]["curated"]
     assert summary["paths"]["router_config"] == str(registry / "router.yaml")
     # nothing written after scrubbing (tables, predictions, registry files) holds a canary
-    assert score_run.score(out)["canaries_left_after_scrubbing"] == 0
+    # nor does any event the Dagster instance keeps (metadata: examples, removals, check results)
+    scores = score_run.score(out, graph_run["dagster_home"])
+    assert scores["canaries_left_after_scrubbing"] == scores["canaries_left_in_dagster_instance"] == 0
 
     # Same data and settings: a rerun promotes new versions of the routes but trains nothing again,
     # and probes and evaluates nothing again (no model is loaded: the kept results are the same).
