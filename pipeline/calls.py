@@ -6,6 +6,7 @@ model is trained on exactly the text it is later asked and judged on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -208,16 +209,45 @@ def baseline_answer(response_json: str) -> str:
     return render_answer(json.loads(response_json))
 
 
-def signature_parts(messages_json: str, tools_json: str | None, max_chars: int = 600) -> tuple[str, str, str]:
+# A system prompt's segments: its lines, and the sentences of long lines.
+_SEGMENT_BREAK = re.compile(r"\n+|(?<=[.!?])\s+(?=[A-Z0-9<\"'(\[#*-])")
+
+
+def system_text(messages: list[dict]) -> str:
+    """A call's instructions: its system messages' text."""
+    return " ".join(content_text(m.get("content")) for m in messages if m.get("role") == "system")
+
+
+def instruction_segments(system: str) -> list[str]:
+    return [segment.strip() for segment in _SEGMENT_BREAK.split(system) if segment.strip()]
+
+
+def masked_digits(segment: str) -> str:
+    return re.sub(r"\d+", "0", segment)
+
+
+def segment_key(segment: str) -> str:
+    """A segment's identity, digits masked: `Today is 2026-10-01.` and `Today is 2026-11-02.`
+    are one segment (log-template miners mask numbers the same way)."""
+    return hashlib.sha256(masked_digits(segment).encode()).hexdigest()[:16]
+
+
+def signature_parts(messages_json: str, tools_json: str | None, max_chars: int = 600,
+                    step_segments: frozenset[str] | None = None) -> tuple[str, str, str]:
     """What a call asks for, in three parts: its instructions, its tools, its last request.
 
     Each part is cut short: the start of a system prompt says what the step is, and the
-    embedding model reads at most 256 tokens anyway.
+    embedding model reads at most 256 tokens anyway. With `step_segments` (the `segment_key`s
+    that `cluster.step_instruction_segments` found to tell steps apart), the instructions are
+    those segments alone: an agent's preamble shared by all its steps, and the values a call fills
+    in, say nothing of which step a call is, and would fill the embedding's window first.
     """
     messages = json.loads(messages_json)
-    system = " ".join(
-        content_text(m.get("content")) for m in messages if m.get("role") == "system"
-    )
+    system = system_text(messages)
+    if step_segments is not None:
+        segments = instruction_segments(system)
+        kept = [s for s in segments if segment_key(s) in step_segments]
+        system = " ".join(kept) if len(kept) < len(segments) else system
     users = [content_text(m.get("content")) for m in messages if m.get("role") == "user"]
     tools = json.loads(tools_json) if isinstance(tools_json, str) else []
     names = [t.get("function", {}).get("name", "") for t in tools if isinstance(t, dict)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.calls import baseline_answer, signature_parts
+from pipeline.calls import baseline_answer, instruction_segments, masked_digits, segment_key, signature_parts, system_text
 from pipeline.scoring import FREE_TEXT, answer_shape
 
 UNCLUSTERED = -1
@@ -96,9 +97,11 @@ class SignatureEmbeddings:
 
 
 def embed_signatures(
-    messages: list[str], tools: list[str | None], model_name: str = BUNDLED_EMBEDDER, signature: str = DEFAULT_SIGNATURE
+    messages: list[str], tools: list[str | None], model_name: str = BUNDLED_EMBEDDER, signature: str = DEFAULT_SIGNATURE,
+    step_segments: frozenset[str] | None = None,
 ) -> SignatureEmbeddings:
-    """Embed each distinct signature once, the way `signature` (a key of SIGNATURES) says."""
+    """Embed each distinct signature once, the way `signature` (a key of SIGNATURES) says, its
+    instructions only the `step_segments` where given (`step_instruction_segments`)."""
     if signature not in SIGNATURES:
         raise ValueError(f"unknown task signature {signature!r}; choose one of {sorted(SIGNATURES)}")
     index: dict[tuple[str, str, str], int] = {}
@@ -106,10 +109,85 @@ def embed_signatures(
     rows = np.empty(len(messages), dtype=np.int64)
     for i, raw in enumerate(zip(messages, tools)):
         if raw not in seen:
-            seen[raw] = index.setdefault(signature_parts(*raw), len(index))
+            seen[raw] = index.setdefault(signature_parts(*raw, step_segments=step_segments), len(index))
         rows[i] = seen[raw]
     parts = list(index)
     return SignatureEmbeddings(signature_vectors(parts, model_name, signature), rows, parts)
+
+
+# Two templates' calls are "the same", "inside" or "apart" up to this share of the smaller one:
+# scrubbing, a retried call or an odd prompt must not hide an agent's preamble.
+TEMPLATE_TOLERANCE = 0.02
+
+
+def _segment_templates(systems: list[str]) -> dict[str, int]:
+    """Each segment's template, by `segment_key`: Drain (drain3, the log-template miner) groups
+    segments that differ only in a few words, so that `Loyalty tier: gold.` and `Loyalty tier:
+    silver.` are one template, `Loyalty tier: <*>`, carried by every call."""
+    from drain3 import TemplateMiner
+    from drain3.template_miner_config import TemplateMinerConfig
+
+    config = TemplateMinerConfig()
+    config.profiling_enabled = False
+    miner = TemplateMiner(config=config)
+    template_of: dict[str, int] = {}
+    for system in systems:
+        for segment in instruction_segments(system):
+            key = segment_key(segment)
+            if key not in template_of:
+                template_of[key] = miner.add_log_message(masked_digits(segment))["cluster_id"]
+    return template_of
+
+
+def step_instruction_segments(messages: list[str], min_calls: int) -> frozenset[str] | None:
+    """The `segment_key`s of the instruction segments that tell an agent's steps apart, or None
+    when no template is shared by several steps (then a call's whole instructions are its
+    signature's, as they are for the bundled sample).
+
+    Segments (lines and sentences of the system prompt) are grouped into templates as a log
+    miner groups log lines (`_segment_templates`); a template at least `min_calls` calls carry is
+    an instruction, a rarer one a value that a call fills in, left out. An instruction is not a
+    step's own when
+    - among the templates that (nearly) only ever appear with it, two never appear together: an
+      agent's preamble is carried by the calls of its intent step and by those of its extraction
+      step, whose instructions never meet; so is `Today is <date>.`;
+    - or it appears with two larger templates that never appear together: a policy excerpt that
+      retrieval puts into calls of the intent step and into calls of the extraction step.
+    A step's own instruction is larger than what varies inside it, and holds no two such parts."""
+    calls_of = Counter(system_text(json.loads(m)) for m in messages)
+    systems = list(calls_of)
+    template_of = _segment_templates(systems)
+    templates_in = [{template_of[segment_key(s)] for s in instruction_segments(system)} for system in systems]
+    carried = Counter(t for system, found in zip(systems, templates_in) for t in found for _ in range(calls_of[system]))
+    templates = sorted(t for t, n in carried.items() if n >= min_calls)
+    if len(templates) < 3:
+        return None
+    column = {t: i for i, t in enumerate(templates)}
+    cells = [(r, column[t]) for r, found in enumerate(templates_in) for t in found if t in column]
+    from scipy import sparse
+
+    carries = sparse.csr_matrix((np.ones(len(cells)), tuple(zip(*cells))), shape=(len(systems), len(templates)))
+    weighted = sparse.diags(np.array([calls_of[system] for system in systems], dtype=float)) @ carries
+    together = (carries.T @ weighted).toarray()  # calls carrying both templates
+    size = np.diag(together)
+    tolerance = TEMPLATE_TOLERANCE
+
+    def two_apart(parts: np.ndarray) -> bool:
+        if len(parts) < 2:
+            return False
+        return bool((together[np.ix_(parts, parts)] <= tolerance * np.minimum.outer(size[parts], size[parts])).any())
+
+    not_steps = set()
+    for t in range(len(templates)):
+        same = together[t] >= (1 - tolerance) * size[t]  # carried by (nearly) all of t's calls
+        inside = (together[t] >= (1 - tolerance) * size) & ~same  # (nearly) all their calls carry t
+        meets_larger = (together[t] > tolerance * size[t]) & (size > size[t]) & ~same
+        if two_apart(np.flatnonzero(inside)) or two_apart(np.flatnonzero(meets_larger)):
+            not_steps.add(templates[t])
+    if not not_steps:
+        return None
+    steps = set(templates) - not_steps
+    return frozenset(key for key, t in template_of.items() if t in steps)
 
 
 def signature_vectors(
@@ -448,7 +526,11 @@ def cluster_calls(
     make the clusters and the embeddings' disagreements with them are reported (`tag_report`).
     """
     say = progress or (lambda message: None)
-    signatures = embed_signatures(list(curated["messages"]), list(curated["tools"]), model_name, signature)
+    # where several steps share instructions (an agent's preamble), a signature keeps each step's own
+    step_segments = step_instruction_segments(list(curated["messages"]), min_cluster_size or default_min_cluster_size(len(curated)))
+    if step_segments is not None:
+        say(f"instructions shared by several steps found: signatures keep the {len(step_segments)} segments that tell steps apart")
+    signatures = embed_signatures(list(curated["messages"]), list(curated["tools"]), model_name, signature, step_segments)
     vectors, rows, counts = signatures.vectors, signatures.rows, signatures.counts
     say(f"embedded {len(vectors)} distinct task signatures of {len(curated)} calls")
 
@@ -521,7 +603,8 @@ def cluster_calls(
                 "centroid": [round(float(x), 6) for x in centroids[cluster_id]],
                 # the router's match rule: a new call belongs here when its cosine similarity to
                 # the centroid is at least this (the rule unclustered calls were attached by)
-                "match_embedding": {"model": model_name, "signature": signature},
+                "match_embedding": {"model": model_name, "signature": signature,
+                                    **({"step_segments": sorted(step_segments)} if step_segments is not None else {})},
                 "match_min_similarity": round(admission_similarity(
                     vectors[member_rows] @ _unit(centroids[cluster_id]),
                     np.bincount(rows[members], minlength=len(vectors))[member_rows]), 6),

@@ -61,6 +61,9 @@ routes:                           # one per promoted task cluster
       min_similarity: 0.41        # is at least this (nearest route wins)
       embedding_model: "bundled:all-MiniLM-L6-v2"   # the embedding clustering used
       signature: weighted_parts   # and its task signature (pipeline.cluster.SIGNATURES)
+      step_segments: [9c0d...]    # only where the agent's steps share instructions (a preamble): the
+                                  # segment keys of the instructions that tell its steps apart, the
+                                  # only ones its signature reads (pipeline.cluster.step_instruction_segments)
       system_prompts: [3f9a0c1d2e4b5a67]   # or, before any embedding: a call whose system prompt
                                   # has one of these keys (pipeline.calls.system_prompt_key; each carried
                                   # in training data only by this cluster's calls) belongs to the route
@@ -285,6 +288,7 @@ def router_entry(registry: Path, name: str, version: str) -> dict:
         "match": {"centroid": route["centroid"], "min_similarity": route["min_similarity"],
                   "embedding_model": embedding.get("model", DEFAULT_MATCH_EMBEDDING["model"]),
                   "signature": embedding.get("signature", DEFAULT_MATCH_EMBEDDING["signature"]),
+                  **({"step_segments": embedding["step_segments"]} if embedding.get("step_segments") is not None else {}),
                   "system_prompts": route.get("system_prompts", [])},
         "base_model": route["base_model"],
         "base_model_path": route["base_model_path"],

@@ -69,6 +69,8 @@ class Route:
     instructions: frozenset[str] = frozenset()  # encoder specialists: the instructions_key values it serves
     shared: SharedInstructions = SharedInstructions()  # generative: the instructions its adapter was trained without
     system_prompts: frozenset[str] = frozenset()  # keys of the system prompts only this route's cluster carried
+    # the instruction segments its signature keeps, where steps share a preamble (cluster.step_instruction_segments)
+    step_segments: frozenset[str] | None = None
 
     @property
     def key(self) -> str:
@@ -168,9 +170,9 @@ class RouteTable:
         owner = self.by_system_prompt.get(system_prompt_key(messages_json))
         if owner is not None:
             return Match(owner, 1.0, owner.name, by_system_prompt=True)
-        parts = signature_parts(messages_json, tools_json)
         best: tuple[float, Route] | None = None
-        for (model_name, signature), routes in _by_embedding(self.routes).items():
+        for (model_name, signature, step_segments), routes in _by_embedding(self.routes).items():
+            parts = signature_parts(messages_json, tools_json, step_segments=step_segments)
             vector = cluster.signature_vectors([parts], model_name, signature, embed=embeddings.embed)[0]
             for route in routes:
                 similarity = float(vector @ route.centroid)
@@ -181,10 +183,10 @@ class RouteTable:
         return Match(admitted, similarity, nearest.name)
 
 
-def _by_embedding(routes: tuple[Route, ...]) -> dict[tuple[str, str], list[Route]]:
-    groups: dict[tuple[str, str], list[Route]] = {}
+def _by_embedding(routes: tuple[Route, ...]) -> dict[tuple[str, str, frozenset[str] | None], list[Route]]:
+    groups: dict[tuple[str, str, frozenset[str] | None], list[Route]] = {}
     for route in routes:
-        groups.setdefault((route.embedding_model, route.signature), []).append(route)
+        groups.setdefault((route.embedding_model, route.signature, route.step_segments), []).append(route)
     return groups
 
 
@@ -228,6 +230,7 @@ def _route(registry: Path, entry: dict) -> Route:
         instructions=instructions,
         shared=shared,
         system_prompts=frozenset(match.get("system_prompts") or []),
+        step_segments=frozenset(match["step_segments"]) if match.get("step_segments") is not None else None,
     )
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -6,6 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from pipeline import cluster
+from pipeline.calls import signature_parts
 from tests.conftest import FORMATS
 
 
@@ -186,3 +188,58 @@ def test_step_tags_are_read_from_the_configured_metadata_field(tmp_path):
     assert ingest.read_calls(files).traces["step_tag"].tolist() == ["classify_intent"]
     custom = ingest.IngestOptions(step_tag_fields=("phase",))
     assert ingest.read_calls(files, custom).traces["step_tag"].tolist() == ["triage"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Production-style prompts (tests/production_prompts.py): one long agent preamble before every
+# step's instruction, filled-in variables, retrieved excerpts, conversation history, and two steps
+# over the same messages with different label sets
+
+
+def _production(ingested, labels, exclude=(), **options) -> pd.DataFrame:
+    from tests.production_prompts import production_calls
+
+    steps = {i: r["step"] for i, r in labels["records"].items() if i not in set(exclude)}
+    return production_calls(ingested.traces, steps, **options)
+
+
+@pytest.mark.parametrize("preamble_tokens", [300, 2000])
+def test_steps_behind_a_long_shared_preamble_are_told_apart_and_each_step_stays_whole(ingested, labels, preamble_tokens):
+    from tests.production_prompts import TRUE_STEP
+
+    calls = _production(ingested, labels, per_step=60, preamble_tokens=preamble_tokens, history_share=0.3)
+    result = cluster.cluster_calls(calls, use_step_tags=False)
+    assert adjusted_rand_score(calls[TRUE_STEP], result.assignments["cluster_id"]) >= 0.9
+    assert len(result.clusters) == 5  # the triage step is not the intent step, though it reads the same messages
+    # what a signature reads of the instructions: the step's own, not the preamble or the filled-in values
+    step_segments = frozenset(result.clusters[0]["match_embedding"]["step_segments"])
+    intent = calls[calls[TRUE_STEP] == "classify_intent"].iloc[0]
+    instructions = signature_parts(intent["messages"], intent["tools"], step_segments=step_segments)[0]
+    assert instructions.startswith("List every intent expressed in the guest's message")
+    assert "Section 1." not in instructions and "Today is" not in instructions and "Loyalty tier" not in instructions
+
+
+def test_the_sample_has_no_preamble_shared_by_steps_so_signatures_read_whole_prompts(ingested, clustering):
+    assert cluster.step_instruction_segments(list(ingested.traces["messages"]), 15) is None
+    assert all("step_segments" not in c["match_embedding"] for c in clustering.clusters)
+
+
+def test_the_router_places_new_production_style_calls_by_their_step_instruction(ingested, labels):
+    from pipeline.router import EmbeddingCache, Route, RouteTable
+    from tests.production_prompts import TRUE_STEP
+
+    calls = _production(ingested, labels, per_step=60, preamble_tokens=1000)
+    result = cluster.cluster_calls(calls, use_step_tags=False)
+    step_of = calls.assign(cluster_id=result.assignments["cluster_id"]).groupby("cluster_id")[TRUE_STEP].agg(pd.Series.mode)
+    routes = tuple(Route(name=step_of[c["cluster_id"]], version="v0001", label=c["label"],
+                         centroid=np.asarray(c["centroid"], dtype=np.float32) / np.linalg.norm(c["centroid"]),
+                         min_similarity=c["match_min_similarity"],
+                         embedding_model=c["match_embedding"]["model"], signature=c["match_embedding"]["signature"],
+                         base_model_path="unused", adapter_dir=Path("unused"), threshold=0.5, max_new_tokens=8,
+                         step_segments=frozenset(c["match_embedding"]["step_segments"])) for c in result.clusters)
+    table = RouteTable(1, routes, {})
+    # calls never clustered: other messages, other dates, tiers, excerpts and histories
+    new = _production(ingested, labels, exclude=set(calls["trace_id"]), per_step=8, preamble_tokens=1000, seed=7)
+    embeddings = EmbeddingCache()
+    matched = [table.match(m, t, embeddings) for m, t in zip(new["messages"], new["tools"])]
+    assert [m.route.name if m.route else None for m in matched] == list(new[TRUE_STEP])
