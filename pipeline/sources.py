@@ -1,8 +1,8 @@
-"""Reading landing files safely: gzip, sealed or plain, JSON lines or one JSON document, in bounded memory.
+"""Reading landing files safely: gzip, zstd, sealed or plain, JSON lines or one JSON document, in bounded memory.
 
 A landing file yields *records*: decoded JSON values with the place they came from (a line
 number, or an item number inside a document). Whatever cannot become a record (an empty line,
-invalid UTF-8, broken JSON, a line over the size limit, a corrupt gzip stream, a file that is not
+invalid UTF-8, broken JSON, a line over the size limit, a corrupt gzip or zstd stream, a file that is not
 JSON at all) yields a `Rejected` with the reason instead; nothing raises and nothing is skipped
 without a trace.
 """
@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import orjson
+import zstandard
 
 GZIP_MAGIC = b"\x1f\x8b"
+# zstd frames, as the OpenTelemetry Collector's file exporter writes them with `compression: zstd`
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# what reading a damaged compressed stream raises: gzip's BadGzipFile is an OSError, a truncated
+# gzip stream raises EOFError, zlib and zstd their own errors
+CORRUPT_STREAM = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 # How a Fernet token starts (version byte 0x80, then a timestamp's zero high bytes, in base64).
 SEALED_MAGIC = b"gAAAAA"
 # A single logged call is rarely above 1 MB (128k tokens of text is about 0.5 MB); 16 MB leaves
@@ -75,15 +81,53 @@ def open_raw(path: Path) -> BinaryIO:
 
 
 def open_binary(path: Path) -> BinaryIO:
-    """The file's bytes, by content, not by name: decompressed on the fly when gzip, decrypted
+    """The file's bytes, by content, not by name: decompressed on the fly when gzip or zstd, decrypted
     when sealed with the raw zone's key (slm-router writes its trace log sealed so)."""
     with open_raw(path) as f:
         head = f.read(len(SEALED_MAGIC))
     if head.startswith(GZIP_MAGIC):
         return gzip.open(path, "rb")
+    if head.startswith(ZSTD_MAGIC):
+        return io.BufferedReader(_ZstdFrames(open(path, "rb")))
     if head == SEALED_MAGIC:
         return io.BytesIO(_unsealed(path))  # sealed files are closed every 1,000 calls: small
     return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a file of zstd frames, one after another (the collector's file
+    exporter compresses each write on its own), raising ZstdError where the file ends inside a
+    frame: a truncated file is reported, not read as if it were whole."""
+
+    def __init__(self, compressed: BinaryIO):
+        self._compressed, self._frame = compressed, zstandard.ZstdDecompressor().decompressobj()
+        self._pending, self._offset, self._in_frame = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset >= len(self._pending):
+            self._pending, self._offset = b"", 0
+            chunk = self._compressed.read(_READ_CHUNK)
+            if not chunk:
+                if self._in_frame:
+                    raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._frame.decompress(chunk)
+                chunk = b""
+                if self._frame.eof:  # a frame ended: the rest of the chunk starts the next one
+                    chunk, self._frame, self._in_frame = self._frame.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
+        self._offset += size
+        return size
+
+    def close(self) -> None:
+        self._compressed.close()
+        super().close()
 
 
 def _unsealed(path: Path) -> bytes:
@@ -147,7 +191,7 @@ def sniff_layout(path: Path) -> str:
             head = stream.read(64 * 1024)
     except (SealedFileError, UnreadableLandingFile):
         raise
-    except (OSError, EOFError, zlib.error):
+    except CORRUPT_STREAM:
         return "not-json"
     lines = [line.strip() for line in head.split(b"\n")]
     json_lines = [line for line in lines if line[:1] in (b"{", b"[")]
@@ -173,7 +217,7 @@ def _is_json(raw: bytes) -> bool:
 
 
 def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record | Rejected]:
-    """Every line of a JSON-lines file (plain or gzip) as a Record or a Rejected."""
+    """Every line of a JSON-lines file (plain, gzip or zstd) as a Record or a Rejected."""
     line_number = 0
     try:
         with open_binary(path) as stream:
@@ -193,8 +237,7 @@ def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
         yield Rejected(0, str(err))
     except UnreadableLandingFile:
         raise
-    except (OSError, EOFError, zlib.error) as err:
-        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError
+    except CORRUPT_STREAM as err:
         yield Rejected(line_number + 1, f"compressed stream is corrupt or truncated ({err})")
 
 
@@ -218,7 +261,7 @@ def read_document(path: Path, item_paths: tuple[str, ...]) -> Iterator[Record | 
             return
         except UnreadableLandingFile:
             raise
-        except (OSError, EOFError, zlib.error) as err:
+        except CORRUPT_STREAM as err:
             yield Rejected(count + 1, f"compressed stream is corrupt or truncated ({err})")
             return
         if count:

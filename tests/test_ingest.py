@@ -120,6 +120,23 @@ def test_a_gzip_file_is_read_and_a_truncated_one_quarantined_where_it_breaks(tmp
     assert last["source_line"] > len(cut.traces)
 
 
+def test_a_zstd_file_of_many_frames_is_read_and_a_truncated_one_quarantined_where_it_breaks(tmp_path):
+    import zstandard
+
+    lines = (LANDING / "traces-2026-10-03.jsonl").read_bytes().splitlines(keepends=True)
+    # the collector's file exporter compresses each write on its own: a file of many zstd frames
+    packed = b"".join(zstandard.ZstdCompressor().compress(b"".join(lines[i:i + 25])) for i in range(0, len(lines), 25))
+    (tmp_path / "otel-export.json.zst").write_bytes(packed)
+    (tmp_path / "otel-export-cut").write_bytes(packed[: len(packed) // 2])
+    plain = ingest.read_calls([LANDING / "traces-2026-10-03.jsonl"])
+    whole = ingest.read_calls([tmp_path / "otel-export.json.zst"])
+    assert list(whole.traces["trace_id"]) == list(plain.traces["trace_id"])
+    assert len(whole.quarantine) == len(plain.quarantine)
+    cut = ingest.read_calls([tmp_path / "otel-export-cut"])
+    assert 0 < len(cut.traces) < len(plain.traces)
+    assert cut.quarantine.iloc[-1]["reason"].startswith("compressed stream is corrupt or truncated")
+
+
 def test_a_50_mb_line_is_quarantined_in_bounded_memory_and_the_file_goes_on(tmp_path):
     good = (LANDING / "traces-2026-10-01.jsonl").read_bytes().splitlines()
     path = tmp_path / "huge.jsonl"

@@ -75,7 +75,7 @@ def _ingest_bytes(payload: bytes, name: str = "landing.jsonl") -> ingest.IngestR
 # A file is read by its content: one that starts with gzip's or a sealed file's magic bytes is read
 # as such, and quarantined whole when it is not one (tests/test_ingest.py); plain logs here.
 plain_log_files = st.lists(log_lines, min_size=1, max_size=8).filter(
-    lambda lines: not lines[0].startswith((sources.GZIP_MAGIC, sources.SEALED_MAGIC)))
+    lambda lines: not lines[0].startswith((sources.GZIP_MAGIC, sources.ZSTD_MAGIC, sources.SEALED_MAGIC)))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
