@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pipeline import calls, ingest
+from pipeline.formats import otel_genai
 from tests.conftest import FORMATS
 
 
@@ -19,7 +20,7 @@ def _call(result, trace_id) -> dict:
 
 
 def test_every_fixture_is_detected_as_its_format():
-    planned = {f.path.name: f.format for f in ingest.plan(sorted(p for p in FORMATS.iterdir() if p.suffix != ".md"))}
+    planned = {f.path.name: f.format for f in ingest.plan(sorted(p for p in FORMATS.iterdir() if p.suffix not in (".md", ".py")))}
     assert planned == {
         "batch_2026-10-08_input.jsonl": "openai_batch_input",
         "batch_2026-10-08_output.jsonl": "openai_batch",
@@ -28,6 +29,8 @@ def test_every_fixture_is_detected_as_its_format():
         "langfuse_traces.jsonl": "langfuse",
         "openai_chat_multiturn.jsonl": "openai_chat",
         "otel_genai_export.json": "otel_genai",
+        "otel_genai_logs.jsonl": "otel_genai",
+        "otel_genai_logs_no_content.jsonl": "otel_genai",
         "otel_genai_spans.jsonl": "otel_genai",
     }
 
@@ -93,10 +96,33 @@ def test_otel_genai_spans_from_attributes_and_from_events():
     assert json.loads(legacy["response_message"]) == {"role": "assistant", "content": "late_checkout"}
     assert legacy["session_id"] == "sess-ev-9"
 
-    assert result.stats.skipped == {"invoke_agent span": 1, "execute_tool span": 1, "non-GenAI span": 1}
-    reasons = sorted(result.quarantine["reason"])
-    assert reasons[0].startswith("span b7ad6b7169203332: span status is ERROR: Request timed out")
-    assert "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT" in reasons[1]
+    assert result.stats.skipped == {"invoke_agent span": 1, "execute_tool span": 1, "non-GenAI span": 1,
+                                    otel_genai.SPAN_WITHOUT_CONTENT: 1}
+    assert list(result.quarantine["reason"]) == ["span b7ad6b7169203332: span status is ERROR: Request timed out."]
+
+
+def test_otel_content_sent_as_log_records_by_the_official_openai_instrumentation_makes_one_call_per_span():
+    result = _read("otel_genai_logs.jsonl")
+    assert result.stats.skipped == {otel_genai.SPAN_WITHOUT_CONTENT: 2}  # the spans: their log records hold the calls
+    assert len(result.quarantine) == 0 and len(result.traces) == 2
+    spans = [s for line in (FORMATS / "otel_genai_logs.jsonl").read_text().splitlines() if "resourceSpans" in line
+             for r in json.loads(line)["resourceSpans"] for scope in r["scopeSpans"] for s in scope["spans"]]
+    # each call is named by its span, as a span with content would be
+    assert set(result.traces["trace_id"]) == {f"otel-{s['traceId']}-{s['spanId']}" for s in spans}
+    intent = result.traces[result.traces["finish_reason"] == "stop"].iloc[0]
+    assert json.loads(intent["messages"]) == [
+        {"role": "system", "content": "You are the intent tagger of the Harbor Hotels concierge agent."},
+        {"role": "user", "content": "I want to change my booking"}]
+    assert json.loads(intent["response_message"]) == {"role": "assistant", "content": "booking, change"}
+    assert intent["agent"] == "concierge-agent"
+    tool = result.traces[result.traces["finish_reason"] == "tool_calls"].iloc[0]
+    assert json.loads(tool["response_message"])["tool_calls"][0]["function"]["name"] == "get_opening_hours"
+
+
+def test_otel_log_records_without_content_are_quarantined_with_the_setting_that_captures_it():
+    result = _read("otel_genai_logs_no_content.jsonl")
+    assert len(result.traces) == 0 and len(result.quarantine) == 2
+    assert all("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true" in r for r in result.quarantine["reason"])
 
 
 def test_a_pretty_printed_otlp_document_is_streamed_and_adds_nothing_twice():

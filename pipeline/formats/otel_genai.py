@@ -14,6 +14,14 @@ Content is read from either place the GenAI semantic conventions have put it:
   `gen_ai.content.completion` with `gen_ai.prompt` / `gen_ai.completion` attributes.
 Model, token usage, finish reasons and the response id come from the `gen_ai.*` attributes; the
 agent from `gen_ai.agent.name` or the resource's `service.name`.
+
+The official OpenAI instrumentation (opentelemetry-instrumentation-openai-v2) sends the content as
+log records instead, the same events with their fields in the body: an OTLP
+`ExportLogsServiceRequest` (`{"resourceLogs": [{"resource", "scopeLogs": [{"logRecords": [...]}]}]}`),
+which the Collector's file exporter writes beside the spans. The log records of one span
+(`traceId`, `spanId`) make one call, with the id its span would give it; that span, which then
+carries no content, is counted and passed over ("chat span without content"). Logged without
+content (capture off), the calls are quarantined with the setting that turns it on.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any, Iterator
 from pipeline.formats import MalformedCall, Outcome, call_row, one_call, require
 
 NAME = "otel_genai"
-ITEM_PATHS = ("resourceSpans.item",)
+ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item")
 CALL_OPERATIONS = {"chat", "text_completion", "generate_content"}
 MESSAGE_EVENTS = {
     "gen_ai.system.message": "system",
@@ -37,10 +45,14 @@ MESSAGE_EVENTS = {
 # OTel spells the tool finish reason in the singular; the canonical table uses OpenAI's spelling
 FINISH_REASONS = {"tool_call": "tool_calls"}
 HEADER_ATTRIBUTE = "http.response.header."  # + the header's name in lower case (HTTP semantic conventions)
+CAPTURE_HINT = ("turn on content capture in the instrumentation, e.g. OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true")
+# a chat span whose content went to log records (or nowhere, with capture off); its log records make the call
+SPAN_WITHOUT_CONTENT = "chat span without content (its log records hold the call, or content capture is off)"
 
 
 def looks_like(record: Any) -> bool:
-    return isinstance(record, dict) and isinstance(record.get("resourceSpans"), list)
+    return isinstance(record, dict) and (isinstance(record.get("resourceSpans"), list)
+                                         or isinstance(record.get("resourceLogs"), list))
 
 
 def any_value(value: Any) -> Any:
@@ -138,12 +150,16 @@ def _from_attributes(attrs: dict) -> tuple[list, dict | None, str | None]:
 
 
 def _from_events(events: list) -> tuple[list, dict | None, str | None]:
+    """A span's events."""
+    named = [(e.get("name"), attributes(e.get("attributes"))) for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+    return _from_named_events(named)
+
+
+def _from_named_events(named: list[tuple[Any, dict]]) -> tuple[list, dict | None, str | None]:
+    """Messages, answer and finish reason from GenAI events, each a name and its fields."""
     messages: list[dict] = []
     answer, finish_reason = None, None
-    for event in events if isinstance(events, list) else []:
-        if not isinstance(event, dict):
-            continue
-        name, attrs = event.get("name"), attributes(event.get("attributes"))
+    for name, attrs in named:
         if name in MESSAGE_EVENTS:
             message = {"role": attrs.get("role", MESSAGE_EVENTS[name]), "content": attrs.get("content")}
             if attrs.get("tool_calls"):
@@ -183,8 +199,7 @@ def parse_span(span: dict, resource: dict) -> dict:
         messages, answer, finish_reason = _from_events(span.get("events"))
     require(
         bool(messages) or answer is not None,
-        "span has no prompt or completion content (turn on content capture in the instrumentation, "
-        "e.g. OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)",
+        f"span has no prompt or completion content ({CAPTURE_HINT})",
     )
     require(answer is not None, "span has no completion content")
     start, end = _nanos(span.get("startTimeUnixNano")), span.get("endTimeUnixNano")
@@ -213,9 +228,9 @@ def parse_span(span: dict, resource: dict) -> dict:
 
 def outcomes(record: Any, source) -> Iterator[Outcome]:
     if not looks_like(record):
-        yield Outcome(error="record has no resourceSpans list", piece=record)
+        yield Outcome(error="record has no resourceSpans or resourceLogs list", piece=record)
         return
-    for resource_spans in record["resourceSpans"]:
+    for resource_spans in record.get("resourceSpans") or []:
         resource_spans = resource_spans if isinstance(resource_spans, dict) else {}
         resource = attributes((resource_spans.get("resource") or {}).get("attributes"))
         for scope_spans in resource_spans.get("scopeSpans") or []:
@@ -224,8 +239,62 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
                 if not isinstance(span, dict):
                     yield Outcome(error="span is not an object", piece=span, where=where)
                     continue
-                operation = attributes(span.get("attributes")).get("gen_ai.operation.name")
+                attrs = attributes(span.get("attributes"))
+                operation = attrs.get("gen_ai.operation.name")
                 if operation not in CALL_OPERATIONS:
                     yield Outcome(skipped=f"{operation or 'non-GenAI'} span", piece=span)
                     continue
+                if not _has_content(attrs, span.get("events")) and (span.get("status") or {}).get("code") not in (2, "STATUS_CODE_ERROR"):
+                    yield Outcome(skipped=SPAN_WITHOUT_CONTENT, piece=span)
+                    continue
                 yield from one_call(span, partial(parse_span, resource=resource), where)
+    for resource_logs in record.get("resourceLogs") or []:
+        yield from _log_calls(resource_logs if isinstance(resource_logs, dict) else {})
+
+
+def _has_content(attrs: dict, events: Any) -> bool:
+    messages, answer, _ = _from_attributes(attrs)
+    if not messages and answer is None:
+        messages, answer, _ = _from_events(events)
+    return bool(messages) or answer is not None
+
+
+def _log_event(log: dict) -> tuple[Any, dict]:
+    """A GenAI event sent as a log record, as the span event it stands for: its name (`eventName`,
+    or the `event.name` attribute of older SDKs) and its attributes with its body's fields."""
+    attrs = attributes(log.get("attributes"))
+    body = any_value(log.get("body"))
+    return log.get("eventName") or attrs.get("event.name"), {**attrs, **(body if isinstance(body, dict) else {"content": body})}
+
+
+def _log_calls(resource_logs: dict) -> Iterator[Outcome]:
+    """One call per span whose GenAI events came as log records; other log records are counted."""
+    resource = attributes((resource_logs.get("resource") or {}).get("attributes"))
+    by_span: dict[tuple[Any, Any], list[dict]] = {}
+    for scope_logs in resource_logs.get("scopeLogs") or []:
+        for log in (scope_logs or {}).get("logRecords") or []:
+            if not isinstance(log, dict) or not str(_log_event(log)[0] or "").startswith("gen_ai."):
+                yield Outcome(skipped="non-GenAI log record", piece=log)
+                continue
+            by_span.setdefault((log.get("traceId"), log.get("spanId")), []).append(log)
+    for (trace_id, span_id), logs in by_span.items():
+        yield from one_call(logs, partial(parse_log_records, resource=resource), f"log records of span {span_id}")
+
+
+def parse_log_records(logs: list[dict], resource: dict) -> dict:
+    """One call from the log records of its span."""
+    messages, answer, finish_reason = _from_named_events([_log_event(log) for log in logs])
+    # with capture off the instrumentation still logs the events, and the answer's tool names
+    require(any(m.get("content") for m in messages), f"log records hold no message content ({CAPTURE_HINT})")
+    require(answer is not None, "log records hold no gen_ai.choice event (the answer)")
+    first = min(_nanos(log.get("timeUnixNano") or log.get("observedTimeUnixNano")) for log in logs)
+    trace_id, span_id = logs[0].get("traceId"), logs[0].get("spanId")
+    return call_row(
+        trace_id=f"otel-{trace_id}-{span_id}" if span_id else None,
+        called_at=datetime.fromtimestamp(first / 1e9, tz=timezone.utc),
+        messages=messages,
+        response_message=answer,
+        finish_reason=FINISH_REASONS.get(finish_reason, finish_reason),
+        agent=resource.get("service.name"),
+        context={k: v for k, v in resource.items() if isinstance(v, (str, int, float, bool))},
+    )
