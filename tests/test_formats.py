@@ -27,6 +27,8 @@ def test_every_fixture_is_detected_as_its_format():
         "canonical.jsonl": "canonical",
         "langfuse_observations_page.json": "langfuse",
         "langfuse_traces.jsonl": "langfuse",
+        "langfuse_v2_observations_page.json": "langfuse",
+        "langfuse_blob_observations_v2.jsonl": "langfuse",
         "openai_chat_multiturn.jsonl": "openai_chat",
         "otel_genai_export.json": "otel_genai",
         "otel_genai_logs.jsonl": "otel_genai",
@@ -220,3 +222,22 @@ def test_calls_the_routers_slm_answered_are_recognized_in_the_agents_own_logs_an
     removed = "answered by the router's SLM, not the LLM"
     assert reasons == {"chat_model": removed, "chat_header": removed, "chat_fallback": None, "otel": removed,
                        "canonical": removed}
+
+
+def test_langfuse_current_api_pages_and_blob_storage_export_rows_are_read_like_the_legacy_api():
+    page = _read("langfuse_v2_observations_page.json")
+    assert sorted(page.traces["trace_id"]) == ["obs-v2-gen-1", "obs-v2-gen-2"] and page.stats.skipped == {"SPAN observation": 1}
+    texts = _call(page, "obs-v2-gen-1")  # input and output sent as JSON text
+    assert [m["role"] for m in json.loads(texts["messages"])] == ["system", "user"]
+    assert json.loads(texts["response_message"]) == {"role": "assistant", "content": "late_checkout"}
+    assert texts["model"] == "gpt-4.1" and texts["prompt_tokens"] == 41 and texts["session_id"] == "sess-v2-8"
+
+    blob = _read("langfuse_blob_observations_v2.jsonl")
+    row = _call(blob, "obs-blob-gen-1")
+    assert json.loads(row["messages"])[1] == {"role": "user", "content": "two rooms for 3 nights from friday"}
+    assert json.loads(json.loads(row["response_message"])["content"]) == {"rooms": "two", "date_from": "friday"}
+    assert row["model"] == "gpt-4.1" and row["agent"] == "concierge" and row["completion_tokens"] == 14
+    assert str(row["called_at"]) == "2026-10-11 14:02:07.125000+00:00" and row["latency_ms"] == 786.0
+    assert json.loads(row["origin"]) == {"sessionId": "sess-blob-2", "userId": "guest-5120"} and row["session_id"] == "sess-blob-2"
+    assert list(blob.quarantine["reason"]) == ["observation obs-blob-gen-2: generation failed: upstream 529 overloaded"]
+    assert blob.stats.skipped == {"SPAN observation": 1}

@@ -6,7 +6,13 @@ OpenAPI spec fixes every field; see docs/formats.md):
 - an observation (`GET /api/public/observations` items): `{"id", "traceId", "type", "startTime",
   "endTime", "model", "input", "output", "usageDetails" | "usage", "metadata", "level",
   "statusMessage"}`;
-- an API page of either: `{"data": [...], "meta": {...}}`,
+- an API page of either: `{"data": [...], "meta": {...}}`, including the current observations
+  API's (`GET /api/public/v2/observations`, cursor in `meta`), whose `input`, `output` and
+  `metadata` may come as JSON text;
+- a row of the blob-storage export (`observations_v2/` or the legacy `observations/`, JSON lines):
+  the same fields in snake_case (`trace_id`, `start_time` as `YYYY-MM-DD HH:MM:SS.ffffff` UTC,
+  `provided_model_name`, `usage_details`, `user_id`, `session_id`, `trace_name`), `input` and
+  `output` as JSON text,
 one per line (JSON lines, as an export script writes them) or as one JSON document.
 
 Each GENERATION observation is one call; spans, events and other observation types are counted
@@ -16,6 +22,8 @@ or a plain prompt string) and its `output` the assistant message (or its text).
 
 from __future__ import annotations
 
+import json
+import re
 from functools import partial
 from typing import Any, Iterator
 
@@ -29,8 +37,26 @@ def looks_like(record: Any) -> bool:
     if isinstance(record, dict) and isinstance(record.get("data"), list):
         return any(looks_like(item) for item in record["data"][:5])
     return isinstance(record, dict) and (
-        isinstance(record.get("observations"), list) or ("traceId" in record and "type" in record and "startTime" in record)
+        isinstance(record.get("observations"), list)
+        or ("traceId" in record and "type" in record and "startTime" in record)
+        or ("trace_id" in record and "type" in record and "start_time" in record)  # a blob-storage export row
     )
+
+
+def _api_shape(observation: dict) -> dict:
+    """An observation as the public API spells it: a blob-storage export row's snake_case keys in
+    camelCase (`start_time` -> `startTime`, `provided_model_name` -> `providedModelName`), and
+    `input`, `output` and `metadata` sent as JSON text decoded. A text that is no JSON object or
+    list (a plain prompt) stays text."""
+    shaped = {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key): value for key, value in observation.items()}
+    for key in ("input", "output", "metadata"):
+        value = shaped.get(key)
+        if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+            try:
+                shaped[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    return shaped
 
 
 def _messages_and_tools(value: Any) -> tuple[Any, Any]:
@@ -76,13 +102,13 @@ def parse_generation(observation: dict, trace: dict) -> dict:
         messages=messages,
         tools=tools,
         response_message=_answer(observation.get("output")),
-        model=observation.get("model"),
+        model=observation.get("model") or observation.get("providedModelName"),
         response_headers=metadata.get("response_headers"),
         prompt_tokens=usage.get("input", observation.get("promptTokens")),
         completion_tokens=usage.get("output", observation.get("completionTokens")),
         total_tokens=usage.get("total", observation.get("totalTokens")),
         latency_ms=latency,
-        agent=metadata.get("agent") or trace.get("name"),
+        agent=metadata.get("agent") or trace.get("name") or observation.get("traceName"),
         context=context,
     )
 
@@ -105,6 +131,7 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
         yield Outcome(error=f"line is a JSON {type(record).__name__}, not an object", piece=record)
         return
     for observation, trace in _observations(record):
+        observation = _api_shape(observation)
         where = f"observation {observation.get('id')}"
         if observation.get("type") != "GENERATION":
             yield Outcome(skipped=f"{observation.get('type') or 'untyped'} observation", piece=observation)
