@@ -106,7 +106,7 @@ class IngestOptions:
 @dataclass
 class LandingFile:
     path: Path
-    layout: str  # "lines" or "document" (see sources.sniff_layout)
+    layout: str  # "lines", "document" or "table" (see sources.sniff_layout)
     format: str | None  # None: the file cannot be read, `problem` says why
     problem: str = ""
     batch_input: Path | None = None  # for openai_batch output files
@@ -213,8 +213,8 @@ def plan(files: Iterable[Path], options: IngestOptions = IngestOptions()) -> lis
         configured = _configured_format(path, options.formats)
         if configured and layout != "not-json":
             detected, problem = configured, ""
-        if layout == "lines" and detected is None and path.stat().st_size == 0:
-            problem = ""  # an empty file holds no calls and nothing wrong
+        if (layout == "lines" and detected is None and path.stat().st_size == 0) or problem == registry.EMPTY_TABLE:
+            problem = ""  # an empty file (or an export of no rows) holds no calls and nothing wrong
         planned.append(LandingFile(path, layout, detected, problem))
     inputs = [f.path for f in planned if f.format == registry.openai_batch.INPUT_NAME]
     for landing_file in planned:
@@ -297,8 +297,8 @@ class _Run:
 
 def _reason_kind(reason: str) -> str:
     """A reason without its details, for counts ("invalid JSON (...)" -> "invalid JSON")."""
-    if reason.startswith(("span ", "observation ")) and ": " in reason:
-        reason = reason.split(": ", 1)[1]  # which span or observation
+    if reason.startswith(("span ", "observation ", "run ", "log records of span ")) and ": " in reason:
+        reason = reason.split(": ", 1)[1]  # which span, observation or run
     if reason.startswith("trace id ") and reason.endswith("already ingested with different content"):
         return "trace id already ingested with different content"
     for cut in (" (", " at byte ", ": "):
@@ -309,6 +309,8 @@ def _reason_kind(reason: str) -> str:
 def _records(landing_file: LandingFile, options: IngestOptions):
     if landing_file.layout == "document":
         return sources.read_document(landing_file.path, registry.ADAPTERS[landing_file.format].ITEM_PATHS)
+    if landing_file.layout == "table":
+        return sources.read_table(landing_file.path)
     return sources.read_lines(landing_file.path, options.max_record_bytes)
 
 

@@ -1,4 +1,5 @@
-"""Reading landing files safely: gzip, zstd, sealed or plain, JSON lines or one JSON document, in bounded memory.
+"""Reading landing files safely: gzip, zstd, sealed or plain, JSON lines, one JSON document or a
+Parquet table, in bounded memory.
 
 A landing file yields *records*: decoded JSON values with the place they came from (a line
 number, or an item number inside a document). Whatever cannot become a record (an empty line,
@@ -28,6 +29,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # what reading a damaged compressed stream raises: gzip's BadGzipFile is an OSError, a truncated
 # gzip stream raises EOFError, zlib and zstd their own errors
 CORRUPT_STREAM = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+# Apache Parquet files start (and end) with these bytes: LangSmith's bulk export, Langfuse's
+# blob-storage export in Parquet
+PARQUET_MAGIC = b"PAR1"
 # How a Fernet token starts (version byte 0x80, then a timestamp's zero high bytes, in base64).
 SEALED_MAGIC = b"gAAAAA"
 # A single logged call is rarely above 1 MB (128k tokens of text is about 0.5 MB); 16 MB leaves
@@ -185,7 +189,11 @@ def _decode(raw: bytes) -> Any:
 
 def sniff_layout(path: Path) -> str:
     """"lines" (JSON lines, including a one-line document), "document" (one JSON value spread
-    over several lines), or "not-json" (no line of the file's first 64 KB can start JSON)."""
+    over several lines), "table" (a Parquet file, one record per row) or "not-json" (no line of
+    the file's first 64 KB can start JSON)."""
+    with open_raw(path) as f:
+        if f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC:
+            return "table"
     try:
         with open_binary(path) as stream:
             head = stream.read(64 * 1024)
@@ -269,6 +277,38 @@ def read_document(path: Path, item_paths: tuple[str, ...]) -> Iterator[Record | 
     yield Rejected(0, f"JSON document holds no items at any of {', '.join(item_paths)}")
 
 
+def read_table(path: Path, batch_rows: int = 1024) -> Iterator[Record | Rejected]:
+    """Every row of a Parquet file as a Record of plain JSON values (times as ISO-8601 text), read
+    a batch of rows at a time so that a large export never sits in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        with pq.ParquetFile(path) as table:
+            for batch in table.iter_batches(batch_size=batch_rows):
+                for values in batch.to_pylist():
+                    row += 1
+                    yield Record(row, _json_values(values), b"")
+    except (pa.ArrowException, OSError) as err:
+        yield Rejected(row + 1, f"Parquet file is corrupt or truncated ({err})")
+
+
+def _json_values(value: Any) -> Any:
+    """A Parquet row's values as JSON has them: times as ISO-8601 text, decimals as numbers."""
+    if isinstance(value, dict):
+        return {k: _json_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_values(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if type(value).__name__ == "Decimal":
+        return float(value)
+    return value
+
+
 def _wrap(prefix: str, item: Any) -> Any:
     container = prefix.removesuffix(".item")
     return item if container == "item" else {container: [item]}
@@ -276,7 +316,7 @@ def _wrap(prefix: str, item: Any) -> Any:
 
 def first_records(path: Path, layout: str, item_paths: tuple[str, ...], limit: int = 20) -> list[Any]:
     """Up to `limit` decoded records from the start of a file, for format detection."""
-    reader = read_lines(path) if layout == "lines" else read_document(path, item_paths)
+    reader = {"lines": lambda: read_lines(path), "table": lambda: read_table(path)}.get(layout, lambda: read_document(path, item_paths))()
     found = []
     for position, item in enumerate(reader):
         if isinstance(item, Record):

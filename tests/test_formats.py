@@ -21,12 +21,14 @@ def _call(result, trace_id) -> dict:
 
 def test_every_fixture_is_detected_as_its_format():
     planned = {f.path.name: f.format for f in ingest.plan(sorted(p for p in FORMATS.iterdir() if p.suffix not in (".md", ".py")))}
+    assert {f.path.name: f.layout for f in ingest.plan([FORMATS / "langsmith_runs.parquet"])} == {"langsmith_runs.parquet": "table"}
     assert planned == {
         "batch_2026-10-08_input.jsonl": "openai_batch_input",
         "batch_2026-10-08_output.jsonl": "openai_batch",
         "canonical.jsonl": "canonical",
         "langfuse_observations_page.json": "langfuse",
         "langfuse_traces.jsonl": "langfuse",
+        "langsmith_runs.parquet": "langsmith",
         "langfuse_v2_observations_page.json": "langfuse",
         "langfuse_blob_observations_v2.jsonl": "langfuse",
         "openai_chat_multiturn.jsonl": "openai_chat",
@@ -177,8 +179,8 @@ def test_a_format_can_be_named_in_config_and_a_wrong_name_is_refused(tmp_path):
     renamed.write_bytes((FORMATS / "canonical.jsonl").read_bytes())
     planned = ingest.plan([renamed], ingest.IngestOptions(formats={"*.log": "canonical"}))
     assert planned[0].format == "canonical"
-    with pytest.raises(ValueError, match="'langsmith' .* is not one of: canonical, openai_batch"):
-        ingest.plan([renamed], ingest.IngestOptions(formats={"*.log": "langsmith"}))
+    with pytest.raises(ValueError, match="'helicone' .* is not one of: canonical, openai_batch"):
+        ingest.plan([renamed], ingest.IngestOptions(formats={"*.log": "helicone"}))
 
 
 def _router_served_copies(tmp_path) -> dict[str, str]:
@@ -241,3 +243,56 @@ def test_langfuse_current_api_pages_and_blob_storage_export_rows_are_read_like_t
     assert json.loads(row["origin"]) == {"sessionId": "sess-blob-2", "userId": "guest-5120"} and row["session_id"] == "sess-blob-2"
     assert list(blob.quarantine["reason"]) == ["observation obs-blob-gen-2: generation failed: upstream 529 overloaded"]
     assert blob.stats.skipped == {"SPAN observation": 1}
+
+
+def test_langsmith_bulk_export_parquet_rows_make_one_call_per_llm_run():
+    result = _read("langsmith_runs.parquet")
+    assert result.stats.skipped == {"chain run": 3}
+    assert len(result.traces) == 2
+    intent = result.traces[result.traces["finish_reason"] == "stop"].iloc[0].to_dict()
+    assert json.loads(intent["messages"]) == [
+        {"role": "system", "content": "You are the intent tagger of the Harbor Hotels concierge agent."},
+        {"role": "user", "content": "I want to change my booking"}]
+    assert json.loads(intent["response_message"]) == {"role": "assistant", "content": "booking, change"}
+    assert intent["model"] == "gpt-4.1" and intent["answered_by"] == "gpt-4.1-2025-04-14" and intent["prompt_tokens"] == 42
+    assert intent["session_id"] == "th-77"  # extra.metadata.thread_id, an origin field
+    tool = result.traces[result.traces["finish_reason"] == "tool_calls"].iloc[0].to_dict()
+    assert json.loads(tool["tools"])[0]["function"]["name"] == "get_opening_hours"
+    assert json.loads(tool["response_message"])["tool_calls"][0]["function"]["name"] == "get_opening_hours"
+    [failed] = result.quarantine["reason"]
+    assert failed.endswith("run failed: InternalServerError('Error code: 500 - upstream overloaded')")
+
+
+def test_a_damaged_parquet_file_is_quarantined_not_raised(tmp_path):
+    data = (FORMATS / "langsmith_runs.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    result = ingest.read_calls([tmp_path / "cut.parquet"])
+    assert len(result.traces) == 0 and len(result.quarantine) == 1
+    assert "Parquet file is corrupt or truncated" in result.quarantine["reason"][0]
+    # an export of no rows holds no calls and nothing wrong
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(FORMATS / "langsmith_runs.parquet").slice(0, 0), tmp_path / "empty.parquet")
+    empty = ingest.read_calls([tmp_path / "empty.parquet"])
+    assert len(empty.traces) == 0 and len(empty.quarantine) == 0
+
+
+def test_a_langchain_chat_model_run_is_read_from_its_serialized_messages():
+    from pipeline.formats import langsmith
+
+    run = {"id": "run-lc-1", "run_type": "llm", "start_time": "2026-10-12T08:00:00+00:00",
+           "inputs": {"messages": [[
+               {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "SystemMessage"],
+                "kwargs": {"content": "You are the intent tagger."}},
+               {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "HumanMessage"],
+                "kwargs": {"content": "wifi is down"}}]]},
+           "outputs": {"generations": [[{"text": "wifi, not_working", "generation_info": {"finish_reason": "stop"},
+                                         "message": {"lc": 1, "type": "constructor",
+                                                     "id": ["langchain", "schema", "messages", "AIMessage"],
+                                                     "kwargs": {"content": "wifi, not_working"}}}]]},
+           "extra": {"metadata": {"ls_model_name": "gpt-4.1", "thread_id": "th-9"}}}
+    row = langsmith.parse_run(run)
+    assert json.loads(row["messages"]) == [{"role": "system", "content": "You are the intent tagger."},
+                                           {"role": "user", "content": "wifi is down"}]
+    assert json.loads(row["response_message"]) == {"role": "assistant", "content": "wifi, not_working"}
+    assert row["model"] == "gpt-4.1" and row["finish_reason"] == "stop"

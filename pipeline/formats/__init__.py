@@ -10,7 +10,8 @@ Adapters, in detection order:
     openai_batch     OpenAI Batch API output files, joined with their input files
     openai_chat      chat-completions request/response pairs, as a logging proxy writes them
     otel_genai       OpenTelemetry GenAI spans exported as OTLP/JSON
-    langfuse         Langfuse public-API exports of traces and observations
+    langfuse         Langfuse public-API exports of traces and observations, blob-storage export rows
+    langsmith        LangSmith runs: the bulk export's Parquet rows, or API objects
 """
 
 from __future__ import annotations

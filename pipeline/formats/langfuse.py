@@ -1,4 +1,4 @@
-"""Langfuse exports, in the shapes of Langfuse's public API (chosen over LangSmith because its
+"""Langfuse exports, in the shapes of Langfuse's public API and its blob-storage export (its
 OpenAPI spec fixes every field; see docs/formats.md):
 
 - a trace with its observations (`GET /api/public/traces/{id}`): `{"id", "timestamp", "name",

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import sources
-from pipeline.formats import canonical, langfuse, openai_batch, openai_chat, otel_genai
+from pipeline.formats import canonical, langfuse, langsmith, openai_batch, openai_chat, otel_genai
 
-ADAPTERS = {m.NAME: m for m in (canonical, openai_batch, openai_chat, otel_genai, langfuse)}
+ADAPTERS = {m.NAME: m for m in (canonical, openai_batch, openai_chat, otel_genai, langfuse, langsmith)}
 # Batch input files hold requests only; they are read through their output file.
 COMPANION_FORMATS = {openai_batch.INPUT_NAME: openai_batch.looks_like_input}
-DOCUMENT_ITEM_PATHS = ("resourceSpans.item", "data.item", "item")
+EMPTY_TABLE = "Parquet file holds no rows"
+DOCUMENT_ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item", "data.item", "item")
 
 
 def detect(records: list[Any]) -> str | None:
@@ -38,6 +39,9 @@ def detect_file(path: Path) -> tuple[str, str | None, str]:
     if layout == "not-json":
         return layout, None, "file is not JSON or JSON lines"
     records = sources.first_records(path, layout, DOCUMENT_ITEM_PATHS)
+    if not records and layout == "table":
+        damage = next((r.reason for r in sources.read_table(path) if isinstance(r, sources.Rejected)), None)
+        return layout, None, damage or EMPTY_TABLE
     if not records:
         return layout, None, "no decodable JSON record in the first lines"
     found = detect(records)
