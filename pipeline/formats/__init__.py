@@ -47,6 +47,17 @@ def json_text(value: Any, sort_keys: bool = False) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
 
 
+def json_field(value: Any, name: str) -> Any:
+    """A structured field that a log may hold as JSON text (OTel attributes, LangSmith's exported
+    inputs and outputs) or as JSON already; text that is not JSON makes the piece malformed."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise MalformedCall(f"{name} is not valid JSON ({err.msg})") from err
+    return value
+
+
 def require(condition: bool, reason: str) -> None:
     if not condition:
         raise MalformedCall(reason)

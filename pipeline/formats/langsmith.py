@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, Outcome, call_row, one_call, parse_time, require, scalar_fields
+from pipeline.formats import MalformedCall, Outcome, call_row, json_field, one_call, parse_time, require, scalar_fields
 
 NAME = "langsmith"
 ITEM_PATHS = ("item",)
@@ -35,15 +35,6 @@ ROLES = {"SystemMessage": "system", "HumanMessage": "user", "AIMessage": "assist
 
 def looks_like(record: Any) -> bool:
     return isinstance(record, dict) and "run_type" in record and "inputs" in record and "start_time" in record
-
-
-def _json(value: Any, name: str) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise MalformedCall(f"{name} is not valid JSON ({err.msg})") from err
-    return value
 
 
 def _message(value: Any) -> dict | None:
@@ -104,11 +95,11 @@ def _answer(outputs: Any) -> tuple[dict, str | None, dict]:
 
 def parse_run(run: dict) -> dict:
     require(not run.get("error"), f"run failed: {str(run.get('error')).strip().splitlines()[0] if run.get('error') else ''}")
-    messages, tools = _prompt(_json(run.get("inputs"), "inputs"))
-    answer, finish_reason, usage = _answer(_json(run.get("outputs"), "outputs"))
-    extra = _json(run.get("extra"), "extra") or {}
+    messages, tools = _prompt(json_field(run.get("inputs"), "inputs"))
+    answer, finish_reason, usage = _answer(json_field(run.get("outputs"), "outputs"))
+    extra = json_field(run.get("extra"), "extra") or {}
     metadata = extra.get("metadata") if isinstance(extra, dict) and isinstance(extra.get("metadata"), dict) else {}
-    inputs = _json(run.get("inputs"), "inputs")
+    inputs = json_field(run.get("inputs"), "inputs")
     start = parse_time(run.get("start_time"), "start_time")
     end = run.get("end_time")
     return call_row(
@@ -118,7 +109,7 @@ def parse_run(run: dict) -> dict:
         tools=tools,
         response_message={"role": "assistant", **answer},
         model=metadata.get("ls_model_name") or inputs.get("model"),
-        answered_by=(_json(run.get("outputs"), "outputs") or {}).get("model"),
+        answered_by=(json_field(run.get("outputs"), "outputs") or {}).get("model"),
         finish_reason=finish_reason,
         prompt_tokens=run.get("prompt_tokens") or usage.get("input_tokens") or usage.get("prompt_tokens"),
         completion_tokens=run.get("completion_tokens") or usage.get("output_tokens") or usage.get("completion_tokens"),

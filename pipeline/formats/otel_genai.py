@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, Outcome, call_row, one_call, require
+from pipeline.formats import MalformedCall, Outcome, call_row, json_field, one_call, require
 
 NAME = "otel_genai"
 ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item")
@@ -78,16 +78,6 @@ def attributes(key_values: Any) -> dict[str, Any]:
     if not isinstance(key_values, list):
         return {}
     return {kv["key"]: any_value(kv.get("value")) for kv in key_values if isinstance(kv, dict) and "key" in kv}
-
-
-def _json(value: Any, name: str) -> Any:
-    """A structured attribute: OTel SDKs record it as a JSON string, some as an OTLP array."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise MalformedCall(f"{name} is not valid JSON ({err.msg})") from err
-    return value
 
 
 def _text(parts: list) -> str:
@@ -137,13 +127,13 @@ def openai_tools(definitions: Any) -> list | None:
 
 def _from_attributes(attrs: dict) -> tuple[list, dict | None, str | None]:
     messages: list[dict] = []
-    instructions = _json(attrs.get("gen_ai.system_instructions"), "gen_ai.system_instructions")
+    instructions = json_field(attrs.get("gen_ai.system_instructions"), "gen_ai.system_instructions")
     if instructions:
         text = _text(instructions) if isinstance(instructions, list) else str(instructions)
         messages.append({"role": "system", "content": text})
-    for message in _json(attrs.get("gen_ai.input.messages"), "gen_ai.input.messages") or []:
+    for message in json_field(attrs.get("gen_ai.input.messages"), "gen_ai.input.messages") or []:
         messages.extend(openai_messages(message))
-    outputs = _json(attrs.get("gen_ai.output.messages"), "gen_ai.output.messages") or []
+    outputs = json_field(attrs.get("gen_ai.output.messages"), "gen_ai.output.messages") or []
     first = outputs[0] if isinstance(outputs, list) and outputs else None
     answer = openai_messages(first)[0] if first else None
     return messages, answer, first.get("finish_reason") if isinstance(first, dict) else None
@@ -163,17 +153,17 @@ def _from_named_events(named: list[tuple[Any, dict]]) -> tuple[list, dict | None
         if name in MESSAGE_EVENTS:
             message = {"role": attrs.get("role", MESSAGE_EVENTS[name]), "content": attrs.get("content")}
             if attrs.get("tool_calls"):
-                message["tool_calls"] = _json(attrs["tool_calls"], "tool_calls")
+                message["tool_calls"] = json_field(attrs["tool_calls"], "tool_calls")
             if attrs.get("id"):
                 message["tool_call_id"] = attrs["id"]
             messages.append(message)
         elif name == "gen_ai.choice" and answer is None:
-            answer = _json(attrs.get("message"), "gen_ai.choice message") or {"role": "assistant", "content": attrs.get("content")}
+            answer = json_field(attrs.get("message"), "gen_ai.choice message") or {"role": "assistant", "content": attrs.get("content")}
             finish_reason = attrs.get("finish_reason")
         elif name == "gen_ai.content.prompt":
-            messages.extend(_json(attrs.get("gen_ai.prompt"), "gen_ai.prompt") or [])
+            messages.extend(json_field(attrs.get("gen_ai.prompt"), "gen_ai.prompt") or [])
         elif name == "gen_ai.content.completion" and answer is None:
-            completion = _json(attrs.get("gen_ai.completion"), "gen_ai.completion")
+            completion = json_field(attrs.get("gen_ai.completion"), "gen_ai.completion")
             answer = completion[0] if isinstance(completion, list) and completion else completion
     if isinstance(answer, dict):
         answer = {"role": "assistant", **answer}
@@ -211,7 +201,7 @@ def parse_span(span: dict, resource: dict) -> dict:
         trace_id=f"otel-{span.get('traceId')}-{span.get('spanId')}" if span.get("spanId") else None,
         called_at=datetime.fromtimestamp(start / 1e9, tz=timezone.utc),
         messages=messages,
-        tools=openai_tools(_json(attrs.get("gen_ai.tool.definitions"), "gen_ai.tool.definitions")),
+        tools=openai_tools(json_field(attrs.get("gen_ai.tool.definitions"), "gen_ai.tool.definitions")),
         response_message=answer,
         model=attrs.get("gen_ai.request.model") or attrs.get("gen_ai.response.model"),
         answered_by=attrs.get("gen_ai.response.model"),
