@@ -4,6 +4,7 @@
     python -m bench.curation_bench --naive-calls 400  # naive on the first 400 only (quicker)
     python -m bench.curation_bench --breakdown        # where one core's analysis time goes
     python -m bench.curation_bench --naive-calls 400 --compare-presidio-phone  # also the pipeline with Presidio's phone recognizer
+    python -m bench.curation_bench --harmless-numbers  # the sample with numbers no one's personal data added (~2 min)
 
 Naive: every text of every call (message contents, tool-call arguments, the answer) goes through
 `AnalyzerEngine.analyze` one at a time on spaCy's full pipeline, as a first implementation would
@@ -20,6 +21,13 @@ Nightly rerun: the schedule re-curates the whole raw zone every night. With the 
 the calls analyzes only the last day's new texts; its time is reported as well, apart from the
 single-run figure above. Results are appended to bench/results/curation.jsonl with the machine,
 date and command.
+
+`--harmless-numbers` curates the sample's calls with numbers that are no one's personal data
+written into half of them, the shapes that halted a run on another workload: an epoch timestamp
+in milliseconds as a tool-call argument (`"_from": 1617176400000`), a planner's arithmetic
+(`14000-3920-1000=9080`), an order number and an amount in the request. It reports the calls the
+leak sweep set aside (and the share; the target is below 0.1%), the harmless numbers that did not
+come through intact, and the sample's canaries left.
 """
 
 from __future__ import annotations
@@ -169,6 +177,64 @@ def compare_presidio_phone(traces, scrubbed, processes: int) -> dict:
             "pipeline_with_presidio_phone_same_output": with_presidio_phone.equals(scrubbed)}
 
 
+def with_harmless_numbers(traces, seed: int = 0):
+    """Half of the calls with harmless numbers added; (calls, {trace id: the numbers added})."""
+    import random
+
+    rng = random.Random(seed)
+    added: dict[str, list[str]] = {}
+    messages, responses = [], []
+    for trace_id, raw_messages, raw_response in zip(traces["trace_id"], traces["messages"], traces["response_message"]):
+        chat, answer = json.loads(raw_messages), json.loads(raw_response)
+        if rng.random() < 0.5:
+            stamp = rng.randint(1_500_000_000_000, 1_900_000_000_000)
+            a = rng.randint(1_000, 99_999)
+            b, c = rng.randint(10, a // 2), rng.randint(10, a // 2)
+            order, amount = str(rng.randint(10_000_000, 99_999_999)), f"${rng.randint(1, 9_999):,}.{rng.randint(0, 99):02d}"
+            arithmetic = f"{a}-{b}-{c}={a - b - c}"
+            user = next(m for m in reversed(chat) if m.get("role") == "user")
+            if isinstance(user.get("content"), str):
+                user["content"] += f" (order {order}, {amount}, check: {arithmetic})"
+            numbers = [order, amount, arithmetic] if isinstance(user.get("content"), str) else []
+            for call in answer.get("tool_calls") or []:
+                arguments = json.loads(call["function"]["arguments"] or "{}")
+                if isinstance(arguments, dict):
+                    call["function"]["arguments"] = json.dumps({**arguments, "_from": stamp})
+                    numbers.append(str(stamp))
+            added[trace_id] = numbers
+        messages.append(json.dumps(chat))
+        responses.append(json.dumps(answer))
+    return traces.assign(messages=messages, response_message=responses), added
+
+
+def harmless_numbers(traces, labels: dict) -> dict:
+    from pipeline import curate
+
+    calls, added = with_harmless_numbers(traces)
+    started = time.perf_counter()
+    result = curate.curate(calls)
+    seconds = time.perf_counter() - started
+    curated = result.curated.set_index("trace_id")
+    text = dict(zip(curated.index, curated["messages"] + curated["response_message"]))
+    damaged = {i: [n for n in numbers if n not in text[i]] for i, numbers in added.items() if i in text}
+    set_aside = result.removed[result.removed["reason"] == curate.POSSIBLE_PERSONAL_DATA]
+    everything = "\n".join(text.values())
+    return {
+        "workload": "the sample's calls, half with an epoch-ms tool argument, an order number, an amount and arithmetic added",
+        "calls": len(calls),
+        "calls_with_numbers_added": len(added),
+        "numbers_added": sum(map(len, added.values())),
+        "numbers_not_intact": sum(map(len, damaged.values())),
+        "not_intact_examples": [n for found in damaged.values() for n in found][:10],
+        "set_aside_possible_personal_data": len(set_aside),
+        "set_aside_share": round(len(set_aside) / len(calls), 5),
+        "set_aside_where": dict(zip(set_aside["trace_id"], set_aside["where"])),
+        "canaries_left": sum(c in everything for c in labels["canaries"]),
+        "blocking_check_would_pass": curate.sweep_leaks(result.curated).empty,
+        "curation_seconds": round(seconds, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--naive-calls", type=int, default=0, help="calls the naive way runs on (default: all; it is slow)")
@@ -176,12 +242,16 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="only time the parts of the analysis, on one core")
     parser.add_argument("--compare-presidio-phone", action="store_true",
                         help="also time the pipeline with Presidio's phone recognizer as it comes, same process")
+    parser.add_argument("--harmless-numbers", action="store_true", help="the sample with harmless numbers added: what the sweep sets aside")
     args = parser.parse_args()
 
     from pipeline import curate, ingest
 
     labels = json.loads((REPO / "tests" / "fixtures" / "labels.json").read_text())
     traces = ingest.read_calls(ingest.find_landing_files(REPO / "data" / "landing")).traces
+    if args.harmless_numbers:
+        results.record("curation", harmless_numbers(traces, labels))
+        return
     if args.breakdown:
         results.record("curation_breakdown", breakdown(traces))
         return

@@ -248,7 +248,7 @@ def test_langfuse_current_api_pages_and_blob_storage_export_rows_are_read_like_t
 def test_langsmith_bulk_export_parquet_rows_make_one_call_per_llm_run():
     result = _read("langsmith_runs.parquet")
     assert result.stats.skipped == {"chain run": 3}
-    assert len(result.traces) == 2
+    assert len(result.traces) == 3  # two OpenAI calls traced by wrap_openai, one LangChain chat model call
     intent = result.traces[result.traces["finish_reason"] == "stop"].iloc[0].to_dict()
     assert json.loads(intent["messages"]) == [
         {"role": "system", "content": "You are the intent tagger of the Harbor Hotels concierge agent."},
@@ -278,21 +278,9 @@ def test_a_damaged_parquet_file_is_quarantined_not_raised(tmp_path):
 
 
 def test_a_langchain_chat_model_run_is_read_from_its_serialized_messages():
-    from pipeline.formats import langsmith
-
-    run = {"id": "run-lc-1", "run_type": "llm", "start_time": "2026-10-12T08:00:00+00:00",
-           "inputs": {"messages": [[
-               {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "SystemMessage"],
-                "kwargs": {"content": "You are the intent tagger."}},
-               {"lc": 1, "type": "constructor", "id": ["langchain", "schema", "messages", "HumanMessage"],
-                "kwargs": {"content": "wifi is down"}}]]},
-           "outputs": {"generations": [[{"text": "wifi, not_working", "generation_info": {"finish_reason": "stop"},
-                                         "message": {"lc": 1, "type": "constructor",
-                                                     "id": ["langchain", "schema", "messages", "AIMessage"],
-                                                     "kwargs": {"content": "wifi, not_working"}}}]]},
-           "extra": {"metadata": {"ls_model_name": "gpt-4.1", "thread_id": "th-9"}}}
-    row = langsmith.parse_run(run)
-    assert json.loads(row["messages"]) == [{"role": "system", "content": "You are the intent tagger."},
-                                           {"role": "user", "content": "wifi is down"}]
-    assert json.loads(row["response_message"]) == {"role": "assistant", "content": "wifi, not_working"}
-    assert row["model"] == "gpt-4.1" and row["finish_reason"] == "stop"
+    result = _read("langsmith_runs.parquet")
+    langchain = result.traces[result.traces["session_id"] == "th-78"].iloc[0].to_dict()
+    assert json.loads(langchain["messages"]) == [
+        {"role": "system", "content": "You are the intent tagger of the Harbor Hotels concierge agent."},
+        {"role": "user", "content": "the wifi is down"}]
+    assert json.loads(langchain["response_message"]) == {"role": "assistant", "content": "wifi, not_working"}
