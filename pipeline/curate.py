@@ -131,13 +131,15 @@ def shortest_phone_candidate(region: str, leniency: int) -> int:
 
 
 _ARITHMETIC_NEIGHBOUR = regex.compile(r"\s*[=+*/×÷]")
+_AMOUNT_BEFORE = regex.compile(r"[$€£¥]\s?[\d.,]*$")  # a currency sign and the digits up to the candidate
 
 
-def _operand_of_arithmetic(text: str, start: int, end: int) -> bool:
-    """Whether the digits at text[start:end] stand next to `=`, `+`, `*` or `/`: a planner's
-    arithmetic (`11200-10-100=11090` reads as a Delhi or São Paulo number), not a phone number,
-    which is never written inside an equation."""
-    return bool(_ARITHMETIC_NEIGHBOUR.match(text, end) or _ARITHMETIC_NEIGHBOUR.match(text[:start][::-1]))
+def _arithmetic_or_amount(text: str, start: int, end: int) -> bool:
+    """Whether the digits at text[start:end] stand next to `=`, `+`, `*` or `/`, or inside an
+    amount of money: a planner's arithmetic (`11200-10-100=11090` reads as a Delhi or São Paulo
+    number) or a price (`169.91` of `$2,169.91` as a German one), never a phone number."""
+    return bool(_ARITHMETIC_NEIGHBOUR.match(text, end) or _ARITHMETIC_NEIGHBOUR.match(text[:start][::-1])
+                or _AMOUNT_BEFORE.search(text, max(0, start - 16), start))
 
 
 def _phone_recognizer():
@@ -168,7 +170,7 @@ def _phone_recognizer():
         def _parse_and_verify(self, candidate, offset):
             if sum(c.isalnum() for c in candidate) < self.fewest_alphanumerics:
                 return None
-            if _operand_of_arithmetic(self.text, offset, offset + len(candidate)):
+            if _arithmetic_or_amount(self.text, offset, offset + len(candidate)):
                 return None
             return super()._parse_and_verify(candidate, offset)
 

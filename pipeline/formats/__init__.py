@@ -17,6 +17,7 @@ Adapters, in detection order:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -78,8 +79,12 @@ def parse_time(value: Any, field: str) -> datetime:
 
 
 def optional_int(value: Any) -> int | None:
+    """A count, where the log has one: digits, or a finite number (JSON logs may say `Infinity`
+    or `NaN`, found by tests/test_properties.py)."""
     if isinstance(value, str) and value.isdigit():
         return int(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -144,7 +149,7 @@ def call_row(
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": total,
-        "latency_ms": float(latency_ms) if isinstance(latency_ms, (int, float)) and not isinstance(latency_ms, bool) and latency_ms >= 0 else None,
+        "latency_ms": float(latency_ms) if isinstance(latency_ms, (int, float)) and not isinstance(latency_ms, bool) and math.isfinite(latency_ms) and latency_ms >= 0 else None,
         "feedback": feedback if isinstance(feedback, str) else None,
         "context": context or {},
     }
