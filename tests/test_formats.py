@@ -284,3 +284,21 @@ def test_a_langchain_chat_model_run_is_read_from_its_serialized_messages():
         {"role": "system", "content": "You are the intent tagger of the Harbor Hotels concierge agent."},
         {"role": "user", "content": "the wifi is down"}]
     assert json.loads(langchain["response_message"]) == {"role": "assistant", "content": "wifi, not_working"}
+
+
+def test_langfuse_blob_export_rows_written_as_parquet_are_read_alike(tmp_path):
+    """Langfuse's blob-storage export writes Parquet by default since 2026-07: the same rows, typed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datetime import datetime, timezone
+
+    rows = [json.loads(line) for line in (FORMATS / "langfuse_blob_observations_v2.jsonl").read_text().splitlines()]
+    for row in rows:  # typed columns: times are timestamps in Parquet
+        for key in ("start_time", "end_time"):
+            row[key] = datetime.fromisoformat(row[key]).replace(tzinfo=timezone.utc)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "observations_v2.parquet")
+    as_parquet = ingest.read_calls([tmp_path / "observations_v2.parquet"])
+    as_lines = _read("langfuse_blob_observations_v2.jsonl")
+    columns = ["trace_id", "called_at", "messages", "response_message", "model", "prompt_tokens", "latency_ms", "origin"]
+    assert as_parquet.traces[columns].to_dict("records") == as_lines.traces[columns].to_dict("records")
+    assert list(as_parquet.quarantine["reason"]) == list(as_lines.quarantine["reason"])
