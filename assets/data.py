@@ -183,7 +183,7 @@ def curated_traces(
 def no_known_pii_in_curated_traces(pipeline_store: PipelineStore) -> dg.AssetCheckResult:
     curated = read_table(pipeline_store.store().table("curated_traces"))
     return check_result(
-        curate.where_leaks_are(curate.sweep_leaks(curated)),
+        curate.sweep_leaks(curated),
         what="curated calls that still match a personal-data or secret pattern",
         next_step="curation sets such calls aside, so the curated table predates this version or was changed after it "
                   "was written: materialize curated_traces again (`slm-convert run` does); if the check fails again, "

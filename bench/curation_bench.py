@@ -230,7 +230,7 @@ def harmless_numbers(traces, labels: dict) -> dict:
         "set_aside_share": round(len(set_aside) / len(calls), 5),
         "set_aside_where": dict(zip(set_aside["trace_id"], set_aside["where"])),
         "canaries_left": sum(c in everything for c in labels["canaries"]),
-        "blocking_check_would_pass": curate.sweep_leaks(result.curated).empty,
+        "blocking_check_would_pass": curate.sweep_leaks(result.curated) == {},
         "curation_seconds": round(seconds, 1),
     }
 

@@ -120,23 +120,17 @@ def embed_signatures(
 TEMPLATE_TOLERANCE = 0.02
 
 
-def _segment_templates(systems: list[str]) -> dict[str, int]:
-    """Each segment's template, by `segment_key`: Drain (drain3, the log-template miner) groups
-    segments that differ only in a few words, so that `Loyalty tier: gold.` and `Loyalty tier:
-    silver.` are one template, `Loyalty tier: <*>`, carried by every call."""
+def _segment_templates(segments: dict[str, str]) -> dict[str, int]:
+    """Each segment's template (`segments`: segment by `segment_key`): Drain (drain3, the
+    log-template miner) groups segments that differ only in a few words, so that `Loyalty tier:
+    gold.` and `Loyalty tier: silver.` are one template, `Loyalty tier: <*>`, carried by every call."""
     from drain3 import TemplateMiner
     from drain3.template_miner_config import TemplateMinerConfig
 
     config = TemplateMinerConfig()
     config.profiling_enabled = False
     miner = TemplateMiner(config=config)
-    template_of: dict[str, int] = {}
-    for system in systems:
-        for segment in instruction_segments(system):
-            key = segment_key(segment)
-            if key not in template_of:
-                template_of[key] = miner.add_log_message(masked_digits(segment))["cluster_id"]
-    return template_of
+    return {key: miner.add_log_message(masked_digits(segment))["cluster_id"] for key, segment in segments.items()}
 
 
 def step_instruction_segments(messages: list[str], min_calls: int) -> frozenset[str] | None:
@@ -154,10 +148,13 @@ def step_instruction_segments(messages: list[str], min_calls: int) -> frozenset[
     - or it appears with two larger templates that never appear together: a policy excerpt that
       retrieval puts into calls of the intent step and into calls of the extraction step.
     A step's own instruction is larger than what varies inside it, and holds no two such parts."""
-    calls_of = Counter(system_text(json.loads(m)) for m in messages)
+    calls_of: Counter[str] = Counter()
+    for raw, calls in Counter(messages).items():  # each distinct call parsed once
+        calls_of[system_text(json.loads(raw))] += calls
     systems = list(calls_of)
-    template_of = _segment_templates(systems)
-    templates_in = [{template_of[segment_key(s)] for s in instruction_segments(system)} for system in systems]
+    keyed = [{segment_key(s): s for s in instruction_segments(system)} for system in systems]
+    template_of = _segment_templates({key: segment for found in keyed for key, segment in found.items()})
+    templates_in = [{template_of[key] for key in found} for found in keyed]
     carried = Counter(t for system, found in zip(systems, templates_in) for t in found for _ in range(calls_of[system]))
     templates = sorted(t for t, n in carried.items() if n >= min_calls)
     if len(templates) < 3:

@@ -286,7 +286,6 @@ def build_analyzer(tuned: bool = True):
     _stop_network_lookups()
     from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer
     from presidio_analyzer.nlp_engine import NlpEngineProvider
-    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
 
     try:
         nlp_engine = NlpEngineProvider(
@@ -327,9 +326,17 @@ def build_analyzer(tuned: bool = True):
         analyzer.registry.add_recognizer(
             PatternRecognizer(supported_entity=entity, name=name, patterns=patterns, global_regex_flags=PATTERN_FLAGS)
         )
-    analyzer.registry.add_recognizer(CreditCardRecognizer(
-        patterns=[Pattern("Mastercard 2-series", MASTERCARD_2_SERIES_PATTERN, 0.3)], name="Mastercard2SeriesRecognizer"))
+    analyzer.registry.add_recognizer(mastercard_2_series_recognizer())
     return analyzer
+
+
+def mastercard_2_series_recognizer():
+    """Presidio's card recognizer (its checksum validation) on the Mastercard 2-series pattern."""
+    from presidio_analyzer import Pattern
+    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
+
+    return CreditCardRecognizer(patterns=[Pattern("Mastercard 2-series", MASTERCARD_2_SERIES_PATTERN, 0.3)],
+                                name="Mastercard2SeriesRecognizer")
 
 
 @functools.lru_cache(maxsize=1)
@@ -777,11 +784,11 @@ def curate(
     curated = scrub_calls(duplicates.kept, scrubber, progress=progress)
     curated = curated.assign(trainable=curated["feedback"].fillna("") != "incorrect")
     # what scrubbing left that still looks like personal data: the call is set aside, not the run
-    leaks = where_leaks_are(sweep_leaks(curated))
-    set_aside = curated[curated["trace_id"].isin(leaks)]
+    leaks = sweep_leaks(curated)
+    flagged = curated["trace_id"].isin(leaks)
+    set_aside, curated = curated[flagged], curated[~flagged].reset_index(drop=True)
     if progress and leaks:
         progress(f"{len(leaks)} calls set aside: {POSSIBLE_PERSONAL_DATA} (their fields are in curation_removed)")
-    curated = curated[~curated["trace_id"].isin(leaks)].reset_index(drop=True)
 
     removed = pd.concat(
         [
@@ -827,11 +834,9 @@ _CARD_LENGTH_RUN = regex.compile(r"\d(?:[- ]?\d){12}")  # the fewest digits a ca
 def _card_recognizers() -> tuple:
     """Presidio's card recognizer as the scrubber runs it: its own patterns and the Mastercard
     2-series one, both validated by its checksum."""
-    from presidio_analyzer import Pattern
     from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
 
-    return (CreditCardRecognizer(), CreditCardRecognizer(
-        patterns=[Pattern("Mastercard 2-series", MASTERCARD_2_SERIES_PATTERN, 0.3)], name="Mastercard2SeriesRecognizer"))
+    return CreditCardRecognizer(), mastercard_2_series_recognizer()
 
 
 def leaks_in(text: str) -> list[str]:
@@ -877,17 +882,14 @@ def _text_fields(value: Any, where: str) -> Iterable[tuple[str, str]]:
         yield where, str(value)
 
 
-def sweep_leaks(calls: pd.DataFrame) -> pd.DataFrame:
-    """Where scrubbed calls still match a known personal-data or secret pattern: one row per call,
-    field and kind (trace_id, field, kind), never the text itself."""
-    rows = []
+def sweep_leaks(calls: pd.DataFrame) -> dict[str, list[str]]:
+    """Where scrubbed calls still match a known personal-data or secret pattern: by call id, each
+    field and kind (`messages[1].content: email address`), never the text itself; no entry for a
+    call where nothing matches."""
+    found: dict[str, list[str]] = {}
     for trace_id, messages, response in zip(calls["trace_id"], calls["messages"], calls["response_message"]):
-        for column, value in (("messages", messages), ("response", response)):
-            for where, text in _text_fields(json.loads(value), column):
-                rows.extend((trace_id, where, kind) for kind in leaks_in(text))
-    return pd.DataFrame(rows, columns=["trace_id", "field", "kind"])
-
-
-def where_leaks_are(leaks: pd.DataFrame) -> dict[str, list[str]]:
-    """Each flagged call's fields and kinds, `field: kind`, by call id."""
-    return {str(trace_id): [f"{f}: {k}" for f, k in zip(rows["field"], rows["kind"])] for trace_id, rows in leaks.groupby("trace_id", sort=True)}
+        places = [f"{where}: {kind}" for column, value in (("messages", messages), ("response", response))
+                  for where, text in _text_fields(json.loads(value), column) for kind in leaks_in(text)]
+        if places:
+            found[str(trace_id)] = places
+    return found

@@ -213,8 +213,8 @@ def plan(files: Iterable[Path], options: IngestOptions = IngestOptions()) -> lis
         configured = _configured_format(path, options.formats)
         if configured and layout != "not-json":
             detected, problem = configured, ""
-        if (layout == "lines" and detected is None and path.stat().st_size == 0) or problem == registry.EMPTY_TABLE:
-            problem = ""  # an empty file (or an export of no rows) holds no calls and nothing wrong
+        if layout == "lines" and detected is None and path.stat().st_size == 0:
+            problem = ""  # an empty file holds no calls and nothing wrong
         planned.append(LandingFile(path, layout, detected, problem))
     inputs = [f.path for f in planned if f.format == registry.openai_batch.INPUT_NAME]
     for landing_file in planned:

@@ -118,12 +118,14 @@ class _ZstdFrames(io.RawIOBase):
                 if self._in_frame:
                     raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
                 return 0
+            decompressed = []
             while chunk:
                 self._in_frame = True
-                self._pending += self._frame.decompress(chunk)
+                decompressed.append(self._frame.decompress(chunk))
                 chunk = b""
                 if self._frame.eof:  # a frame ended: the rest of the chunk starts the next one
                     chunk, self._frame, self._in_frame = self._frame.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+            self._pending = b"".join(decompressed)  # one copy, however many frames the chunk held
         size = min(len(buffer), len(self._pending) - self._offset)
         buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
         self._offset += size

@@ -355,7 +355,7 @@ def test_a_call_with_what_looks_like_personal_data_after_scrubbing_is_set_aside_
     assert result.counts()["possible_personal_data"] == 1 and result.counts()["unusable"] == 0
     assert result.counts()["curated"] + len(result.removed) == len(traces)
     # the invariant the blocking check guards
-    assert curate.sweep_leaks(result.curated).empty
+    assert curate.sweep_leaks(result.curated) == {}
 
 
 def test_amounts_and_arithmetic_are_kept_while_phone_numbers_beside_them_are_not():

@@ -319,7 +319,7 @@ def test_generated_traffic_loses_every_canary_keeps_every_harmless_number_and_ne
         assert [n for n in numbers if n not in text] == []  # every harmless number intact
         if canary:
             assert canary not in text and canary.replace(" ", "").replace("-", "") not in text.replace(" ", "").replace("-", "")
-    assert curate.sweep_leaks(result.curated).empty  # what the blocking check guards
+    assert curate.sweep_leaks(result.curated) == {}  # what the blocking check guards
     assert canary_free(result.removed)
 
 

@@ -31,6 +31,11 @@ class MalformedCall(ValueError):
     """A piece of a record that is not a usable LLM call; the message is the quarantine reason."""
 
 
+class NotACall(Exception):
+    """A piece that turns out, once read, to hold no call of its own (a span whose content went to
+    log records); the message says what it is, and it is counted, never quarantined."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     row: dict | None = None  # a canonical call (see call_row)
@@ -156,9 +161,11 @@ def call_row(
 
 
 def one_call(piece: Any, build, where: str = "") -> Iterator[Outcome]:
-    """Run `build(piece)` and turn its row or its MalformedCall into one Outcome."""
+    """Run `build(piece)` and turn its row, its MalformedCall or its NotACall into one Outcome."""
     try:
         yield Outcome(row=build(piece), piece=piece, where=where)
     except MalformedCall as err:
         yield Outcome(error=str(err), piece=piece, where=where)
+    except NotACall as err:
+        yield Outcome(skipped=str(err), piece=piece)
 

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, Outcome, call_row, json_field, one_call, require
+from pipeline.formats import MalformedCall, NotACall, Outcome, call_row, json_field, one_call, require
 
 NAME = "otel_genai"
 ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item")
@@ -187,10 +187,8 @@ def parse_span(span: dict, resource: dict) -> dict:
     messages, answer, finish_reason = _from_attributes(attrs)
     if not messages and answer is None:
         messages, answer, finish_reason = _from_events(span.get("events"))
-    require(
-        bool(messages) or answer is not None,
-        f"span has no prompt or completion content ({CAPTURE_HINT})",
-    )
+    if not messages and answer is None:
+        raise NotACall(SPAN_WITHOUT_CONTENT)
     require(answer is not None, "span has no completion content")
     start, end = _nanos(span.get("startTimeUnixNano")), span.get("endTimeUnixNano")
     reasons = attrs.get("gen_ai.response.finish_reasons")
@@ -229,29 +227,13 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
                 if not isinstance(span, dict):
                     yield Outcome(error="span is not an object", piece=span, where=where)
                     continue
-                attrs = attributes(span.get("attributes"))
-                operation = attrs.get("gen_ai.operation.name")
+                operation = attributes(span.get("attributes")).get("gen_ai.operation.name")
                 if operation not in CALL_OPERATIONS:
                     yield Outcome(skipped=f"{operation or 'non-GenAI'} span", piece=span)
-                    continue
-                if not _has_content(attrs, span.get("events")) and (span.get("status") or {}).get("code") not in (2, "STATUS_CODE_ERROR"):
-                    yield Outcome(skipped=SPAN_WITHOUT_CONTENT, piece=span)
                     continue
                 yield from one_call(span, partial(parse_span, resource=resource), where)
     for resource_logs in record.get("resourceLogs") or []:
         yield from _log_calls(resource_logs if isinstance(resource_logs, dict) else {})
-
-
-def _has_content(attrs: dict, events: Any) -> bool:
-    """Whether a span carries content; one whose content cannot be read carries some, so that
-    parsing it quarantines the span with the reason (found by tests/test_properties.py)."""
-    try:
-        messages, answer, _ = _from_attributes(attrs)
-        if not messages and answer is None:
-            messages, answer, _ = _from_events(events)
-    except MalformedCall:
-        return True
-    return bool(messages) or answer is not None
 
 
 def _log_event(log: dict) -> tuple[Any, dict]:

@@ -11,7 +11,6 @@ from pipeline.formats import canonical, langfuse, langsmith, openai_batch, opena
 ADAPTERS = {m.NAME: m for m in (canonical, openai_batch, openai_chat, otel_genai, langfuse, langsmith)}
 # Batch input files hold requests only; they are read through their output file.
 COMPANION_FORMATS = {openai_batch.INPUT_NAME: openai_batch.looks_like_input}
-EMPTY_TABLE = "Parquet file holds no rows"
 DOCUMENT_ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item", "data.item", "item")
 
 
@@ -31,7 +30,8 @@ def detect(records: list[Any]) -> str | None:
 
 
 def detect_file(path: Path) -> tuple[str, str | None, str]:
-    """(layout, format or None, reason when None) for one landing file."""
+    """(layout, format or None, why when None; "" when nothing is wrong, as with an empty file) for
+    one landing file."""
     try:
         layout = sources.sniff_layout(path)
     except sources.SealedFileError as err:
@@ -39,9 +39,8 @@ def detect_file(path: Path) -> tuple[str, str | None, str]:
     if layout == "not-json":
         return layout, None, "file is not JSON or JSON lines"
     records = sources.first_records(path, layout, DOCUMENT_ITEM_PATHS)
-    if not records and layout == "table":
-        damage = next((r.reason for r in sources.read_table(path) if isinstance(r, sources.Rejected)), None)
-        return layout, None, damage or EMPTY_TABLE
+    if not records and layout == "table":  # a damaged table says why; an export of no rows holds nothing wrong
+        return layout, None, next((r.reason for r in sources.read_table(path) if isinstance(r, sources.Rejected)), "")
     if not records:
         return layout, None, "no decodable JSON record in the first lines"
     found = detect(records)
