@@ -115,6 +115,31 @@ def test_any_damage_to_a_file_of_any_format_is_parsed_or_quarantined_never_raise
     assert (result.quarantine["reason"].str.len() > 0).all()
 
 
+# A Parquet export is not damaged byte by byte (a damaged file is quarantined whole,
+# tests/test_formats.py) but cell by cell: any value of a LangSmith run may be of any shape.
+LANGSMITH_RUNS = [r.value for r in sources.read_table(FORMATS / "langsmith_runs.parquet")]
+LANGSMITH_CELLS = [json.loads(r[k]) if k in ("inputs", "outputs", "extra") and r[k] else r[k]
+                   for r in LANGSMITH_RUNS for k in r]
+
+
+@st.composite
+def damaged_runs(draw):
+    run = {k: json.loads(v) if k in ("inputs", "outputs", "extra") and v else v for k, v in draw(st.sampled_from(LANGSMITH_RUNS)).items()}
+    path = draw(st.sampled_from(list(_paths(run))))
+    return _replaced(run, path, draw(json_values | st.sampled_from(LANGSMITH_CELLS)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(damaged_runs(), st.booleans())
+def test_any_damage_to_a_langsmith_run_is_parsed_or_quarantined_never_raised(run, as_json_text):
+    from pipeline.formats import langsmith
+
+    if as_json_text and isinstance(run, dict):  # as the bulk export holds them
+        run = {k: json.dumps(v) if k in ("inputs", "outputs", "extra") and v is not None else v for k, v in run.items()}
+    outcomes = list(langsmith.outcomes(run, None))
+    assert len(outcomes) == 1 and sum(x is not None for x in (outcomes[0].row, outcomes[0].error, outcomes[0].skipped)) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # PII scrubber
 

@@ -37,6 +37,11 @@ def looks_like(record: Any) -> bool:
     return isinstance(record, dict) and "run_type" in record and "inputs" in record and "start_time" in record
 
 
+def _object(value: Any) -> dict:
+    """A field that should hold an object: itself, or empty when the log holds anything else."""
+    return value if isinstance(value, dict) else {}
+
+
 def _message(value: Any) -> dict | None:
     """A chat message in OpenAI's shape, from OpenAI's or LangChain's (serialized or plain)."""
     if not isinstance(value, dict):
@@ -44,14 +49,15 @@ def _message(value: Any) -> dict | None:
     if "role" in value:
         return value
     if value.get("lc") == 1 and isinstance(value.get("kwargs"), dict):
-        kind, fields = (value.get("id") or ["?"])[-1], value["kwargs"]
+        path = value.get("id")
+        kind, fields = path[-1] if isinstance(path, list) and path else None, value["kwargs"]
     else:
         kind, fields = value.get("type"), value
-    role = ROLES.get(kind)
+    role = ROLES.get(kind) if isinstance(kind, str) else None
     if role is None:
         return None
     message = {"role": role, "content": fields.get("content")}
-    if role == "assistant" and fields.get("tool_calls"):
+    if role == "assistant" and isinstance(fields.get("tool_calls"), list) and fields["tool_calls"]:
         message["tool_calls"] = [
             call if "function" in call else {"id": call.get("id"), "type": "function", "function": {
                 "name": call.get("name"), "arguments": json.dumps(call.get("args", {}), ensure_ascii=False)}}
@@ -78,28 +84,27 @@ def _answer(outputs: Any) -> tuple[dict, str | None, dict]:
     """The answer, its finish reason and its token usage."""
     require(isinstance(outputs, dict), "run has no outputs")
     if isinstance(outputs.get("choices"), list) and outputs["choices"]:  # an OpenAI chat completion
-        choice = outputs["choices"][0]
-        message = {k: v for k, v in (choice.get("message") or {}).items() if v is not None}
-        usage = outputs.get("usage_metadata") or outputs.get("usage") or {}
-        return message, choice.get("finish_reason"), usage
+        choice = _object(outputs["choices"][0])
+        message = {k: v for k, v in _object(choice.get("message")).items() if v is not None}
+        return message, choice.get("finish_reason"), _object(outputs.get("usage_metadata") or outputs.get("usage"))
     generations = outputs.get("generations")
     if isinstance(generations, list) and generations:
         first = generations[0][0] if isinstance(generations[0], list) and generations[0] else generations[0]
         require(isinstance(first, dict), "run outputs hold no generation")
         message = _message(first.get("message")) or {"role": "assistant", "content": first.get("text")}
-        info = first.get("generation_info") or {}
-        usage = ((first.get("message") or {}).get("kwargs") or {}).get("usage_metadata") or (outputs.get("llm_output") or {}).get("token_usage") or {}
-        return message, info.get("finish_reason"), usage
+        usage = (_object(_object(first.get("message")).get("kwargs")).get("usage_metadata")
+                 or _object(outputs.get("llm_output")).get("token_usage"))
+        return message, _object(first.get("generation_info")).get("finish_reason"), _object(usage)
     raise MalformedCall("run outputs are neither a chat completion nor generations")
 
 
 def parse_run(run: dict) -> dict:
-    require(not run.get("error"), f"run failed: {str(run.get('error')).strip().splitlines()[0] if run.get('error') else ''}")
-    messages, tools = _prompt(json_field(run.get("inputs"), "inputs"))
-    answer, finish_reason, usage = _answer(json_field(run.get("outputs"), "outputs"))
-    extra = json_field(run.get("extra"), "extra") or {}
-    metadata = extra.get("metadata") if isinstance(extra, dict) and isinstance(extra.get("metadata"), dict) else {}
-    inputs = json_field(run.get("inputs"), "inputs")
+    error = run.get("error")
+    require(not error, f"run failed: {(str(error).strip().splitlines() or [''])[0]}")
+    inputs, outputs = json_field(run.get("inputs"), "inputs"), json_field(run.get("outputs"), "outputs")
+    messages, tools = _prompt(inputs)
+    answer, finish_reason, usage = _answer(outputs)
+    metadata = _object(_object(json_field(run.get("extra"), "extra")).get("metadata"))
     start = parse_time(run.get("start_time"), "start_time")
     end = run.get("end_time")
     return call_row(
@@ -109,7 +114,7 @@ def parse_run(run: dict) -> dict:
         tools=tools,
         response_message={"role": "assistant", **answer},
         model=metadata.get("ls_model_name") or inputs.get("model"),
-        answered_by=(json_field(run.get("outputs"), "outputs") or {}).get("model"),
+        answered_by=outputs.get("model"),
         finish_reason=finish_reason,
         prompt_tokens=run.get("prompt_tokens") or usage.get("input_tokens") or usage.get("prompt_tokens"),
         completion_tokens=run.get("completion_tokens") or usage.get("output_tokens") or usage.get("completion_tokens"),
