@@ -115,29 +115,38 @@ def test_any_damage_to_a_file_of_any_format_is_parsed_or_quarantined_never_raise
     assert (result.quarantine["reason"].str.len() > 0).all()
 
 
-# A Parquet export is not damaged byte by byte (a damaged file is quarantined whole,
-# tests/test_formats.py) but cell by cell: any value of a LangSmith run may be of any shape.
-LANGSMITH_RUNS = [r.value for r in sources.read_table(FORMATS / "langsmith_runs.parquet")]
-LANGSMITH_CELLS = [json.loads(r[k]) if k in ("inputs", "outputs", "extra") and r[k] else r[k]
-                   for r in LANGSMITH_RUNS for k in r]
+# Damage of another kind: any subtree of a record replaced by JSON of any shape (a LangSmith
+# export's cells, an OTLP attribute of the wrong type), each record through its format's adapter.
+def _fixture_records() -> list[tuple[str, dict]]:
+    from pipeline.formats import registry
+
+    records = [("langsmith", r.value) for r in sources.read_table(FORMATS / "langsmith_runs.parquet")]
+    for name in ("otel_genai_spans.jsonl", "otel_genai_logs.jsonl", "langfuse_traces.jsonl",
+                 "langfuse_blob_observations_v2.jsonl", "canonical.jsonl", "openai_chat_multiturn.jsonl"):
+        for line in (FORMATS / name).read_text().splitlines():
+            record = json.loads(line)
+            records.append((registry.detect([record]), record))
+    return records
+
+
+FIXTURE_RECORDS = _fixture_records()
 
 
 @st.composite
-def damaged_runs(draw):
-    run = {k: json.loads(v) if k in ("inputs", "outputs", "extra") and v else v for k, v in draw(st.sampled_from(LANGSMITH_RUNS)).items()}
-    path = draw(st.sampled_from(list(_paths(run))))
-    return _replaced(run, path, draw(json_values | st.sampled_from(LANGSMITH_CELLS)))
+def damaged_fixture_records(draw):
+    name, record = draw(st.sampled_from(FIXTURE_RECORDS))
+    path = draw(st.sampled_from(list(_paths(record))))
+    return name, _replaced(record, path, draw(json_values))
 
 
-@settings(max_examples=300, deadline=None)
-@given(damaged_runs(), st.booleans())
-def test_any_damage_to_a_langsmith_run_is_parsed_or_quarantined_never_raised(run, as_json_text):
-    from pipeline.formats import langsmith
+@settings(max_examples=400, deadline=None)
+@given(damaged_fixture_records())
+def test_any_subtree_of_a_record_of_any_format_may_be_of_any_shape_it_is_parsed_or_quarantined_never_raised(damaged):
+    from pipeline.formats import registry
 
-    if as_json_text and isinstance(run, dict):  # as the bulk export holds them
-        run = {k: json.dumps(v) if k in ("inputs", "outputs", "extra") and v is not None else v for k, v in run.items()}
-    outcomes = list(langsmith.outcomes(run, None))
-    assert len(outcomes) == 1 and sum(x is not None for x in (outcomes[0].row, outcomes[0].error, outcomes[0].skipped)) == 1
+    name, record = damaged
+    for outcome in registry.ADAPTERS[name].outcomes(record, None):
+        assert sum(x is not None for x in (outcome.row, outcome.error, outcome.skipped)) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, NotACall, Outcome, call_row, json_field, one_call, require
+from pipeline.formats import MalformedCall, NotACall, Outcome, call_row, json_field, one_call, optional_int, require
 
 NAME = "otel_genai"
 ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item")
@@ -55,29 +55,44 @@ def looks_like(record: Any) -> bool:
                                          or isinstance(record.get("resourceLogs"), list))
 
 
+def _object(value: Any) -> dict:
+    """A part of the record that should be an object: itself, or empty when it is anything else."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    """A part of the record that should be a list: itself, or empty when it is anything else."""
+    return value if isinstance(value, list) else []
+
+
+def _finish_reason(value: Any) -> str | None:
+    """OpenAI's spelling of a logged finish reason (text; anything else is none)."""
+    return FINISH_REASONS.get(value, value) if isinstance(value, str) else None
+
+
 def any_value(value: Any) -> Any:
-    """An OTLP/JSON AnyValue as a plain Python value."""
+    """An OTLP/JSON AnyValue as a plain Python value; a value of the wrong type reads as none."""
     if not isinstance(value, dict):
         return value
     if "stringValue" in value:
         return value["stringValue"]
     if "intValue" in value:
-        return int(value["intValue"])
+        return optional_int(value["intValue"])
     if "doubleValue" in value:
-        return float(value["doubleValue"])
+        return value["doubleValue"] if isinstance(value["doubleValue"], (int, float)) else None
     if "boolValue" in value:
         return bool(value["boolValue"])
     if "arrayValue" in value:
-        return [any_value(v) for v in (value["arrayValue"] or {}).get("values", [])]
+        return [any_value(v) for v in _list(_object(value["arrayValue"]).get("values"))]
     if "kvlistValue" in value:
-        return attributes((value["kvlistValue"] or {}).get("values", []))
+        return attributes(_object(value["kvlistValue"]).get("values"))
     return value.get("bytesValue")
 
 
 def attributes(key_values: Any) -> dict[str, Any]:
-    if not isinstance(key_values, list):
-        return {}
-    return {kv["key"]: any_value(kv.get("value")) for kv in key_values if isinstance(kv, dict) and "key" in kv}
+    """OTLP key-value pairs as a mapping; pairs whose key is not text are passed over."""
+    return {kv["key"]: any_value(kv.get("value")) for kv in _list(key_values)
+            if isinstance(kv, dict) and isinstance(kv.get("key"), str)}
 
 
 def _text(parts: list) -> str:
@@ -205,7 +220,7 @@ def parse_span(span: dict, resource: dict) -> dict:
         answered_by=attrs.get("gen_ai.response.model"),
         # HTTP headers as the semantic conventions record them, where header capture is on
         response_headers={k.removeprefix(HEADER_ATTRIBUTE): v for k, v in attrs.items() if k.startswith(HEADER_ATTRIBUTE)},
-        finish_reason=FINISH_REASONS.get(finish_reason, finish_reason),
+        finish_reason=_finish_reason(finish_reason),
         prompt_tokens=attrs.get("gen_ai.usage.input_tokens"),
         completion_tokens=attrs.get("gen_ai.usage.output_tokens"),
         latency_ms=(_nanos(end) - start) / 1e6 if end is not None else None,
@@ -218,22 +233,22 @@ def outcomes(record: Any, source) -> Iterator[Outcome]:
     if not looks_like(record):
         yield Outcome(error="record has no resourceSpans or resourceLogs list", piece=record)
         return
-    for resource_spans in record.get("resourceSpans") or []:
-        resource_spans = resource_spans if isinstance(resource_spans, dict) else {}
-        resource = attributes((resource_spans.get("resource") or {}).get("attributes"))
-        for scope_spans in resource_spans.get("scopeSpans") or []:
-            for span in (scope_spans or {}).get("spans") or []:
+    for resource_spans in _list(record.get("resourceSpans")):
+        resource_spans = _object(resource_spans)
+        resource = attributes(_object(resource_spans.get("resource")).get("attributes"))
+        for scope_spans in _list(resource_spans.get("scopeSpans")):
+            for span in _list(_object(scope_spans).get("spans")):
                 where = f"span {span.get('spanId')}" if isinstance(span, dict) else "span"
                 if not isinstance(span, dict):
                     yield Outcome(error="span is not an object", piece=span, where=where)
                     continue
                 operation = attributes(span.get("attributes")).get("gen_ai.operation.name")
-                if operation not in CALL_OPERATIONS:
-                    yield Outcome(skipped=f"{operation or 'non-GenAI'} span", piece=span)
+                if not isinstance(operation, str) or operation not in CALL_OPERATIONS:
+                    yield Outcome(skipped=f"{operation if isinstance(operation, str) and operation else 'non-GenAI'} span", piece=span)
                     continue
                 yield from one_call(span, partial(parse_span, resource=resource), where)
-    for resource_logs in record.get("resourceLogs") or []:
-        yield from _log_calls(resource_logs if isinstance(resource_logs, dict) else {})
+    for resource_logs in _list(record.get("resourceLogs")):
+        yield from _log_calls(_object(resource_logs))
 
 
 def _log_event(log: dict) -> tuple[Any, dict]:
@@ -246,14 +261,14 @@ def _log_event(log: dict) -> tuple[Any, dict]:
 
 def _log_calls(resource_logs: dict) -> Iterator[Outcome]:
     """One call per span whose GenAI events came as log records; other log records are counted."""
-    resource = attributes((resource_logs.get("resource") or {}).get("attributes"))
-    by_span: dict[tuple[Any, Any], list[dict]] = {}
-    for scope_logs in resource_logs.get("scopeLogs") or []:
-        for log in (scope_logs or {}).get("logRecords") or []:
+    resource = attributes(_object(resource_logs.get("resource")).get("attributes"))
+    by_span: dict[tuple[str, str], list[dict]] = {}
+    for scope_logs in _list(resource_logs.get("scopeLogs")):
+        for log in _list(_object(scope_logs).get("logRecords")):
             if not isinstance(log, dict) or not str(_log_event(log)[0] or "").startswith("gen_ai."):
                 yield Outcome(skipped="non-GenAI log record", piece=log)
                 continue
-            by_span.setdefault((log.get("traceId"), log.get("spanId")), []).append(log)
+            by_span.setdefault((str(log.get("traceId")), str(log.get("spanId"))), []).append(log)
     for (trace_id, span_id), logs in by_span.items():
         yield from one_call(logs, partial(parse_log_records, resource=resource), f"log records of span {span_id}")
 
@@ -271,7 +286,7 @@ def parse_log_records(logs: list[dict], resource: dict) -> dict:
         called_at=datetime.fromtimestamp(first / 1e9, tz=timezone.utc),
         messages=messages,
         response_message=answer,
-        finish_reason=FINISH_REASONS.get(finish_reason, finish_reason),
+        finish_reason=_finish_reason(finish_reason),
         agent=resource.get("service.name"),
         context={k: v for k, v in resource.items() if isinstance(v, (str, int, float, bool))},
     )
