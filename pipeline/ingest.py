@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import failpoints, rawzone, sources
+from pipeline.calls import json_problem
 from pipeline.formats import json_text, registry
 from pipeline.formats.openai_batch import BatchRequests, input_file_for
 from pipeline.ledger import CONFLICT, NEW, REPEATED, Ledger
@@ -272,9 +273,9 @@ class _Run:
             {"source_file": source_file, "source_line": line, "reason": reason, "excerpt": excerpt},
         )
 
-    def call(self, row: dict, piece: Any, landing_file: LandingFile, line: int, raw: bytes) -> None:
+    def call(self, row: dict, piece_hash: str, landing_file: LandingFile, line: int, raw: bytes) -> None:
         context = row.pop("context")  # the row is this call's own, fresh from its adapter
-        row["record_hash"] = record_hash(piece)
+        row["record_hash"] = piece_hash
         day = f"{row['called_at']:%Y-%m-%d}"
         verdict = self.ledger.admit_call(row["trace_id"], row["record_hash"], day, self.run_id)
         if verdict == REPEATED:
@@ -293,6 +294,11 @@ class _Run:
         self.stats.calls += 1
         self.stats.calls_by_day[day] += 1
         self.sink.add(rawzone.TRACES, f"day={day}", row)
+
+
+def _error_text(err: Exception) -> str:
+    """An unexpected error as a quarantine reason: its kind and the start of its message."""
+    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def _reason_kind(reason: str) -> str:
@@ -325,20 +331,38 @@ def _ingest_file(run: _Run, landing_file: LandingFile, workdir: Path) -> None:
     context = _FileContext()
     if landing_file.format == registry.openai_batch.NAME:
         context.batch_requests = BatchRequests(landing_file.batch_input, workdir / f"batch-{run.stats.files_read}.sqlite")
+    records = _records(landing_file, run.options)
     try:
-        for item in _records(landing_file, run.options):
+        while True:
+            try:
+                item = next(records)
+            except StopIteration:
+                break
+            except Exception as err:  # a reader's bug must not stop the run: what it read is kept
+                run.quarantine(name, 0, f"file could not be read further ({_error_text(err)})")
+                break
             if isinstance(item, sources.Rejected):
                 run.quarantine(name, item.line, item.reason, item.excerpt)
                 continue
-            for outcome in adapter.outcomes(item.value, context):
+            problem = json_problem(item.value)  # before any adapter walks it
+            try:
+                outcomes = [] if problem else list(adapter.outcomes(item.value, context))
+                hashes = [record_hash(o.piece) if o.row else None for o in outcomes]
+            except Exception as err:  # a shape no check foresaw, or an adapter's bug: this record only
+                problem = f"record could not be read ({_error_text(err)})"
+            if problem:
+                run.quarantine(name, item.line, problem, sources.excerpt(item.raw))
+                continue
+            for outcome, piece_hash in zip(outcomes, hashes):
                 if outcome.skipped:
                     run.stats.skipped[outcome.skipped] += 1
                 elif outcome.error:
                     reason = f"{outcome.where}: {outcome.error}" if outcome.where else outcome.error
                     run.quarantine(name, item.line, reason, sources.excerpt(item.raw))
                 else:
-                    run.call(outcome.row, outcome.piece, landing_file, item.line, item.raw)
+                    run.call(outcome.row, piece_hash, landing_file, item.line, item.raw)
     finally:
+        records.close()
         if context.batch_requests is not None:
             context.batch_requests.close()
 

@@ -543,7 +543,10 @@ class TraceWriter:
         return fields
 
     def write(self, record: dict) -> None:
-        line = (json_text(record) + "\n").encode()
+        try:
+            line = (json_text(record) + "\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate (a client's or upstream's `\ud800`): kept escaped, collection quarantines it
+            line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
             if self._name is None:
                 self._open()

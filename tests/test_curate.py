@@ -115,7 +115,7 @@ def test_tool_call_arguments_are_scrubbed_and_stay_valid_json():
             }
         ],
     }
-    scrubbed = curate.map_message_texts(message, curate.Scrubber().scrub)
+    scrubbed = curate.map_strings(message, lambda text, _parameter: curate.Scrubber().scrub(text))
     arguments = json.loads(scrubbed["tool_calls"][0]["function"]["arguments"])
     assert arguments == {"to": "<EMAIL_ADDRESS_1>", "cc": ["<PHONE_NUMBER_1>"], "count": 3}
 

@@ -9,7 +9,7 @@ from json import dumps as json_dumps
 import pandas as pd
 import pytest
 
-from pipeline import encoders, incontext, promote
+from pipeline import curate, encoders, incontext, promote
 from pipeline.calls import baseline_answer
 
 
@@ -44,10 +44,9 @@ def test_a_bank_written_and_read_back_prompts_alike_and_is_checked_before_servin
     arguments = list(calls["messages"]), list(calls["tools"])
     assert loaded.prompts(*arguments, native_tools=False) == in_memory.prompts(*arguments, native_tools=False)
     assert "with retrieved examples" in (tmp_path / "bank" / incontext.CARD_FILE).read_text()
-    # the leak check reads what curation scrubbed (messages, answers), not the agent's tool schemas,
-    # whose defaults may be addresses like "default@example.com" (one in the sample's tool step)
+    # the leak check reads all that curation scrubbed: messages, tool schemas (by pattern) and answers
     texts = incontext.scrubbed_texts(tmp_path / "bank")
-    assert len(texts) == 2 * len(train) and set(texts) == set(train["messages"]) | set(train["response_message"])
+    assert len(texts) == 3 * len(train) and set(texts) == set(train["messages"]) | set(train["tools"]) | set(train["response_message"])
 
     assert promote.specialist_problems(encoders.IN_CONTEXT, tmp_path / "bank", str(base_model_dir)) == []
     assert promote.missing_files(encoders.IN_CONTEXT, tmp_path / "bank") == []
@@ -170,9 +169,10 @@ def test_without_fine_tuned_generators_every_kind_is_measured_and_the_cheapest_p
     assert outcome["failed"] == 0 and outcome["calls"] == len(calls) and outcome["answered_by_specialists"] > 0
 
 
-def test_the_leak_check_passes_a_bank_whose_tool_schemas_hold_an_example_address_and_fails_one_with_a_leak(tmp_path):
-    """A false positive must not halt the night: the sample's tool step has a schema whose
-    default is "default@example.com"; an address in a call's own text is a leak."""
+def test_the_leak_check_passes_a_bank_curation_scrubbed_and_fails_one_with_an_address_left_in_its_tool_schemas(tmp_path):
+    """The sample's tool step has a schema whose default is "default@example.com": curation
+    scrubs tool schemas by pattern, so a bank of curated calls passes, and an address left in a
+    bank's schemas (or its calls' text) fails the check."""
     from assets.models import no_known_pii_in_adapters
     from assets.resources import PipelineStore
     from pipeline.store import write_json
@@ -181,8 +181,11 @@ def test_the_leak_check_passes_a_bank_whose_tool_schemas_hold_an_example_address
         "to": {"type": "string", "default": "default@example.com"}}}}}])
     store = PipelineStore(landing_dir=str(tmp_path / "landing"), output_dir=str(tmp_path / "out"),
                           model_cache_dir=str(tmp_path))
-    for request, passed in (("notify the team", True), ("notify jane.doe@corp.example.org", False)):
+    for request, curated, passed in (("notify the team", True, True), ("notify the team", False, False),
+                                     ("notify jane.doe@corp.example.org", False, False)):
         calls = pd.DataFrame([{**_call(request, "done"), "tools": tools}])
+        if curated:
+            calls = curate.scrub_calls(calls, curate.Scrubber(processes=1))
         incontext.write_bank(tmp_path / "bank", calls, ["done"], False, 2, "smollm2-135m-instruct", "notify")
         write_json(store.store().stats("finetuned_adapters"), [
             {"cluster_id": 0, "kind": encoders.IN_CONTEXT, "adapter_dir": str(tmp_path / "bank")}])

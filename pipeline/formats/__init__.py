@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from pipeline.calls import answering_model
+from pipeline.calls import answering_model, call_problem
 
 
 class MalformedCall(ValueError):
@@ -69,18 +69,27 @@ def require(condition: bool, reason: str) -> None:
         raise MalformedCall(reason)
 
 
+# The times a call may have been made at. Outside them a time is a logging bug (epoch 0, a
+# milliseconds field read as seconds, year 9999), and pandas, which the later stages read the
+# table with, holds no time after 2262.
+EARLIEST_CALL, LATEST_CALL = datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc)
+
+
 def parse_time(value: Any, field: str) -> datetime:
-    """An ISO-8601 string, or epoch seconds, as an aware UTC time."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    require(isinstance(value, str) and value.strip() != "", f"missing {field}")
+    """An ISO-8601 string, or epoch seconds, as an aware UTC time between EARLIEST_CALL and
+    LATEST_CALL."""
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as err:
-        raise MalformedCall(f"{field} is not an ISO-8601 time: {value!r}") from err
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            parsed = datetime.fromtimestamp(value, tz=timezone.utc)
+        else:
+            require(isinstance(value, str) and value.strip() != "", f"missing {field}")
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError, OSError) as err:  # OverflowError, OSError: beyond what the platform's time holds
+        kind = "an ISO-8601 time" if isinstance(value, str) else "a time"
+        raise MalformedCall(f"{field} is not {kind}: {str(value)[:40]!r}") from err
+    require(EARLIEST_CALL <= parsed < LATEST_CALL, f"{field} {parsed:%Y-%m-%d} is outside the years 2000-2199")
+    return parsed
 
 
 def optional_int(value: Any) -> int | None:
@@ -137,6 +146,8 @@ def call_row(
     )
     require(tools is None or isinstance(tools, list), "request.tools is not a list")
     require(isinstance(response_message, dict), "response has no assistant message")
+    problem = call_problem(messages, response_message, tools)
+    require(problem is None, problem or "")
     prompt_tokens, completion_tokens = optional_int(prompt_tokens), optional_int(completion_tokens)
     total = optional_int(total_tokens)
     if total is None and prompt_tokens is not None and completion_tokens is not None:

@@ -27,11 +27,10 @@ content (capture off), the calls are quarantined with the setting that turns it 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Iterator
 
-from pipeline.formats import MalformedCall, NotACall, Outcome, call_row, json_field, one_call, optional_int, require
+from pipeline.formats import MalformedCall, NotACall, Outcome, call_row, json_field, one_call, optional_int, parse_time, require
 
 NAME = "otel_genai"
 ITEM_PATHS = ("resourceSpans.item", "resourceLogs.item")
@@ -188,7 +187,7 @@ def _from_named_events(named: list[tuple[Any, dict]]) -> tuple[list, dict | None
 def _nanos(value: Any) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise MalformedCall(f"span time is not a number of nanoseconds: {value!r}") from err
 
 
@@ -212,7 +211,7 @@ def parse_span(span: dict, resource: dict) -> dict:
     context = {k: v for k, v in {**resource, **attrs}.items() if isinstance(v, (str, int, float, bool)) and not k.startswith("gen_ai.usage")}
     return call_row(
         trace_id=f"otel-{span.get('traceId')}-{span.get('spanId')}" if span.get("spanId") else None,
-        called_at=datetime.fromtimestamp(start / 1e9, tz=timezone.utc),
+        called_at=parse_time(start / 1e9, "startTimeUnixNano"),
         messages=messages,
         tools=openai_tools(json_field(attrs.get("gen_ai.tool.definitions"), "gen_ai.tool.definitions")),
         response_message=answer,
@@ -283,7 +282,7 @@ def parse_log_records(logs: list[dict], resource: dict) -> dict:
     trace_id, span_id = logs[0].get("traceId"), logs[0].get("spanId")
     return call_row(
         trace_id=f"otel-{trace_id}-{span_id}" if span_id else None,
-        called_at=datetime.fromtimestamp(first / 1e9, tz=timezone.utc),
+        called_at=parse_time(first / 1e9, "timeUnixNano"),
         messages=messages,
         response_message=answer,
         finish_reason=_finish_reason(finish_reason),
