@@ -55,7 +55,7 @@ postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql; }
 
 dev: setup
-	$(WITH_KEYS) $(BIN)/dagster dev
+	umask 077 && $(WITH_KEYS) $(BIN)/dagster dev
 
 clean:
 	rm -rf output .cache

@@ -27,7 +27,7 @@ from assets.resources import REPO_ROOT, pipeline_store_from_env, resources_from_
 from pipeline import ingest, models, sources
 from pipeline import promote
 from pipeline.promote import format_summary, latest_run
-from pipeline.store import Store, exclusive, read_json
+from pipeline.store import Store, exclusive, read_json, write_owner_only
 
 
 def prepare_models(cache: Path, candidates_file: Path) -> None:
@@ -149,6 +149,7 @@ def _failure_reason(result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    write_owner_only()  # the output folder and the Dagster instance's databases too
     parser = argparse.ArgumentParser(prog="slm-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare-models", help="convert the bundled base model into the model cache")
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         held = args.command == "rollback" or mirror is not None
         with exclusive(resource.output_path(), f"slm-convert {args.command}", print) if held else nullcontext():
             if mirror:
-                mirror.pull()
+                mirror.pull(print)
             registry = resource.store().registry
             if args.command == "routes":
                 print(describe_routes(registry))

@@ -7,6 +7,9 @@ import dagster as dg
 
 from assets import data, deployment, models, promotion, sensors
 from assets.resources import pipeline_store_from_env, resources_from_env
+from pipeline.store import write_owner_only
+
+write_owner_only()  # the processes that load this code location write the pipeline's files
 
 all_assets = [
     data.raw_traces,

@@ -182,12 +182,24 @@ def find_landing_files(landing_dir: Path) -> list[Path]:
     return files
 
 
+def leaves_folder(path: Path, landing_dir: Path) -> bool:
+    """Whether a landing file is a symbolic link (or lies under one) to a file outside the landing
+    folder: such a file is refused, never read, so that a link cannot make collection store any
+    file the pipeline's user may read."""
+    return not Path(path).resolve().is_relative_to(Path(landing_dir).resolve())
+
+
+OUTSIDE_LANDING = "symbolic link to a file outside the landing folder: refused, not read"
+
+
 def readable_landing_files(landing_dir: Path) -> list[Path]:
     """The landing folder's files, each checked to open: one the pipeline may not read stops a
-    run before it starts (collection itself stops at it too, before anything is stored)."""
+    run before it starts (collection itself stops at it too, before anything is stored). Links
+    that leave the folder are not opened (collection refuses them)."""
     files = find_landing_files(landing_dir)
     for path in files:
-        sources.check_readable(path)
+        if not leaves_folder(path, landing_dir):
+            sources.check_readable(path)
     return files
 
 
@@ -206,10 +218,14 @@ def _configured_format(path: Path, formats: dict[str, str]) -> str | None:
     return None
 
 
-def plan(files: Iterable[Path], options: IngestOptions = IngestOptions()) -> list[LandingFile]:
-    """Each file's layout and format (detected, or as configured), batch outputs paired with inputs."""
+def plan(files: Iterable[Path], options: IngestOptions = IngestOptions(), landing_dir: Path | None = None) -> list[LandingFile]:
+    """Each file's layout and format (detected, or as configured), batch outputs paired with
+    inputs; with `landing_dir`, a link that leaves it is refused (`leaves_folder`)."""
     planned = []
     for path in map(Path, files):
+        if landing_dir is not None and leaves_folder(path, landing_dir):
+            planned.append(LandingFile(path, "not-json", None, OUTSIDE_LANDING))
+            continue
         layout, detected, problem = registry.detect_file(path)
         configured = _configured_format(path, options.formats)
         if configured and layout != "not-json":
@@ -314,7 +330,8 @@ def _reason_kind(reason: str) -> str:
 
 def _records(landing_file: LandingFile, options: IngestOptions):
     if landing_file.layout == "document":
-        return sources.read_document(landing_file.path, registry.ADAPTERS[landing_file.format].ITEM_PATHS)
+        return sources.read_document(landing_file.path, registry.ADAPTERS[landing_file.format].ITEM_PATHS,
+                                     options.max_record_bytes)
     if landing_file.layout == "table":
         return sources.read_table(landing_file.path)
     return sources.read_lines(landing_file.path, options.max_record_bytes)
@@ -464,7 +481,7 @@ def collect(
     publish that a crash interrupted, so a call is stored exactly once or the run did not happen.
     """
     now = now or datetime.now(timezone.utc)
-    planned = plan(find_landing_files(landing_dir), options)
+    planned = plan(find_landing_files(landing_dir), options, landing_dir)
     raw_root.mkdir(parents=True, exist_ok=True)
     raw_root.chmod(0o700)  # the raw zone's folder, like its files, is its owner's only
     ledger = Ledger(raw_root / rawzone.LEDGER)

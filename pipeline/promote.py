@@ -35,7 +35,7 @@ from statistics import NormalDist
 import yaml
 
 from pipeline.cluster import BUNDLED_EMBEDDER, DEFAULT_SIGNATURE
-from pipeline.store import read_json, write_bytes, write_json
+from pipeline.store import make_owner_only, read_json, write_bytes, write_json
 
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
 ROUTER_CONFIG, HISTORY, RUNS = "router.yaml", "history.jsonl", "runs"
@@ -245,6 +245,31 @@ def file_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+HASHES_FILE = "hashes.json"
+
+
+def version_problems(registry: Path, adapter: str) -> list[str]:
+    """Why a router.yaml entry's adapter (`<route>/<version>/adapter`) may not be served: a path
+    that leads outside the registry (an absolute one, `..`, a link elsewhere), or a version whose
+    files are not the ones promotion wrote (its hashes.json). Whoever can change router.yaml or a
+    bucket object must not thereby make the router load other files."""
+    root = Path(registry).resolve()
+    parts = str(adapter).split("/")
+    if str(adapter).startswith("/") or len(parts) != 3 or any(p in ("", ".", "..") for p in parts) or parts[2] != "adapter":
+        return [f"adapter {adapter!r} is not <route>/<version>/adapter inside the registry"]
+    version_dir = Path(registry) / parts[0] / parts[1]
+    if not version_dir.resolve().is_relative_to(root) or not (version_dir / "adapter").resolve().is_relative_to(root):
+        return [f"adapter {adapter!r} leads outside the registry {registry}"]
+    recorded_path = version_dir / HASHES_FILE
+    if not recorded_path.is_file():
+        return [f"{version_dir} has no {HASHES_FILE}: it was not written by promotion"]
+    recorded = read_json(recorded_path)
+    found = {name: digest for name, digest in file_hashes(version_dir).items() if name != HASHES_FILE}
+    changed = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
+    return [f"{version_dir}: files differ from {HASHES_FILE} ({', '.join(changed[:5])}"
+            f"{' ...' if len(changed) > 5 else ''}): the version was changed after promotion"] if changed else []
+
+
 def _versions(registry: Path, route: str) -> list[str]:
     folder = registry / route
     return sorted(p.name for p in folder.glob("v[0-9]*") if p.is_dir()) if folder.is_dir() else []
@@ -266,7 +291,8 @@ def write_route_version(registry: Path, route: dict, evaluation: dict, version: 
     shutil.copytree(route["adapter_dir"], staging / "adapter")
     write_json(staging / "eval.json", evaluation)
     write_json(staging / "route.json", {k: v for k, v in route.items() if k != "adapter_dir"})
-    write_json(staging / "hashes.json", file_hashes(staging))
+    write_json(staging / HASHES_FILE, file_hashes(staging))
+    make_owner_only(staging)
     staging.rename(registry / route["name"] / version)
 
 

@@ -90,6 +90,29 @@ def unseal(path: Path, encryption_key: str | None) -> bytes:
         ) from err
 
 
+def unsealed_chunks(stream, name: str, encryption_key: str | None, max_token_bytes: int):
+    """The plaintext of a sealed file, one sealed chunk at a time: a sealed log is Fernet tokens,
+    one per line (the router's trace log seals each call on its own; a file sealed whole is one
+    token). Memory holds one token, so a token over `max_token_bytes` is refused, not read."""
+    from cryptography.fernet import InvalidToken
+
+    if not encryption_key:
+        raise RawZoneKeyError(f"{name} is encrypted: set {ENCRYPTION_KEY_ENV} to the key it was written with")
+    fernet = _fernet(encryption_key)
+    while token := stream.readline(max_token_bytes + 1):
+        if len(token) > max_token_bytes and not token.endswith(b"\n"):
+            raise RawZoneKeyError(f"{name} holds a sealed chunk over {max_token_bytes} bytes: not read")
+        if not token.strip():
+            continue
+        try:
+            yield fernet.decrypt(token.strip())
+        except InvalidToken as err:
+            raise RawZoneKeyError(
+                f"{name} cannot be decrypted with the key(s) in {ENCRYPTION_KEY_ENV}: after a rotation keep the old "
+                "key after the new one (comma-separated) until `python -m pipeline.rawzone rotate` has run"
+            ) from err
+
+
 def write_part(path: Path, rows: list[dict], schema: pa.Schema, encryption_key: str | None) -> Path:
     """One Parquet part of a raw table, encrypted when a key is given; returns the file written."""
     buffer = io.BytesIO()
@@ -139,6 +162,11 @@ def _run_time(part: Path) -> datetime | None:
         return None
 
 
+def _text_bytes(row: dict) -> int:
+    """About what a row's text holds in memory (its characters)."""
+    return sum(len(v) for v in row.values() if isinstance(v, str))
+
+
 class RawZoneWriter:
     """Buffers one ingest run's rows per table and partition and writes them as parts.
 
@@ -146,28 +174,34 @@ class RawZoneWriter:
     has committed the run, so a crash never leaves rows stored that the ledger does not know (they
     would come back as duplicates) nor rows the ledger knows but that were never stored (lost).
     Memory stays bounded: a partition is written out every `rows_per_part` rows, and everything
-    buffered is written once `max_buffered_rows` are held.
+    buffered is written once `max_buffered_rows` rows or `max_buffered_bytes` of their text are
+    held (calls of a few MB each reach the second long before the first).
     """
 
     def __init__(self, root: Path, run_id: str, schemas: dict[str, pa.Schema], encryption_key: str | None,
-                 rows_per_part: int = 5000, max_buffered_rows: int = 20000):
+                 rows_per_part: int = 5000, max_buffered_rows: int = 20000, max_buffered_bytes: int = 256 * 1024 * 1024):
         self.root, self.run_id, self.schemas, self.encryption_key = root, run_id, schemas, encryption_key
         self.staging = root / STAGING / run_id
-        self.rows_per_part, self.max_buffered_rows = rows_per_part, max_buffered_rows
+        self.rows_per_part, self.max_buffered_rows, self.max_buffered_bytes = rows_per_part, max_buffered_rows, max_buffered_bytes
         self._buffers: dict[tuple[str, str], list[dict]] = {}
+        self._rows, self._bytes = 0, 0
         self._sequence = 0
         self.parts_written = 0
 
     def add(self, kind: str, partition: str, row: dict) -> None:
         buffer = self._buffers.setdefault((kind, partition), [])
         buffer.append(row)
+        self._rows += 1
+        self._bytes += _text_bytes(row)
         if len(buffer) >= self.rows_per_part:
             self._write(kind, partition)
-        elif sum(len(b) for b in self._buffers.values()) >= self.max_buffered_rows:
+        elif self._rows >= self.max_buffered_rows or self._bytes >= self.max_buffered_bytes:
             self.flush()
 
     def _write(self, kind: str, partition: str) -> None:
         rows = self._buffers.pop((kind, partition), [])
+        self._rows -= len(rows)
+        self._bytes -= sum(map(_text_bytes, rows))
         if rows:
             path = self.staging / kind / partition / f"part-{self.run_id}-{self._sequence:05d}"
             write_part(path, rows, self.schemas[kind], self.encryption_key)
@@ -180,6 +214,7 @@ class RawZoneWriter:
 
     def discard(self) -> None:
         self._buffers.clear()
+        self._rows, self._bytes = 0, 0
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

@@ -48,6 +48,18 @@ def local_copy(url: str, work_dir: Path) -> Path:
     return Path(work_dir) / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def contained(root: Path, relative: str) -> Path | None:
+    """`root / relative`, or None when that path would leave `root`: an absolute key, `..`, or a
+    symbolic link inside the copy that points elsewhere. Whoever may write to the bucket must not
+    thereby write files anywhere on the machines that pull from it."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\x00" in relative:
+        return None
+    target = Path(root) / relative
+    resolved_root = Path(root).resolve()
+    return target if target.resolve().is_relative_to(resolved_root) else None
+
+
 def kept_local(relative: str) -> bool:
     """Files that never go to the bucket: locks, temporary files, staging folders. (Training
     checkpoints do go: a fine-tuning step that lost its machine resumes from them on another.)"""
@@ -72,6 +84,8 @@ class Mirror:
 
     def __post_init__(self):
         import fsspec
+
+        self.refused: set[str] = set()  # keys a pull refused (see `contained`)
 
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
@@ -127,7 +141,11 @@ class Mirror:
             unchanged_here = relative in local and known and self._stamp(local[relative]) == known["local"]
             if known and known["remote"] == _version(info) and unchanged_here:
                 continue
-            target = self.local / relative
+            target = contained(self.local, relative)
+            if target is None:  # refused, and said every time: someone wrote an object where none belongs
+                log(f"refused to pull {self.root}/{relative}: its key leads outside {self.local}")
+                self.refused.add(relative)
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.pull.tmp")
             self.fs.get_file(f"{self.root}/{relative}", str(partial))
@@ -135,7 +153,7 @@ class Mirror:
             manifest[relative] = {"remote": _version(info), "local": self._stamp(target.stat())}
             changed += 1
         for relative in sorted(set(manifest) - set(remote)):
-            if relative in local and self._stamp(local[relative]) == manifest[relative]["local"]:
+            if relative in local and contained(self.local, relative) is not None and self._stamp(local[relative]) == manifest[relative]["local"]:
                 (self.local / relative).unlink()
                 changed += 1
             manifest.pop(relative)

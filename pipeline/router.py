@@ -47,7 +47,6 @@ from pipeline.calls import (
     render_prompt, renders_tools, signature_parts, system_prompt_key, without_instructions,
 )
 from pipeline.formats import json_text
-from pipeline.store import write_bytes
 
 
 @dataclass(frozen=True)
@@ -193,6 +192,8 @@ def _by_embedding(routes: tuple[Route, ...]) -> dict[tuple[str, str, frozenset[s
 def _route(registry: Path, entry: dict) -> Route:
     match = entry["match"]
     centroid = np.asarray(match["centroid"], dtype=np.float32)
+    if problems := promote.version_problems(registry, entry["adapter"]):
+        raise RouterConfigError(f"route {entry['name']} {entry['version']}: {'; '.join(problems)}")
     adapter_dir = registry / entry["adapter"]
     kind = entry.get("kind", encoders.GENERATIVE)
     instructions: frozenset[str] = frozenset()
@@ -512,12 +513,12 @@ class TraceWriter:
 
     The same policy as collection: the fields that say who made a call are replaced by keyed
     pseudonyms before anything is written (the same key makes a session's router calls group
-    with its other calls), and with an encryption key (the raw zone's) a file is sealed with it
-    (Fernet) as a whole: its calls are kept in memory until the file is closed and written at
-    once as `router-*.jsonl.enc`, so no message text is ever on disk in the clear; collection
-    opens sealed files with the same key. Without a key, lines are appended to a file under a
-    hidden name (collection skips hidden files) that is renamed when closed. Either way no file
-    is visible half written, and files are owner-only (0600).
+    with its other calls), and with an encryption key (the raw zone's) each call is sealed on its
+    own (Fernet) before it is written, one token per line (`router-*.jsonl.enc`), so no message
+    text is ever on disk in the clear and memory holds one call, whatever the file's size;
+    collection opens sealed files with the same key, a token at a time. Lines are appended to a
+    file under a hidden name (collection skips hidden files) that is renamed when closed, so no
+    file is visible half written, and files are owner-only (0600).
     """
 
     def __init__(self, landing_dir: Path, pseudonym_key: str | None, encryption_key: str | None = None,
@@ -529,8 +530,7 @@ class TraceWriter:
         self.max_age_seconds = max_age_seconds
         self._lock = threading.Lock()
         self._name: str | None = None  # the open file's final name; None: none open
-        self._lines: list[bytes] = []  # sealed files: the calls not written yet
-        self._file = None  # plain files: the hidden file being appended to
+        self._file = None  # the hidden file being appended to
         self._records = 0
         self._opened = 0.0
         self.written_files: list[Path] = []
@@ -547,14 +547,13 @@ class TraceWriter:
             line = (json_text(record) + "\n").encode()
         except UnicodeEncodeError:  # a lone surrogate (a client's or upstream's `\ud800`): kept escaped, collection quarantines it
             line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        if self.encryption_key:
+            line = rawzone.seal(line, self.encryption_key) + b"\n"
         with self._lock:
             if self._name is None:
                 self._open()
-            if self.encryption_key:
-                self._lines.append(line)
-            else:
-                self._file.write(line)
-                self._file.flush()
+            self._file.write(line)
+            self._file.flush()
             self._records += 1
             if self._records >= self.max_records:
                 self._close()
@@ -574,21 +573,16 @@ class TraceWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         self._name = f"router-{stamp}-{os.getpid()}.jsonl" + (rawzone.ENCRYPTED_SUFFIX if self.encryption_key else "")
-        if not self.encryption_key:
-            hidden = self.folder / f".{self._name}.partial"
-            self._file = os.fdopen(os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        hidden = self.folder / f".{self._name}.partial"
+        self._file = os.fdopen(os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         self._records, self._opened = 0, time.monotonic()
 
     def _close(self) -> None:
         final = self.folder / self._name
-        if self.encryption_key:
-            write_bytes(final, rawzone.seal(b"".join(self._lines), self.encryption_key))  # atomic, 0600
-            self._lines = []
-        else:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            (self.folder / f".{self._name}.partial").rename(final)
-            self._file = None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        (self.folder / f".{self._name}.partial").rename(final)
+        self._file = None
         self.written_files.append(final)
         self._name = None

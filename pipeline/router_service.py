@@ -49,13 +49,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from pipeline import promote, rawzone
-from pipeline.calls import ROUTER_SLM_MODEL_PREFIX
+from pipeline.calls import ROUTER_SLM_MODEL_PREFIX, call_problem, json_problem
 from pipeline.formats import json_text
 from pipeline.router import (
     EmbeddingCache, Match, RouteTable, RouterConfigError, SlmAnswer, SlmEngine, SlmTimeout, TraceWriter,
     slm_model_name, trace_record,
 )
 from pipeline.remote import Mirror, is_remote, local_copy
+from pipeline.store import write_owner_only
 
 log = logging.getLogger("slm_router")
 
@@ -81,6 +82,7 @@ class RouterSettings:
     log_max_age: float = 300.0  # or after this many seconds
     # the fallback's base URL instead of router.yaml's (a staging endpoint; the demo's replay of logged answers)
     fallback_base_url: str | None = None
+    max_concurrency: int = 64  # chat requests in flight; more are answered 503 at once (health and models are not counted)
 
 
 class Metrics:
@@ -150,6 +152,7 @@ class Router:
         self._seen: tuple[int, int] | None = None  # router.yaml's (mtime, size) last read
         self._reload_lock = threading.Lock()
         self.client: httpx.AsyncClient | None = None
+        self._in_flight = 0  # chat requests being answered (one event loop: no lock needed)
 
     # -- router.yaml ---------------------------------------------------------------------------
 
@@ -160,7 +163,8 @@ class Router:
         with self._reload_lock:
             if self.settings.registry_mirror:
                 try:  # router.yaml is uploaded after the versions it names: a pull never finds it ahead
-                    self.settings.registry_mirror.pull()
+                    self.settings.registry_mirror.pull(lambda message: log.info(json.dumps({"event": "registry pull",
+                                                                                             "message": message})))
                 except Exception as err:  # noqa: BLE001 - the bucket out of reach keeps the current config serving
                     log.error(json.dumps({"event": "registry pull failed", "error": f"{type(err).__name__}: {err}"}))
             path = self.settings.registry / promote.ROUTER_CONFIG
@@ -203,8 +207,10 @@ class Router:
         if not self.settings.tokens:
             return
         header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not token or not any(hmac.compare_digest(token, t) for t in self.settings.tokens):
+        # compared as bytes: the header is any bytes (Starlette decodes it as latin-1), and
+        # compare_digest refuses text that is not ASCII
+        token = header[7:].strip().encode("latin-1") if header.lower().startswith("bearer ") else b""
+        if not token or not any(hmac.compare_digest(token, t.encode()) for t in self.settings.tokens):
             raise ApiError(401, "Missing or invalid bearer token (Authorization: Bearer <token>).", "authentication_error")
 
     async def read_json(self, request: Request) -> tuple[dict, bytes]:
@@ -219,11 +225,24 @@ class Router:
                 raise ApiError(413, f"Request body is over the limit of {limit} bytes.")
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"Request body is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise ApiError(400, "Request body is not valid JSON: nested too deeply.") from err
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+            raise ApiError(400, f"Request body is not valid JSON: {str(err)[:200]}") from err
         return validate_chat_request(payload), bytes(body)
 
     async def chat_completions(self, request: Request) -> Response:
+        if self._in_flight >= self.settings.max_concurrency:
+            self.metrics.requests.labels("rejected", "none").inc()
+            return ApiError(503, f"The router is answering {self._in_flight} requests, its limit; retry shortly.",
+                            "server_busy").response({"Retry-After": "1"})
+        self._in_flight += 1
+        try:
+            return await self._chat_completion(request)
+        finally:
+            self._in_flight -= 1
+
+    async def _chat_completion(self, request: Request) -> Response:
         started = time.perf_counter()
         called_at = datetime.now(timezone.utc)
         try:
@@ -354,7 +373,7 @@ class Router:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
             headers = self.finish(context, 502, None, fallback["model"], None, None, "none")
-            return ApiError(502, f"The fallback at {base_url} did not answer: {type(err).__name__}",
+            return ApiError(502, f"The fallback at {_without_credentials(base_url)} did not answer: {type(err).__name__}",
                             "fallback_error").response(headers)
         if payload.get("stream") and response.status_code < 400:
             return StreamingResponse(self.relay(response, model, context), status_code=response.status_code,
@@ -448,7 +467,16 @@ def validate_chat_request(payload) -> dict:
         raise ApiError(400, "'tools' must be an array.", param="tools")
     if not isinstance(payload.get("stream", False), bool):
         raise ApiError(400, "'stream' must be true or false.", param="stream")
+    # what collection would quarantine: never served, never logged
+    if problem := json_problem(payload) or call_problem(messages, {}, payload.get("tools")):
+        raise ApiError(400, f"Request body cannot be served: {problem}.")
     return payload
+
+
+def _without_credentials(url: str) -> str:
+    """A URL as an error message may show it: no user, password or query (where keys go)."""
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(userinfo=b"", query=None, fragment=None))
 
 
 def stream_chunks(message: dict, finish_reason: str, trace_id: str, created: int, model: str,
@@ -520,16 +548,82 @@ class StreamedAnswer:
         return message
 
 
+# A connection must send its request line and headers within HEADER_SECONDS of opening (or of its
+# first byte after a keep-alive pause), and its body within BODY_SECONDS after that; one that does
+# not is closed. uvicorn times out neither, so without these a few sockets sending half a request
+# hold connections open for good (issue 30 found 4 locking every client out). MAX_CONNECTIONS caps
+# open connections on their own, apart from the requests in flight (`max_concurrency`): health
+# checks and clients with a whole request keep being answered while slow ones wait to be closed.
+HEADER_SECONDS, BODY_SECONDS, MAX_CONNECTIONS = 10.0, 60.0, 1024
+
+
+def guarded_http(header_seconds: float = HEADER_SECONDS, body_seconds: float = BODY_SECONDS):
+    """uvicorn's h11 protocol with the header and body deadlines above."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _phase: str = ""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm("headers", header_seconds)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.SEND_BODY and self._phase != "body":
+                self._arm("body", body_seconds)
+            elif state is h11.IDLE and self._phase == "":  # the first bytes of the next request on a kept-alive connection
+                self._arm("headers", header_seconds)
+            elif state not in (h11.IDLE, h11.SEND_BODY):  # the whole request is in: the app has it
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._disarm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self, phase: str, seconds: float) -> None:
+            self._disarm()
+            self._phase, self._deadline = phase, self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline, self._phase = None, ""
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing():
+                log.warning(json.dumps({"event": "connection closed", "reason": f"{self._phase} not received in time",
+                                        "client": "%s:%d" % self.client if self.client else None}))
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_options(max_connections: int = MAX_CONNECTIONS, header_seconds: float = HEADER_SECONDS,
+                    body_seconds: float = BODY_SECONDS) -> dict:
+    """The uvicorn settings the router runs with (the CLI, the demo's replay, the tests)."""
+    return {"http": guarded_http(header_seconds, body_seconds), "limit_concurrency": max_connections,
+            "timeout_keep_alive": 5}
+
+
 @contextlib.contextmanager
-def serving(app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options):
-    """Run an ASGI app on uvicorn in a background thread; yields its base URL (tests, benchmarks)."""
+def serving(app, host: str = "127.0.0.1", port: int = 0, **options):
+    """Run an ASGI app on uvicorn in a background thread (with `uvicorn_options`, which `options`
+    override); yields its base URL (tests, benchmarks, the demo's replay)."""
     import uvicorn
 
     if port == 0:
         with socket.socket() as probe:
             probe.bind((host, 0))
             port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_options))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **{**uvicorn_options(), **options}))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -555,7 +649,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
     registry_mirror = None
     if is_remote(location):  # served from a local copy, pulled now and at each look for changes
         registry_mirror = Mirror(location, local_copy(location, Path(os.environ.get("SLM_WORK_DIR", ".cache/work"))))
-        registry_mirror.pull()
+        registry_mirror.pull(print)
     registry = registry_mirror.local if registry_mirror else Path(location)
     if not (registry / promote.ROUTER_CONFIG).is_file():
         raise SystemExit(f"slm-router: no {promote.ROUTER_CONFIG} in {registry}; run `slm-convert run` first "
@@ -570,7 +664,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         registry=registry, registry_mirror=registry_mirror, landing_dir=landing, tokens=tokens,
         pseudonym_key=os.environ.get(rawzone.PSEUDONYM_KEY_ENV) or None, encryption_key=encryption_key,
         slm_timeout=args.slm_timeout, max_request_bytes=args.max_request_bytes, reload_interval=args.reload_interval,
-        fallback_base_url=args.fallback_url)
+        fallback_base_url=args.fallback_url, max_concurrency=args.max_concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,18 +681,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a token (loopback only)")
     parser.add_argument("--slm-timeout", type=float, default=10.0, help="seconds to wait for the SLM before falling back")
     parser.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
-    parser.add_argument("--max-concurrency", type=int, default=64, help="requests in flight; more get 503")
+    parser.add_argument("--max-concurrency", type=int, default=64, help="chat requests in flight; more get 503")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                        help="open connections; more get 503 (a connection that has not sent its headers within "
+                             "--header-timeout seconds, or its body within --body-timeout, is closed)")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_SECONDS)
+    parser.add_argument("--body-timeout", type=float, default=BODY_SECONDS)
     parser.add_argument("--reload-interval", type=float, default=2.0, help="seconds between looks at router.yaml")
     parser.add_argument("--fallback-url", help="the fallback's base URL instead of router.yaml's (e.g. a staging endpoint)")
     args = parser.parse_args(argv)
+    write_owner_only()  # the trace log and a pulled registry copy
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     router = Router(settings_from_args(args))
     try:
         router.reload()
     except RouterConfigError as err:
         raise SystemExit(f"slm-router: {err}") from None
-    uvicorn.run(router.app(), host=args.host, port=args.port, limit_concurrency=args.max_concurrency,
-                log_level="warning")
+    uvicorn.run(router.app(), host=args.host, port=args.port, log_level="warning",
+                **uvicorn_options(args.max_connections, args.header_timeout, args.body_timeout))
     return 0
 
 

@@ -10,7 +10,6 @@ without a trace.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import io
 import json
@@ -37,6 +36,10 @@ SEALED_MAGIC = b"gAAAAA"
 # A single logged call is rarely above 1 MB (128k tokens of text is about 0.5 MB); 16 MB leaves
 # room for inline images while keeping one line's memory bounded.
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
+# A sealed chunk holds one call of the router's trace log (its requests are at most 4 MiB; a
+# Fernet token is 4/3 of its plaintext). Files that older routers sealed whole are one chunk each:
+# up to this size they are read as before.
+MAX_SEALED_CHUNK_BYTES = 64 * 1024 * 1024
 EXCERPT_CHARS = 160
 _READ_CHUNK = 1024 * 1024
 
@@ -94,7 +97,7 @@ def open_binary(path: Path) -> BinaryIO:
     if head.startswith(ZSTD_MAGIC):
         return io.BufferedReader(_ZstdFrames(open(path, "rb")))
     if head == SEALED_MAGIC:
-        return io.BytesIO(_unsealed(path))  # sealed files are closed every 1,000 calls: small
+        return io.BufferedReader(_Unsealed(path))
     return open(path, "rb")
 
 
@@ -136,24 +139,40 @@ class _ZstdFrames(io.RawIOBase):
         super().close()
 
 
-def _unsealed(path: Path) -> bytes:
-    from pipeline import rawzone
+class _Unsealed(io.RawIOBase):
+    """The plaintext of a file sealed with the raw zone's key, decrypted one sealed chunk at a
+    time (`rawzone.unsealed_chunks`): memory holds one chunk, not the file. A missing or wrong key
+    raises SealedFileError, whose message says what to set."""
 
-    stat = path.stat()
-    try:
-        return _decrypted(path, stat.st_mtime_ns, stat.st_size, os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None)
-    except rawzone.RawZoneKeyError as err:
-        raise SealedFileError(str(err)) from err
+    def __init__(self, path: Path):
+        from pipeline import rawzone
 
+        self._sealed = open(path, "rb")
+        self._chunks = rawzone.unsealed_chunks(self._sealed, str(path), os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None,
+                                               MAX_SEALED_CHUNK_BYTES)
+        self._pending, self._offset = b"", 0
 
-# Collection opens a file three times in a row (layout, format, records): a sealed one is
-# decrypted once. Keyed by the file's modification time and size too, so a rewritten file is read
-# afresh; a few files at most, each one trace log of up to 1,000 calls.
-@functools.lru_cache(maxsize=4)
-def _decrypted(path: Path, modified_ns: int, size: int, encryption_key: str | None) -> bytes:
-    from pipeline import rawzone
+    def readable(self) -> bool:
+        return True
 
-    return rawzone.unseal(path, encryption_key)
+    def readinto(self, buffer) -> int:
+        from pipeline import rawzone
+
+        while self._offset >= len(self._pending):
+            try:
+                self._pending, self._offset = next(self._chunks), 0
+            except StopIteration:
+                return 0
+            except rawzone.RawZoneKeyError as err:
+                raise SealedFileError(str(err)) from err
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
+        self._offset += size
+        return size
+
+    def close(self) -> None:
+        self._sealed.close()
+        super().close()
 
 
 def _read_line(stream: BinaryIO, max_bytes: int) -> tuple[bytes, bool]:
@@ -204,12 +223,8 @@ def sniff_layout(path: Path) -> str:
             # tests/test_properties.py)
             if f.read() == PARQUET_MAGIC or not any(_is_json(line.strip()) for line in head.split(b"\n")):
                 return "table"
-    try:
-        with open_binary(path) as stream:
-            head = stream.read(64 * 1024)
-    except (SealedFileError, UnreadableLandingFile):
-        raise
-    except CORRUPT_STREAM:
+    head, cut = _readable_head(path, 64 * 1024)
+    if cut and not head:
         return "not-json"
     lines = [line.strip() for line in head.split(b"\n")]
     json_lines = [line for line in lines if line[:1] in (b"{", b"[")]
@@ -224,6 +239,25 @@ def sniff_layout(path: Path) -> str:
         whole = sum(1 for line in seen if line[:1] in (b"{", b"[") and _is_json(line))
         return "lines" if whole * 2 >= len(seen) else "document"
     return "lines"
+
+
+def _readable_head(path: Path, size: int) -> tuple[bytes, bool]:
+    """Up to `size` bytes from the start of a file's content, and whether its compressed stream
+    broke before: a cut gzip or zstd file is judged by the lines it still has (they are kept)."""
+    head = bytearray()
+    try:
+        with open_binary(path) as stream:
+            while len(head) < size and (chunk := stream.read(min(4096, size - len(head)))):
+                head += chunk
+    except SealedFileError:
+        if not head:  # no key, or the wrong one: the whole file says so
+            raise
+        return bytes(head), True  # a damaged token after good ones: like a cut stream
+    except UnreadableLandingFile:
+        raise
+    except CORRUPT_STREAM:
+        return bytes(head), True
+    return bytes(head), False
 
 
 def _is_json(raw: bytes) -> bool:
@@ -252,28 +286,89 @@ def read_lines(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
                 except ValueError as err:
                     yield Rejected(line_number, str(err), excerpt(raw))
     except SealedFileError as err:
-        yield Rejected(0, str(err))
+        yield Rejected(line_number + 1 if line_number else 0, str(err))  # 0: the whole file
     except UnreadableLandingFile:
         raise
     except CORRUPT_STREAM as err:
         yield Rejected(line_number + 1, f"compressed stream is corrupt or truncated ({err})")
 
 
-def read_document(path: Path, item_paths: tuple[str, ...]) -> Iterator[Record | Rejected]:
+class _ItemTooLarge(Exception):
+    pass
+
+
+class _ItemBudget(io.RawIOBase):
+    """A stream that refuses to give more than `limit` bytes between two calls of `reset`. The
+    JSON parser holds a whole value (a string, and an item being built) before it passes it on:
+    resetting at each event between items, and at the start of each item, bounds what it holds
+    as a line's size is bounded."""
+
+    def __init__(self, stream: BinaryIO, limit: int):
+        self._stream, self._limit, self._since_reset = stream, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        self._since_reset = 0
+
+    def readinto(self, buffer) -> int:
+        data = self._stream.read(min(len(buffer), 64 * 1024))
+        self._since_reset += len(data)
+        if self._since_reset > self._limit + 64 * 1024:  # the parser reads ahead by a buffer
+            raise _ItemTooLarge()
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _document_items(budget: _ItemBudget, prefix: str) -> Iterator[Any]:
+    """ijson's `items`, built from its events here so that `budget` counts each item's bytes."""
+    import ijson
+    from ijson.common import ObjectBuilder
+
+    events = ijson.parse(budget, use_float=True)
+    for current, event, value in events:
+        budget.reset()
+        if current != prefix:
+            continue
+        if event not in ("start_map", "start_array"):
+            yield value
+            continue
+        builder, depth = ObjectBuilder(), 1
+        builder.event(event, value)
+        while depth:
+            current, event, value = next(events)
+            builder.event(event, value)
+            depth += event in ("start_map", "start_array")
+            depth -= event in ("end_map", "end_array")
+        yield builder.value
+
+
+def read_document(path: Path, item_paths: tuple[str, ...], max_item_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record | Rejected]:
     """The items of one JSON document, streamed with ijson so a large export never sits in memory.
 
     `item_paths` are ijson prefixes in order of preference (`"item"` for a top-level array,
     `"data.item"` for an API page, `"resourceSpans.item"` for OTLP); the first that yields items
     is used, and each item is wrapped back under its container key so adapters see one shape.
+    An item (or any value) over `max_item_bytes` stops the file where it starts, with its reason:
+    it is never held whole, and a document cannot be resumed after it.
     """
     import ijson
 
+    too_large = None
     for prefix in item_paths:
         count = 0
         try:
             with open_binary(path) as stream:
-                for count, item in enumerate(ijson.items(stream, prefix, use_float=True), start=1):
+                for count, item in enumerate(_document_items(_ItemBudget(stream, max_item_bytes), prefix), start=1):
                     yield Record(count, _wrap(prefix, item), b"")
+        except _ItemTooLarge:
+            too_large = Rejected(count + 1, f"document item {count + 1} (or a value in it) is longer than {max_item_bytes} "
+                                            "bytes; the rest of the document is not read")
+            if not count:  # met before any item at this prefix: perhaps in an item at another one
+                continue
+            yield too_large
+            return
         except ijson.JSONError as err:
             yield Rejected(count + 1, f"invalid JSON document after item {count} ({err})")
             return
@@ -284,7 +379,7 @@ def read_document(path: Path, item_paths: tuple[str, ...]) -> Iterator[Record | 
             return
         if count:
             return
-    yield Rejected(0, f"JSON document holds no items at any of {', '.join(item_paths)}")
+    yield too_large or Rejected(0, f"JSON document holds no items at any of {', '.join(item_paths)}")
 
 
 def read_table(path: Path, batch_rows: int = 1024) -> Iterator[Record | Rejected]:

@@ -60,6 +60,26 @@ class Store:
 LOCK_FILE, LOCK_HOLDER = ".slm-convert.lock", ".slm-convert.lock.holder.json"
 
 
+# Everything the pipeline and the router write holds logged calls or a model trained on them: files
+# are their owner's only (0600, folders 0700), as the raw zone's always were. Each entry point (the
+# two commands, the code location Dagster loads) sets this before it writes anything.
+OWNER_ONLY_UMASK = 0o077
+
+
+def write_owner_only() -> None:
+    """New files and folders of this process are its owner's only."""
+    os.umask(OWNER_ONLY_UMASK)
+
+
+def make_owner_only(folder: Path) -> None:
+    """A folder tree's files 0600 and folders 0700: a copy keeps its source's modes, whatever the
+    umask (an adapter that PEFT saved 0644, a base model from a wheel)."""
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 @contextmanager
 def exclusive(root: Path, holder: str, log: Callable[[str], None] = print, report_every: float = 60.0) -> Iterator[None]:
     """Hold the output folder `root` alone for the block, waiting (and saying who holds it, every

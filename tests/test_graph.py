@@ -126,6 +126,8 @@ def test_whole_graph_materializes_on_a_day_of_logs_and_reruns_without_retraining
         assert 0 <= route["confidence_threshold"] <= 1 and -1 <= route["match"]["min_similarity"] <= 1
         assert json.loads((registry / route["name"] / "v0001" / "hashes.json").read_text())
     assert summary["serving"].startswith("vllm serve ") and f"{router['routes'][0]['name']}=" in summary["serving"]
+    # all the run wrote is its owner's only: the registry's adapters too, though copied with their files' modes
+    assert [str(p) for p in out.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o077] == []
     assert (out / "eval" / "coverage_quality.png").read_bytes().startswith(b"\x89PNG")
     assert 0 < summary["counts"]["share_of_calls_to_slms"] <= 1
     report = (registry / "runs" / "0001" / "report.md").read_text()

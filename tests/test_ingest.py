@@ -1,6 +1,7 @@
 import gzip
 import json
 import tracemalloc
+from datetime import datetime, timezone
 
 import pytest
 
@@ -112,13 +113,15 @@ def _zstd_frames(data: bytes) -> bytes:
     return b"".join(zstandard.ZstdCompressor().compress(b"".join(lines[i:i + 25])) for i in range(0, len(lines), 25))
 
 
+@pytest.mark.parametrize("lines", [None, 60], ids=["whole-day", "small-file"])  # a small one breaks within the format sniff's 64 KB
 @pytest.mark.parametrize("compress", [gzip.compress, _zstd_frames], ids=["gzip", "zstd"])
-def test_a_compressed_file_is_read_and_a_truncated_one_quarantined_where_it_breaks(tmp_path, compress):
-    day = (LANDING / "traces-2026-10-03.jsonl").read_bytes()
+def test_a_compressed_file_is_read_and_a_truncated_one_quarantined_where_it_breaks(tmp_path, compress, lines):
+    day = b"".join((LANDING / "traces-2026-10-03.jsonl").read_bytes().splitlines(keepends=True)[:lines])
+    (tmp_path / "day3.jsonl").write_bytes(day)
     packed = compress(day)
     (tmp_path / "day3.jsonl.packed").write_bytes(packed)
     (tmp_path / "day3-cut.jsonl").write_bytes(packed[: len(packed) // 2])  # compressed whatever the name
-    plain = ingest.read_calls([LANDING / "traces-2026-10-03.jsonl"])
+    plain = ingest.read_calls([tmp_path / "day3.jsonl"])
     whole = ingest.read_calls([tmp_path / "day3.jsonl.packed"])
     assert list(whole.traces["trace_id"]) == list(plain.traces["trace_id"])
     assert len(whole.quarantine) == len(plain.quarantine)
@@ -161,20 +164,101 @@ def test_files_that_are_not_logs_are_quarantined_whole_and_empty_files_are_fine(
     assert "empty.jsonl" not in reasons and result.stats.files_read == 4
 
 
-def test_a_sealed_landing_file_is_decrypted_once_per_collection_and_afresh_when_rewritten(tmp_path, monkeypatch):
+def test_a_sealed_file_is_read_a_token_at_a_time_whether_sealed_per_call_or_whole(tmp_path, monkeypatch):
     from pipeline import rawzone
 
     key = rawzone.new_encryption_key()
     monkeypatch.setenv(rawzone.ENCRYPTION_KEY_ENV, key)
-    lines = (LANDING / "traces-2026-10-01.jsonl").read_text().splitlines(keepends=True)
-    sealed = tmp_path / "router.jsonl.enc"
-    sealed.write_bytes(rawzone.seal("".join(lines[:5]).encode(), key))
-    decrypted = []
-    unseal = rawzone.unseal
-    monkeypatch.setattr(rawzone, "unseal", lambda path, k: decrypted.append(path) or unseal(path, k))
-    first = ingest.read_calls([sealed])
-    assert len(first.traces) + len(first.quarantine) == 5 and decrypted == [sealed]
-    sealed.write_bytes(rawzone.seal("".join(lines[5:12]).encode(), key))  # the same name, new calls
-    second = ingest.read_calls([sealed])
-    assert len(second.traces) + len(second.quarantine) == 7 and decrypted == [sealed, sealed]
-    assert not set(first.traces["trace_id"]) & set(second.traces["trace_id"])
+    lines = (LANDING / "traces-2026-10-01.jsonl").read_text().splitlines(keepends=True)[:12]
+    per_call, whole = tmp_path / "router-new.jsonl.enc", tmp_path / "router-old.jsonl.enc"
+    per_call.write_bytes(b"".join(rawzone.seal(line.encode(), key) + b"\n" for line in lines))  # the router now
+    whole.write_bytes(rawzone.seal("".join(lines).encode(), key))  # the router before: one token
+    for path in (per_call, whole):
+        read = ingest.read_calls([path])
+        plain = ingest.read_calls([LANDING / "traces-2026-10-01.jsonl"])
+        assert len(read.traces) + len(read.quarantine) == 12
+        assert list(read.traces["trace_id"]) == [t for t in plain.traces["trace_id"] if t in set(read.traces["trace_id"])]
+    per_call.write_bytes(per_call.read_bytes() + b"gAAAAAnot-a-token\n")  # a damaged token: the calls before it are kept
+    damaged = ingest.read_calls([per_call])
+    assert len(damaged.traces) + len(damaged.quarantine) == 13
+    assert "cannot be decrypted" in damaged.quarantine["reason"].iloc[-1]
+
+
+def test_the_router_trace_log_and_collection_hold_one_call_in_memory_not_the_file(tmp_path, monkeypatch):
+    """Sixty calls of 1 MiB each: the writer holds one call at a time (its JSON and its Fernet
+    token: under 24 MiB for a 1 MiB call), collection's reader one sealed token at a time, and the
+    raw zone's writer writes parts once its rows hold `max_buffered_bytes` (8 MiB here): under
+    48 MiB in all. Measured the same with 40 and 80 calls: the peaks do not grow with the file."""
+    from pipeline import rawzone
+    from pipeline.router import TraceWriter, trace_record
+
+    key = rawzone.new_encryption_key()
+    monkeypatch.setenv(rawzone.ENCRYPTION_KEY_ENV, key)
+    record = json.loads((LANDING / "traces-2026-10-01.jsonl").read_text().splitlines()[0])
+    answer = record["response"]["choices"][0]["message"]
+    writer = TraceWriter(tmp_path / "landing", pseudonym_key=None, encryption_key=key)
+    mib = 1024 * 1024
+    tracemalloc.start()
+    for i in range(60):
+        request = {"messages": [{"role": "user", "content": f"{i} " + "y" * mib}]}
+        writer.write(trace_record(request, answer, trace_id=f"big-{i}", called_at=datetime(2026, 10, 1, tzinfo=timezone.utc),
+                                  model="gpt-4.1", finish_reason="stop", usage=None, latency_ms=1.0, origin={},
+                                  decision={}, agent=None))
+        del request
+    writer.close()
+    _, writing_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    [written] = writer.written_files
+    assert written.stat().st_size > 60 * mib
+
+    writer = rawzone.RawZoneWriter(tmp_path / "raw", "run-1", {rawzone.TRACES: ingest.TRACE_SCHEMA,
+                                                               rawzone.QUARANTINE: ingest.QUARANTINE_SCHEMA},
+                                   key, max_buffered_bytes=8 * mib)
+    from pipeline.ledger import Ledger
+
+    stats = ingest.ingest(ingest.plan([written]), writer, Ledger(":memory:"))
+    writer.flush()
+    _, reading_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert stats.calls == 60 and writer.parts_written >= 6
+    assert writing_peak < 24 * mib and reading_peak < 48 * mib, (writing_peak / mib, reading_peak / mib)
+
+
+def test_a_link_that_leaves_the_landing_folder_is_refused_and_counted_never_read(tmp_path):
+    landing, outside = tmp_path / "landing", tmp_path / "elsewhere"
+    (landing / "nested").mkdir(parents=True)
+    outside.mkdir()
+    good = (LANDING / "traces-2026-10-01.jsonl").read_bytes().splitlines(keepends=True)
+    (landing / "day1.jsonl").write_bytes(b"".join(good[:5]))
+    (outside / "secret.jsonl").write_bytes(b"".join(good[5:10]))  # readable by the pipeline's user, not landed
+    (landing / "nested" / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    (landing / "inside.jsonl").symlink_to(landing / "day1.jsonl")  # a link within the folder is read
+    result = ingest.collect(landing, tmp_path / "raw", ingest.IngestOptions(), None, 30)
+    quarantine = ingest.stored_quarantine(tmp_path / "raw", None)
+    refused = quarantine[quarantine["reason"] == ingest.OUTSIDE_LANDING]
+    assert list(refused["source_file"]) == [str(landing / "nested" / "link.jsonl")] and list(refused["source_line"]) == [0]
+    stored = ingest.stored_traces(tmp_path / "raw", None)
+    logged = ingest.read_calls([landing / "day1.jsonl"]).traces
+    assert sorted(stored["trace_id"]) == sorted(logged["trace_id"]) and result.stats.repeated == len(logged)
+    assert ingest.readable_landing_files(landing)  # the pre-run check does not open the link either
+
+
+def test_a_document_item_over_the_size_limit_is_refused_without_being_held(tmp_path):
+    """A 48 MiB item of a JSON document (the limit is max_record_bytes, 16 MiB): refused with its
+    reason, and never made a Python object (before, the format scan alone made its 48 MiB string).
+    The parser's own buffer, which tracemalloc does not see, holds at most the limit."""
+    lines = [json.loads(line) for line in (LANDING / "traces-2026-10-01.jsonl").read_text().splitlines()[:3]]
+    big = json.loads(json.dumps(lines[1]))
+    big["request"]["messages"][-1]["content"] = "z" * (48 * 1024 * 1024)
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([lines[0], big, lines[2]], indent=1))  # one JSON document, items over many lines
+    del big
+    tracemalloc.start()
+    result = ingest.read_calls([path])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert list(result.traces["trace_id"]) == [lines[0]["id"]]
+    [refused] = result.quarantine.to_dict("records")
+    assert refused["source_line"] == 2 and refused["reason"] == (
+        f"document item 2 (or a value in it) is longer than {16 * 1024 * 1024} bytes; the rest of the document is not read")
+    assert peak < 4 * 1024 * 1024, peak / 1024 / 1024  # 0.45 MiB measured: no Python object of the item is made

@@ -170,3 +170,22 @@ def test_a_push_of_many_files_records_its_progress_every_few_seconds_and_a_cut_p
         (mirror.local / "raw" / f"part-{number:03d}.parquet").write_text(f"new {number}")
     saves.clear()
     assert mirror.push() == 5 and saves == [60, 60, 60, 60, 60, 60]
+
+
+def test_a_bucket_key_that_leads_outside_the_local_copy_is_refused_not_written(s3, tmp_path):
+    url = f"s3://{BUCKET}/contained"
+    escape = tmp_path / "escape.pth"
+    planted = {"registry/x/../../../escape.pth": b"import os", "/registry/abs": b"x", "registry/ok/eval.json": b"{}"}
+    for key, payload in planted.items():
+        s3.pipe(f"{BUCKET}/contained/{key}", payload)
+    mirror = Mirror(url, tmp_path / "copy" / "local")
+    messages = []
+    mirror.pull(messages.append)
+    assert not escape.exists() and (mirror.local / "registry" / "ok" / "eval.json").read_bytes() == b"{}"
+    assert [f for f in tmp_path.rglob("*") if f.is_file() and mirror.local not in f.parents] == []
+    assert any("registry/x/../../../escape.pth" in m and "refused" in m for m in messages)
+    # a symbolic link inside the copy that points elsewhere is no way out either
+    (mirror.local / "registry" / "link").symlink_to(tmp_path)
+    s3.pipe(f"{BUCKET}/contained/registry/link/escape.pth", b"import os")
+    mirror.pull(messages.append)
+    assert not escape.exists() and "registry/link/escape.pth" in mirror.refused

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import shutil
 import stat
 import time
 
@@ -15,10 +16,10 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from pipeline import curate, ingest, promote, rawzone, structured
+from pipeline import curate, ingest, promote, rawzone, sources, structured
 from pipeline.calls import SharedInstructions, exclusive_system_prompts
 from pipeline.router import RouteTable, RouterConfigError, SlmEngine, TraceWriter, answer_to_message
-from pipeline.router_service import Router, RouterSettings, StreamedAnswer, serving
+from pipeline.router_service import Router, RouterSettings, StreamedAnswer, serving, uvicorn_options
 from tests.conftest import LANDING
 from tests.fake_openai import FALLBACK_ANSWER, FakeOpenAI
 from tests.router_setup import promoted_registry, step_route, untrained_adapter
@@ -257,15 +258,66 @@ def test_auth_is_enforced_and_bad_requests_get_clear_4xx_errors(router, sample_c
         too_big = client.post("/v1/chat/completions", json=huge, headers=AUTH)
         assert too_big.status_code == 413 and "over the limit of 20000 bytes" in too_big.json()["error"]["message"]
 
+        # hostile requests get a 4xx, never a 500 (issue 30)
+        not_ascii = client.post("/v1/chat/completions", json=UNRELATED, headers={"authorization": b"Bearer t\xffken"})
+        assert not_ascii.status_code == 401
+        deep = client.post("/v1/chat/completions", content=b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=AUTH)
+        assert deep.status_code == 400 and "not valid JSON" in deep.json()["error"]["message"]
+        digits = client.post("/v1/chat/completions", content=b'{"messages": [], "n": ' + b"9" * 5000 + b"}", headers=AUTH)
+        assert digits.status_code == 400 and "not valid JSON" in digits.json()["error"]["message"]
+        surrogate = client.post("/v1/chat/completions", headers=AUTH,
+                                content=b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}')
+        assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
+        nested = {"a": "x"}
+        for _ in range(150):
+            nested = {"a": nested}
+        deep_tools = client.post("/v1/chat/completions", headers=AUTH, json={**UNRELATED, "tools": [nested]})
+        assert deep_tools.status_code == 400 and "nested deeper than 100 levels" in deep_tools.json()["error"]["message"]
+
         table = router.table
-        router.table = table.__class__(table.version, table.routes, {**table.fallback, "base_url": "http://127.0.0.1:9/v1"})
+        router.table = table.__class__(table.version, table.routes,
+                                       {**table.fallback, "base_url": "http://user:s3cret-pass@127.0.0.1:9/v1?api-key=k3y"})
         unreachable = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
         router.table = table
         assert unreachable.status_code == 502 and unreachable.json()["error"]["type"] == "fallback_error"
+        assert "s3cret-pass" not in unreachable.text and "k3y" not in unreachable.text  # credentials never echoed
+        assert "http://127.0.0.1:9/v1" in unreachable.json()["error"]["message"]
         assert unreachable.headers["x-slm-served-by"] == "fallback" and unreachable.headers["x-slm-reason"].startswith("no route")
 
         models = client.get("/v1/models", headers=AUTH).json()["data"]
         assert [m["id"] for m in models] == ["slm-router/cluster-2@v0001", "gpt-4.1"]
+
+
+def test_stalled_connections_neither_lock_out_health_checks_nor_clients_and_are_closed(router):
+    """8 sockets that send half a request, with 4 requests allowed in flight: /healthz and a whole
+    chat request still answer 200, and the stalled sockets are closed after the header deadline."""
+    import socket
+
+    router.settings.max_concurrency = 4
+    with serving(router.app(), **uvicorn_options(header_seconds=1.0)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = []
+        for _ in range(8):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            stalled.append(sock)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/healthz").status_code == 200
+            answered = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
+            assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == FALLBACK_ANSWER
+        deadline = time.monotonic() + 10
+        for sock in stalled:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            assert sock.recv(1024) == b""  # closed by the server, not by this test's timeout
+            sock.close()
+
+
+def test_requests_over_the_in_flight_limit_get_503_at_once(router):
+    router.settings.max_concurrency = 0
+    with TestClient(router.app()) as client:
+        busy = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert client.get("/healthz").status_code == 200
 
 
 def test_streamed_answers_spell_the_same_message_from_the_slm_and_from_the_fallback(router, sample_calls):
@@ -294,7 +346,10 @@ def test_served_calls_land_sealed_as_canonical_traces_that_ingestion_reads_and_c
         llm = client.post("/v1/chat/completions", json={**UNRELATED, "stream": True}, headers={**AUTH, "x-session-id": "sess-42"})
         assert slm.headers["x-slm-served-by"] == "slm" and llm.headers["x-slm-served-by"] == "fallback"
         folder = router.settings.landing_dir / "router"
-        assert not folder.exists() or not any(folder.iterdir())  # nothing on disk until the file is sealed
+        writing = list(folder.iterdir())
+        assert [f.name.startswith(".") for f in writing] == [True]  # nothing visible until the file is closed
+        tokens = writing[0].read_bytes().split(b"\n")[:-1]  # and on disk each call is sealed on its own
+        assert len(tokens) == 2 and all(token.startswith(sources.SEALED_MAGIC) for token in tokens)
     files = sorted(folder.iterdir())  # sealed and written at shutdown
     assert [f.name.endswith(".jsonl.enc") for f in files] == [True]
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
@@ -401,6 +456,28 @@ def test_a_router_config_that_cannot_be_served_is_refused_and_a_bad_reload_keeps
     assert not router.reload()
     assert router.table.version == 1 and router.table.routes[0].key == "cluster-2@v0001"
     assert router.metrics.reloads.labels("failed")._value.get() == 1
+
+
+def test_a_route_whose_adapter_leads_outside_the_registry_or_whose_files_changed_is_not_served(router, tmp_path):
+    registry = router.settings.registry
+    config = (registry / promote.ROUTER_CONFIG).read_text()
+    elsewhere = shutil.copytree(registry / "cluster-2" / "v0001", tmp_path / "elsewhere" / "v0001")
+    for adapter in (str(elsewhere / "adapter"), "cluster-2/../../elsewhere/v0001/adapter", "../elsewhere/v0001/adapter"):
+        (registry / promote.ROUTER_CONFIG).write_text(config.replace("adapter: cluster-2/v0001/adapter", f"adapter: {adapter}"))
+        with pytest.raises(RouterConfigError, match="is not <route>/<version>/adapter inside the registry"):
+            RouteTable.load(registry)
+    (registry / promote.ROUTER_CONFIG).write_text(config)
+    (registry / "cluster-2" / "link").symlink_to(tmp_path / "elsewhere" / "v0001")
+    (registry / promote.ROUTER_CONFIG).write_text(config.replace("adapter: cluster-2/v0001/adapter", "adapter: cluster-2/link/adapter"))
+    with pytest.raises(RouterConfigError, match="leads outside the registry"):
+        RouteTable.load(registry)
+    (registry / promote.ROUTER_CONFIG).write_text(config)
+    (registry / "cluster-2" / "link").unlink()
+    assert RouteTable.load(registry).routes[0].key == "cluster-2@v0001"
+    weights = registry / "cluster-2" / "v0001" / "adapter" / "adapter_config.json"
+    weights.write_text(weights.read_text().replace('"r":', '"r" :'))  # a byte changed after promotion
+    with pytest.raises(RouterConfigError, match=r"files differ from hashes.json \(adapter/adapter_config.json\)"):
+        RouteTable.load(registry)
 
 
 def test_answers_become_openai_messages_and_a_garbled_tool_call_is_not_served():
