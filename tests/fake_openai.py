@@ -9,7 +9,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 FALLBACK_ANSWER = "answer from the fallback LLM"
@@ -28,10 +28,11 @@ class FakeOpenAI:
         completion_id, created = f"chatcmpl-fake{len(self.requests):06d}", int(time.time())
         usage = {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}
         if not body.get("stream"):
-            return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created,
-                                 "model": body.get("model"), "usage": usage,
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": self.answer}}]})
+            completion = {"id": completion_id, "object": "chat.completion", "created": created, "model": body.get("model"),
+                          "usage": usage, "choices": [{"index": 0, "finish_reason": "stop",
+                                                       "message": {"role": "assistant", "content": self.answer}}]}
+            # JSON escapes, as OpenAI's API writes them: an answer may then hold any code point, a lone surrogate too
+            return Response(json.dumps(completion), media_type="application/json")
         words = self.answer.split(" ")
         pieces = [{"role": "assistant", "content": words[0]}] + [{"content": " " + w} for w in words[1:]]
         chunks = [{"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.get("model"),

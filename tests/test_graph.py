@@ -10,10 +10,11 @@ import yaml
 from assets import cli, data, promotion, sensors
 from assets.definitions import all_assets, all_checks, defs
 from assets.resources import JudgeEndpoint, PipelineStore, RawZoneKeys
-from pipeline import curate, evaluate, rawzone
+from pipeline import curate, evaluate, ingest, rawzone
 from pipeline.store import LOCK_HOLDER, read_table, write_table
 from tests import score_run
 from tests.conftest import LANDING, REPO, postgres_dagster_home
+from tests.hostile_records import calls_that_pass_collection, good_records, hostile_lines
 from tests.test_webserver import start_webserver
 
 DAY = "2026-10-01"  # the day of the one-day landing folder: runs are filed under a call day
@@ -275,3 +276,21 @@ def test_the_dagster_ui_shows_the_evaluation_with_its_plot_and_the_run_report(gr
             page.wait_for_timeout(500)  # the dialog fades in
             page.screenshot(path=str(ARTIFACTS / f"dagster-ui-{asset}-{key}.png"))
         browser.close()
+
+
+@pytest.mark.slow
+def test_hostile_lines_among_a_days_calls_stop_neither_this_run_nor_the_next_and_cost_no_good_call(
+        one_day_landing, tmp_path, base_model_dir):
+    good = good_records(1)[0]
+    with open(one_day_landing / "hostile.jsonl", "wb") as landed:
+        landed.writelines(line + b"\n" for _, line in hostile_lines(good))
+        landed.writelines(json.dumps(record).encode() + b"\n" for record in calls_that_pass_collection(good))
+    resources = _resources(one_day_landing, tmp_path, base_model_dir)
+    for run in ("first", "next"):
+        result = dg.materialize([data.raw_traces, data.curated_traces, data.no_known_pii_in_curated_traces],
+                                resources=resources, partition_key=DAY)
+        assert result.success, run
+    curated = set(read_table(resources["pipeline_store"].store().table("curated_traces"))["trace_id"])
+    day_alone = curate.curate(ingest.read_calls([LANDING / f"traces-{DAY}.jsonl"]).traces).curated
+    assert set(day_alone["trace_id"]) <= curated  # every call the day's logs alone give is curated
+    assert {"hostile-huge-message", "hostile-content-object"} <= curated

@@ -312,6 +312,16 @@ def test_stalled_connections_neither_lock_out_health_checks_nor_clients_and_are_
             sock.close()
 
 
+def test_an_upstream_answer_with_a_lone_surrogate_is_relayed_and_logged_escaped_not_a_500(router, fallback, monkeypatch):
+    monkeypatch.setattr(fallback, "answer", "ok \ud800")  # the upstream was paid for it: the client gets it
+    monkeypatch.setenv(rawzone.ENCRYPTION_KEY_ENV, ENCRYPTION_KEY)
+    with TestClient(router.app()) as client:
+        relayed = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
+        assert relayed.status_code == 200 and relayed.json()["choices"][0]["message"]["content"] == "ok \ud800"
+    collected = ingest.read_calls(ingest.find_landing_files(router.settings.landing_dir))
+    assert collected.traces.empty and list(collected.quarantine["reason"]) == ["a string holds a lone surrogate (not Unicode text)"]
+
+
 def test_requests_over_the_in_flight_limit_get_503_at_once(router):
     router.settings.max_concurrency = 0
     with TestClient(router.app()) as client:
