@@ -101,26 +101,50 @@ def open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-class _ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of a file of zstd frames, one after another (the collector's file
-    exporter compresses each write on its own), raising ZstdError where the file ends inside a
-    frame: a truncated file is reported, not read as if it were whole."""
+class _Chunks(io.RawIOBase):
+    """A readable stream over `_next_chunk`, which returns the next piece of the content (b"" at
+    its end): what it holds in memory is one piece."""
 
-    def __init__(self, compressed: BinaryIO):
-        self._compressed, self._frame = compressed, zstandard.ZstdDecompressor().decompressobj()
-        self._pending, self._offset, self._in_frame = b"", 0, False
+    def __init__(self, source: BinaryIO):
+        self._source, self._pending, self._offset = source, b"", 0
+
+    def _next_chunk(self) -> bytes:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         while self._offset >= len(self._pending):
-            self._pending, self._offset = b"", 0
-            chunk = self._compressed.read(_READ_CHUNK)
+            self._pending, self._offset = self._next_chunk(), 0
+            if not self._pending:
+                return 0
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
+        self._offset += size
+        return size
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
+
+
+class _ZstdFrames(_Chunks):
+    """The decompressed bytes of a file of zstd frames, one after another (the collector's file
+    exporter compresses each write on its own), raising ZstdError where the file ends inside a
+    frame: a truncated file is reported, not read as if it were whole."""
+
+    def __init__(self, compressed: BinaryIO):
+        super().__init__(compressed)
+        self._frame, self._in_frame = zstandard.ZstdDecompressor().decompressobj(), False
+
+    def _next_chunk(self) -> bytes:
+        while True:
+            chunk = self._source.read(_READ_CHUNK)
             if not chunk:
                 if self._in_frame:
                     raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
-                return 0
+                return b""
             decompressed = []
             while chunk:
                 self._in_frame = True
@@ -128,18 +152,11 @@ class _ZstdFrames(io.RawIOBase):
                 chunk = b""
                 if self._frame.eof:  # a frame ended: the rest of the chunk starts the next one
                     chunk, self._frame, self._in_frame = self._frame.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
-            self._pending = b"".join(decompressed)  # one copy, however many frames the chunk held
-        size = min(len(buffer), len(self._pending) - self._offset)
-        buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
-        self._offset += size
-        return size
-
-    def close(self) -> None:
-        self._compressed.close()
-        super().close()
+            if joined := b"".join(decompressed):  # one copy, however many frames the chunk held
+                return joined
 
 
-class _Unsealed(io.RawIOBase):
+class _Unsealed(_Chunks):
     """The plaintext of a file sealed with the raw zone's key, decrypted one sealed chunk at a
     time (`rawzone.unsealed_chunks`): memory holds one chunk, not the file. A missing or wrong key
     raises SealedFileError, whose message says what to set."""
@@ -147,32 +164,17 @@ class _Unsealed(io.RawIOBase):
     def __init__(self, path: Path):
         from pipeline import rawzone
 
-        self._sealed = open(path, "rb")
-        self._chunks = rawzone.unsealed_chunks(self._sealed, str(path), os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None,
+        super().__init__(open(path, "rb"))
+        self._chunks = rawzone.unsealed_chunks(self._source, str(path), os.environ.get(rawzone.ENCRYPTION_KEY_ENV) or None,
                                                MAX_SEALED_CHUNK_BYTES)
-        self._pending, self._offset = b"", 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
+    def _next_chunk(self) -> bytes:
         from pipeline import rawzone
 
-        while self._offset >= len(self._pending):
-            try:
-                self._pending, self._offset = next(self._chunks), 0
-            except StopIteration:
-                return 0
-            except rawzone.RawZoneKeyError as err:
-                raise SealedFileError(str(err)) from err
-        size = min(len(buffer), len(self._pending) - self._offset)
-        buffer[:size] = memoryview(self._pending)[self._offset:self._offset + size]
-        self._offset += size
-        return size
-
-    def close(self) -> None:
-        self._sealed.close()
-        super().close()
+        try:
+            return next((chunk for chunk in self._chunks if chunk), b"")
+        except rawzone.RawZoneKeyError as err:
+            raise SealedFileError(str(err)) from err
 
 
 def _read_line(stream: BinaryIO, max_bytes: int) -> tuple[bytes, bool]:
