@@ -779,6 +779,17 @@ def released_names(messages: list[dict], marked: Callable[[str], str]) -> frozen
     return frozenset(released)
 
 
+def _count_names_kept_in_tool_definitions(calls: list[dict[str, Any]], scrubber: Scrubber) -> None:
+    """Take the names found in texts that only tool definitions hold out of the scrubber's counts
+    of what it replaced: they are kept there (see `scrub_calls`)."""
+    elsewhere = {t for parts in calls for t in texts_of({c: v for c, v in parts.items() if c != "tools"})}
+    tools_only = {t for parts in calls for t in texts_of({"tools": parts.get("tools")})} - elsewhere
+    kept = sum(1 for text in tools_only if text not in scrubber.failed
+               for marker in _MARKER.finditer(scrubber.marked(text)) if marker.group(1) == "PERSON")
+    if kept:
+        scrubber.findings["PERSON"] -= kept
+
+
 def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.DataFrame:
     """Scrub every string each call carries into a later stage (its JSON columns and text
     columns, see `map_call`); other columns are kept as they are. A call with a text that could
@@ -789,6 +800,7 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
     if progress:
         progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
     scrubber.prepare(all_texts, progress=progress)
+    _count_names_kept_in_tool_definitions(calls, scrubber)
     scrubbed, unscrubbed = [], []
     for parts in calls:
         try:

@@ -365,3 +365,18 @@ def test_amounts_and_arithmetic_are_kept_while_phone_numbers_beside_them_are_not
     for text in ["total $2,169.91 due", "€1.169,80 per night", "11200-10-100=11090", "3000 - 2920 = 80"]:
         assert scrubber.scrub(text) == text
     assert scrubber.scrub("call 030 901820, price $2,169.91") == "call <PHONE_NUMBER_1>, price $2,169.91"
+
+
+def test_tool_definitions_lose_addresses_and_keys_but_keep_their_words_and_enums_and_the_counts_say_so():
+    tools = [{"type": "function", "function": {"name": "convert", "description": "Convert a temperature to Kelvin. Bugs to ops@example.com.",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "material": {"type": "string", "enum": ["Bronze", "Marble"]}}}}}]
+    calls = pd.DataFrame([{"messages": json.dumps([{"role": "user", "content": "what is 20 degrees in kelvin?"}]),
+                           "tools": json.dumps(tools),
+                           "response_message": json.dumps({"role": "assistant", "content": "293.15 K"})}])
+    scrubber = curate.Scrubber(processes=1)
+    scrubbed = json.loads(curate.scrub_calls(calls, scrubber).iloc[0]["tools"])
+    function = scrubbed[0]["function"]
+    assert function["description"] == "Convert a temperature to Kelvin. Bugs to <EMAIL_ADDRESS_1>."
+    assert function["parameters"]["properties"]["material"]["enum"] == ["Bronze", "Marble"]
+    assert scrubber.findings.get("EMAIL_ADDRESS") == 1 and not scrubber.findings.get("PERSON")  # only what was replaced
