@@ -42,6 +42,8 @@ def answered_by_router(*models: Any) -> bool:
     """Whether any of a call's model fields (the model asked for, the model that answered) is one
     of the router's SLMs."""
     return any(isinstance(m, str) and m.startswith(ROUTER_SLM_MODEL_PREFIX) for m in models)
+
+
 # ---------------------------------------------------------------------------------------------
 # What every stage may assume of a call's JSON. Collection quarantines a record or call that breaks
 # these, and curation sets aside a stored call that does (one stored by an older version): no
@@ -96,7 +98,13 @@ def call_problem(messages: Any, response_message: Any, tools: Any = None) -> str
         problem = json_problem(part)
         if problem:
             return f"{name}: {problem}"
-    for message in [*(messages if isinstance(messages, list) else []), response_message]:
+    return arguments_problem([*(messages if isinstance(messages, list) else []), response_message])
+
+
+def arguments_problem(messages: list) -> str | None:
+    """`json_problem` of the JSON inside the messages' tool-call arguments (the messages
+    themselves already checked), or None."""
+    for message in messages:
         for text in _argument_texts(message):
             try:
                 parsed = json.loads(text)

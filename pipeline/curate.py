@@ -779,11 +779,9 @@ def released_names(messages: list[dict], marked: Callable[[str], str]) -> frozen
     return frozenset(released)
 
 
-def _count_names_kept_in_tool_definitions(calls: list[dict[str, Any]], scrubber: Scrubber) -> None:
+def _count_names_kept_in_tool_definitions(tools_only: set[str], scrubber: Scrubber) -> None:
     """Take the names found in texts that only tool definitions hold out of the scrubber's counts
     of what it replaced: they are kept there (see `scrub_calls`)."""
-    elsewhere = {t for parts in calls for t in texts_of({c: v for c, v in parts.items() if c != "tools"})}
-    tools_only = {t for parts in calls for t in texts_of({"tools": parts.get("tools")})} - elsewhere
     kept = sum(1 for text in tools_only if text not in scrubber.failed
                for marker in _MARKER.finditer(scrubber.marked(text)) if marker.group(1) == "PERSON")
     if kept:
@@ -796,11 +794,13 @@ def scrub_calls(traces: pd.DataFrame, scrubber: Scrubber, progress=None) -> pd.D
     not be analyzed is kept as logged with the reason in an `unscrubbed` column: curation sets it
     aside."""
     calls = call_parts(traces)
-    all_texts = [t for parts in calls for t in texts_of(parts)]
+    tool_texts = {t for parts in calls for t in texts_of({"tools": parts.get("tools")})}
+    other_texts = {t for parts in calls for t in texts_of({c: v for c, v in parts.items() if c != "tools"})}
+    all_texts = other_texts | tool_texts
     if progress:
-        progress(f"scrubbing {len(set(all_texts))} distinct texts of {len(traces)} calls")
+        progress(f"scrubbing {len(all_texts)} distinct texts of {len(traces)} calls")
     scrubber.prepare(all_texts, progress=progress)
-    _count_names_kept_in_tool_definitions(calls, scrubber)
+    _count_names_kept_in_tool_definitions(tool_texts - other_texts, scrubber)
     scrubbed, unscrubbed = [], []
     for parts in calls:
         try:
@@ -845,8 +845,10 @@ def stored_call_problem(messages_json: str, tools_json: str | None, response_jso
         return f"cannot be curated: JSON nested deeper than {MAX_NESTING} levels"
     except (TypeError, ValueError) as err:
         return f"cannot be curated: not valid JSON ({err})"
-    problem = call_problem(parts[0], parts[2], parts[1]) or (None if isinstance(parts[0], list) and isinstance(parts[2], dict)
-                                       else "messages are not a list or the answer is not an object")
+    messages, tools, response = parts
+    problem = call_problem(messages, response, tools)
+    if problem is None and not (isinstance(messages, list) and isinstance(response, dict)):
+        problem = "messages are not a list or the answer is not an object"
     return f"cannot be curated: {problem}" if problem else None
 
 

@@ -35,7 +35,7 @@ from statistics import NormalDist
 import yaml
 
 from pipeline.cluster import BUNDLED_EMBEDDER, DEFAULT_SIGNATURE
-from pipeline.store import make_owner_only, read_json, write_bytes, write_json
+from pipeline.store import contained, make_owner_only, read_json, write_bytes, write_json
 
 PROMOTED, NOT_PROMOTED = "promoted", "stays on LLM"
 ROUTER_CONFIG, HISTORY, RUNS = "router.yaml", "history.jsonl", "runs"
@@ -253,13 +253,13 @@ def version_problems(registry: Path, adapter: str) -> list[str]:
     that leads outside the registry (an absolute one, `..`, a link elsewhere), or a version whose
     files are not the ones promotion wrote (its hashes.json). Whoever can change router.yaml or a
     bucket object must not thereby make the router load other files."""
-    root = Path(registry).resolve()
     parts = str(adapter).split("/")
-    if str(adapter).startswith("/") or len(parts) != 3 or any(p in ("", ".", "..") for p in parts) or parts[2] != "adapter":
+    if len(parts) != 3 or parts[2] != "adapter":
         return [f"adapter {adapter!r} is not <route>/<version>/adapter inside the registry"]
-    version_dir = Path(registry) / parts[0] / parts[1]
-    if not version_dir.resolve().is_relative_to(root) or not (version_dir / "adapter").resolve().is_relative_to(root):
+    adapter_dir = contained(registry, str(adapter))
+    if adapter_dir is None or contained(registry, f"{parts[0]}/{parts[1]}") is None:
         return [f"adapter {adapter!r} leads outside the registry {registry}"]
+    version_dir = adapter_dir.parent
     recorded_path = version_dir / HASHES_FILE
     if not recorded_path.is_file():
         return [f"{version_dir} has no {HASHES_FILE}: it was not written by promotion"]

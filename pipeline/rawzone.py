@@ -184,24 +184,23 @@ class RawZoneWriter:
         self.staging = root / STAGING / run_id
         self.rows_per_part, self.max_buffered_rows, self.max_buffered_bytes = rows_per_part, max_buffered_rows, max_buffered_bytes
         self._buffers: dict[tuple[str, str], list[dict]] = {}
-        self._rows, self._bytes = 0, 0
+        self._buffered_bytes: dict[tuple[str, str], int] = {}  # each buffer's text (`_text_bytes`)
         self._sequence = 0
         self.parts_written = 0
 
     def add(self, kind: str, partition: str, row: dict) -> None:
         buffer = self._buffers.setdefault((kind, partition), [])
         buffer.append(row)
-        self._rows += 1
-        self._bytes += _text_bytes(row)
+        self._buffered_bytes[kind, partition] = self._buffered_bytes.get((kind, partition), 0) + _text_bytes(row)
         if len(buffer) >= self.rows_per_part:
             self._write(kind, partition)
-        elif self._rows >= self.max_buffered_rows or self._bytes >= self.max_buffered_bytes:
+        elif (sum(len(b) for b in self._buffers.values()) >= self.max_buffered_rows
+              or sum(self._buffered_bytes.values()) >= self.max_buffered_bytes):
             self.flush()
 
     def _write(self, kind: str, partition: str) -> None:
         rows = self._buffers.pop((kind, partition), [])
-        self._rows -= len(rows)
-        self._bytes -= sum(map(_text_bytes, rows))
+        self._buffered_bytes.pop((kind, partition), None)
         if rows:
             path = self.staging / kind / partition / f"part-{self.run_id}-{self._sequence:05d}"
             write_part(path, rows, self.schemas[kind], self.encryption_key)
@@ -214,7 +213,7 @@ class RawZoneWriter:
 
     def discard(self) -> None:
         self._buffers.clear()
-        self._rows, self._bytes = 0, 0
+        self._buffered_bytes.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

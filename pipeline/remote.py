@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.store import contained
+
 MANIFEST = ".slm-convert.mirror.json"
 MANIFEST_SAVE_SECONDS = 5.0  # how often a long push records its progress
 # The order in which a push uploads the files that commit what came before them.
@@ -46,18 +48,6 @@ def is_remote(location: str) -> bool:
 def local_copy(url: str, work_dir: Path) -> Path:
     """The folder under `work_dir` that holds the local copy of `url` (one per URL)."""
     return Path(work_dir) / hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
-def contained(root: Path, relative: str) -> Path | None:
-    """`root / relative`, or None when that path would leave `root`: an absolute key, `..`, or a
-    symbolic link inside the copy that points elsewhere. Whoever may write to the bucket must not
-    thereby write files anywhere on the machines that pull from it."""
-    parts = relative.split("/")
-    if relative.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\x00" in relative:
-        return None
-    target = Path(root) / relative
-    resolved_root = Path(root).resolve()
-    return target if target.resolve().is_relative_to(resolved_root) else None
 
 
 def kept_local(relative: str) -> bool:

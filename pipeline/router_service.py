@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from pipeline import promote, rawzone
-from pipeline.calls import ROUTER_SLM_MODEL_PREFIX, call_problem, json_problem
+from pipeline.calls import ROUTER_SLM_MODEL_PREFIX, arguments_problem, json_problem
 from pipeline.formats import json_text
 from pipeline.router import (
     EmbeddingCache, Match, RouteTable, RouterConfigError, SlmAnswer, SlmEngine, SlmTimeout, TraceWriter,
@@ -468,7 +468,7 @@ def validate_chat_request(payload) -> dict:
     if not isinstance(payload.get("stream", False), bool):
         raise ApiError(400, "'stream' must be true or false.", param="stream")
     # what collection would quarantine: never served, never logged
-    if problem := json_problem(payload) or call_problem(messages, {}, payload.get("tools")):
+    if problem := json_problem(payload) or arguments_problem(messages):
         raise ApiError(400, f"Request body cannot be served: {problem}.")
     return payload
 

@@ -299,28 +299,25 @@ class _ItemTooLarge(Exception):
     pass
 
 
-class _ItemBudget(io.RawIOBase):
+class _ItemBudget(_Chunks):
     """A stream that refuses to give more than `limit` bytes between two calls of `reset`. The
     JSON parser holds a whole value (a string, and an item being built) before it passes it on:
     resetting at each event between items, and at the start of each item, bounds what it holds
     as a line's size is bounded."""
 
     def __init__(self, stream: BinaryIO, limit: int):
-        self._stream, self._limit, self._since_reset = stream, limit, 0
-
-    def readable(self) -> bool:
-        return True
+        super().__init__(stream)
+        self._limit, self._since_reset = limit, 0
 
     def reset(self) -> None:
         self._since_reset = 0
 
-    def readinto(self, buffer) -> int:
-        data = self._stream.read(min(len(buffer), 64 * 1024))
+    def _next_chunk(self) -> bytes:
+        data = self._source.read(64 * 1024)
         self._since_reset += len(data)
         if self._since_reset > self._limit + 64 * 1024:  # the parser reads ahead by a buffer
             raise _ItemTooLarge()
-        buffer[:len(data)] = data
-        return len(data)
+        return data
 
 
 def _document_items(budget: _ItemBudget, prefix: str) -> Iterator[Any]:

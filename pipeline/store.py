@@ -60,6 +60,18 @@ class Store:
 LOCK_FILE, LOCK_HOLDER = ".slm-convert.lock", ".slm-convert.lock.holder.json"
 
 
+def contained(root: Path, relative: str) -> Path | None:
+    """`root / relative`, or None when that path would leave `root`: an absolute key, `..`, or a
+    symbolic link under `root` that points elsewhere. Whoever may write a key (a bucket's, a
+    router.yaml entry's) must not thereby reach files anywhere else on the machine."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\x00" in relative:
+        return None
+    target = Path(root) / relative
+    resolved_root = Path(root).resolve()
+    return target if target.resolve().is_relative_to(resolved_root) else None
+
+
 # Everything the pipeline and the router write holds logged calls or a model trained on them: files
 # are their owner's only (0600, folders 0700), as the raw zone's always were. Each entry point (the
 # two commands, the code location Dagster loads) sets this before it writes anything.

@@ -82,11 +82,8 @@ def test_a_router_client_cannot_plant_a_call_that_stops_collection_or_curation(t
     answer = base["response"]["choices"][0]["message"]
     huge = calls_that_pass_collection(base)[0]["request"]
     deep = {"messages": [{"role": "user", "content": "look it up"}]}
-    nested = {"a": "x"}
-    for _ in range(700):
-        nested = {"a": nested}
-    deep_answer = {"role": "assistant", "content": None,
-                   "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps(nested)}}]}
+    deep_answer = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps(nested(700, "x"))}}]}
     surrogate_answer = {"role": "assistant", "content": "ok \ud800"}
     served = [("good", base["request"], answer), ("huge", huge, answer), ("deep", deep, deep_answer),
               ("surrogate", base["request"], surrogate_answer)]
@@ -114,12 +111,8 @@ def _stored_call(trace_id: str, messages, response, tools=None) -> dict:
 
 def test_a_stored_call_no_stage_can_take_is_set_aside_with_its_reason_not_retried_forever():
     # calls an older version collected before these checks existed
-    deep_arguments = {"a": "x"}
-    for _ in range(700):
-        deep_arguments = {"a": deep_arguments}
-    deep_content = "x"
-    for _ in range(150):
-        deep_content = [deep_content]
+    deep_arguments = nested(700, "x")
+    deep_content = nested(150, "x")
     answer = {"role": "assistant", "content": "Sure."}
     stored = pd.DataFrame([
         _stored_call("good", [{"role": "user", "content": "Book a table for two."}], answer),
