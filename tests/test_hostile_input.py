@@ -2,6 +2,7 @@
 of a call escapes scrubbing (issue 30, items 1 and 2)."""
 
 import copy
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -252,3 +253,47 @@ def test_generated_hostile_records_among_good_ones_always_finish_keeping_every_g
     assert {r["id"] for r in good} <= set(result.curated["trace_id"])
     kept = set(result.curated["trace_id"]) | set(result.removed["trace_id"])
     assert kept == set(collected.traces["trace_id"])  # every collected call is curated or removed with a reason
+
+
+def test_input_that_only_looks_dangerous_passes_every_new_limit():
+    """Each limit beside its hostile case: nesting just under 100 levels, times at the ends of
+    2000-2199, characters outside the basic plane (a surrogate pair in JSON), and a long message
+    are all kept and curated."""
+    base = good_records(1)[0]
+
+    def variant(name, change):
+        record = json.loads(json.dumps(base))
+        record["id"] = f"fine-{name}"
+        change(record)
+        return json.dumps(record).encode()
+
+    def answer_with_arguments(r):
+        r["response"]["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps(nested(95, "x"))}}]}
+
+    lines = [
+        variant("arguments-95-deep", answer_with_arguments),
+        variant("first-moment-of-2000", lambda r: r.update(created_at="2000-01-01T00:00:00Z")),
+        variant("last-second-of-2199", lambda r: r.update(created_at="2199-12-31T23:59:59Z")),
+        variant("epoch-seconds", lambda r: r.update(created_at=946684800)),  # 2000-01-01
+        variant("emoji", lambda r: r["request"]["messages"][-1].update(content="thanks \U0001F600 \U00010348")),
+        variant("long-message", lambda r: r["request"]["messages"][-1].update(content="word " * 60_000)),
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fine.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")  # json.dumps writes the emoji as a surrogate pair escape
+        assert b"\\ud83d\\ude00" in path.read_bytes()
+        collected = ingest.read_calls([path])
+    assert collected.quarantine.empty and len(collected.traces) == len(lines)
+    curated = curate.curate(collected.traces)
+    assert set(curated.removed["reason"]) <= {"exact duplicate", "near duplicate"}
+    assert "thanks \U0001F600 \U00010348" in curated.curated.set_index("trace_id").loc["fine-emoji", "messages"]
+
+
+def test_a_sealed_chunk_over_its_limit_is_refused_and_one_at_it_is_read():
+    key = rawzone.new_encryption_key()
+    token = rawzone.seal(b'{"a": 1}\n', key)
+    read = list(rawzone.unsealed_chunks(io.BytesIO(token + b"\n"), "log.enc", key, max_token_bytes=len(token) + 1))
+    assert read == [b'{"a": 1}\n']
+    with pytest.raises(rawzone.RawZoneKeyError, match="holds a sealed chunk over 20 bytes: not read"):
+        list(rawzone.unsealed_chunks(io.BytesIO(token + b"\n"), "log.enc", key, max_token_bytes=20))

@@ -301,6 +301,14 @@ def test_stalled_connections_neither_lock_out_health_checks_nor_clients_and_are_
             sock = socket.create_connection((host, int(port)))
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
             stalled.append(sock)
+        # a slow client that still sends its headers within the deadline is answered
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        time.sleep(0.4)
+        slow.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        slow.settimeout(10)
+        assert slow.recv(1024).startswith(b"HTTP/1.1 200")
+        slow.close()
         with httpx.Client(base_url=url, timeout=30) as client:
             assert client.get("/healthz").status_code == 200
             answered = client.post("/v1/chat/completions", json=UNRELATED, headers=AUTH)
